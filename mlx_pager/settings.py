@@ -1,0 +1,126 @@
+"""User settings: one TOML file in the platform's config directory, written atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import platformdirs
+import tomli_w
+
+from .units import parse_bytes
+
+APP_NAME = "mlx-pager"
+
+READ_PATHS = ("auto", "pread", "mmap")
+COLD_PRECISIONS = ("full", "4bit")
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("MLX_PAGER_CONFIG_DIR") or platformdirs.user_config_dir(APP_NAME))
+
+
+def data_dir() -> Path:
+    """Where profiles and conversations live (MLX_PAGER_DATA_DIR overrides, for tests)."""
+    return Path(os.environ.get("MLX_PAGER_DATA_DIR") or platformdirs.user_data_dir(APP_NAME))
+
+
+def settings_path() -> Path:
+    return config_dir() / "settings.toml"
+
+
+@dataclass
+class Settings:
+    """What the user chose; the engine derives everything else from it."""
+
+    budget: str = "auto"  # bytes as text ("6GB") or "auto": 60% of total memory
+    context_length: int = 4096
+    policy: str = "lru"
+    prefetch: bool = False
+    cold_precision: str = "full"
+    read_path: str = "auto"
+    task_preload: bool = True
+    last_model: str = ""
+
+    def validate(self) -> None:
+        """Raise ValueError with what to do, so a bad value never reaches the engine."""
+        if self.budget != "auto":
+            parse_bytes(self.budget)
+        if not 128 <= int(self.context_length) <= 1_048_576:
+            raise ValueError("context_length must be between 128 and 1048576 tokens.")
+        if self.read_path not in READ_PATHS:
+            raise ValueError(f"read_path must be one of {', '.join(READ_PATHS)}.")
+        if self.cold_precision not in COLD_PRECISIONS:
+            raise ValueError(f"cold_precision must be one of {', '.join(COLD_PRECISIONS)}.")
+        from .policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}.")
+
+    def budget_bytes(self, total_memory: int) -> int:
+        if self.budget == "auto":
+            return int(0.6 * total_memory)
+        return parse_bytes(self.budget)
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed from text or values, type-converted and validated."""
+        types = {f.name: f.type for f in fields(self)}
+        converted: dict[str, object] = {}
+        for name, value in changes.items():
+            if name not in types:
+                raise ValueError(f"Unknown setting {name!r}; known: {', '.join(types)}.")
+            kind = types[name]
+            if kind == "bool" and isinstance(value, str):
+                if value.lower() not in ("true", "false", "on", "off", "1", "0", "yes", "no"):
+                    raise ValueError(f"{name} takes true or false, not {value!r}.")
+                value = value.lower() in ("true", "on", "1", "yes")
+            elif kind == "int":
+                try:
+                    value = int(value)  # type: ignore[arg-type]
+                except ValueError as e:
+                    raise ValueError(f"{name} takes a whole number, not {value!r}.") from e
+            else:
+                value = str(value) if kind == "str" else value
+            converted[name] = value
+        new = dataclasses.replace(self, **converted)  # type: ignore[arg-type]
+        new.validate()
+        return new
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read settings; a missing file gives defaults, a broken one a clear error."""
+    path = path or settings_path()
+    if not path.exists():
+        return Settings()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"The settings file {path} is not valid TOML ({e}). Fix it or delete it to "
+            "start from the defaults."
+        ) from e
+    known = {f.name for f in fields(Settings)}
+    settings = Settings().replace(**{k: v for k, v in data.items() if k in known})
+    return settings
+
+
+def save_settings(settings: Settings, path: Path | None = None) -> Path:
+    """Write atomically: a crash mid-write leaves the old file whole."""
+    settings.validate()
+    path = path or settings_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".settings-", suffix=".toml")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            tomli_w.dump(dataclasses.asdict(settings), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

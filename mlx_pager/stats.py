@@ -1,0 +1,97 @@
+"""Counters of one engine run: what the cache did, what the disk did, how fast, how big."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+
+
+def current_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@dataclass
+class Stats:
+    budget_bytes: int = 0
+    resident_bytes: int = 0
+    cache_bytes: int = 0
+    kv_bytes: int = 0
+    headroom_bytes: int = 0
+    slots: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # time the forward pass waited on expert reads
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    decode_tps: float = 0.0
+    ttft_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_mlx_bytes: int = 0
+    task: str = ""
+    expert_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        tokens = self.prompt_tokens + self.generation_tokens
+        return self.bytes_read / tokens if tokens else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else 0.0
+
+    def reset_run(self) -> None:
+        """Zero the per-run counters; sizes and the expert profile stay."""
+        with self.lock:
+            self.hits = self.misses = self.bytes_read = 0
+            self.read_seconds = 0.0
+            self.prefetch_issued = self.prefetch_used = 0
+            self.prompt_tokens = self.generation_tokens = 0
+            self.prompt_tps = self.decode_tps = self.ttft_seconds = 0.0
+
+    def snapshot(self) -> Stats:
+        """A consistent copy another thread may read while generation goes on."""
+        with self.lock:
+            copy = Stats(**{k: v for k, v in self.__dict__.items() if k != "lock"})
+            copy.expert_counts = self.expert_counts.copy()
+        return copy
+
+    def to_dict(self) -> dict:
+        snap = self.snapshot()
+        data = {k: v for k, v in snap.__dict__.items() if k not in ("lock", "expert_counts")}
+        data["hit_rate"] = self.hit_rate
+        data["bytes_per_token"] = self.bytes_per_token
+        return data
+
+    def summary(self) -> str:
+        from .units import format_bytes
+
+        return (
+            f"prompt {self.prompt_tokens} tok @ {self.prompt_tps:.1f} tok/s | "
+            f"decode {self.generation_tokens} tok @ {self.decode_tps:.1f} tok/s | "
+            f"hit {self.hit_rate:.1%} ({self.hits}/{self.hits + self.misses}) | "
+            f"read {format_bytes(self.bytes_read)} | "
+            f"resident {format_bytes(self.resident_bytes)} + cache "
+            f"{format_bytes(self.cache_bytes)} ({self.slots} slots) of budget "
+            f"{format_bytes(self.budget_bytes)} | peak RSS {format_bytes(self.peak_rss_bytes)}"
+        )
