@@ -1,0 +1,136 @@
+"""Resident slots for routed experts, sized by the budget; a miss is read from disk.
+
+One pool array per expert parameter (``gate_proj.weight``, ``gate_proj.scales``, ...) of
+shape ``[slots, ...]`` is shared by every MoE layer, so hot layers can hold more experts
+than cold ones. A hit costs nothing: the layer indexes the pool with the expert's slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .disk import Reader
+from .expert_map import ExpertMap, Piece
+from .policies import Policy
+from .stats import Stats
+
+# Safetensors dtypes -> the numpy dtype that holds their bits (bf16 travels as uint16).
+_NP_DTYPES = {
+    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
+    "U8": np.uint8, "I8": np.int8, "I32": np.int32, "U16": np.uint16, "I16": np.int16,
+}  # fmt: skip
+
+
+def piece_to_mx(buf: np.ndarray, piece: Piece, shape: tuple[int, ...], dtype: mx.Dtype):
+    """Bytes read from disk -> an MLX array of the pool's shape and dtype."""
+    if piece.dtype not in _NP_DTYPES:
+        raise ValueError(f"Expert tensors of dtype {piece.dtype} are not supported.")
+    array = mx.array(buf.view(_NP_DTYPES[piece.dtype]).reshape(shape))
+    if piece.dtype == "BF16":
+        array = array.view(mx.bfloat16)
+    return array if array.dtype == dtype else array.astype(dtype)
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        expert_map: ExpertMap,
+        reader: Reader,
+        slots: int,
+        policy: Policy,
+        shapes: dict[str, tuple[int, ...]],
+        dtypes: dict[str, mx.Dtype],
+        stats: Stats,
+    ):
+        if slots < 1:
+            raise ValueError("The expert cache needs at least one slot.")
+        self.map = expert_map
+        self.reader = reader
+        self.slots = slots
+        self.policy = policy
+        self.shapes = shapes
+        self.dtypes = dtypes
+        self.stats = stats
+        self.pools = {p: mx.zeros((slots, *shapes[p]), dtypes[p]) for p in expert_map.params}
+        mx.eval(list(self.pools.values()))
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.key_in: list[tuple[int, int] | None] = [None] * slots
+        self.free = list(range(slots - 1, -1, -1))
+        n_layers = len(expert_map.layer_paths)
+        stats.expert_counts = np.zeros((n_layers, expert_map.num_experts), np.int64)
+        self.on_tokens = None  # optional hook(layer, experts, counts): trace recording
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(int(a.nbytes) // self.slots for a in self.pools.values())
+
+    def resident(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.slot_of
+
+    def plan_rounds(self, layer: int, experts: np.ndarray) -> list[np.ndarray]:
+        """Split a layer's experts into groups that fit; resident ones go first."""
+        if len(experts) <= self.slots:
+            return [experts]
+        hit = np.array([self.resident(layer, int(e)) for e in experts])
+        ordered = np.concatenate([experts[hit], experts[~hit]])
+        return [ordered[i : i + self.slots] for i in range(0, len(ordered), self.slots)]
+
+    def record_activations(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+        """The access profiler: how many tokens each (layer, expert) served."""
+        with self.stats.lock:
+            self.stats.expert_counts[layer, experts] += counts
+
+    def fetch(self, layer: int, experts: Sequence[int]) -> np.ndarray:
+        """Make these experts resident; returns a lookup table expert -> slot."""
+        if len(experts) > self.slots:
+            raise ValueError(f"{len(experts)} experts requested, {self.slots} slots")
+        keys = [(layer, int(e)) for e in experts]
+        pinned = set(keys)
+        misses = [k for k in keys if k not in self.slot_of]
+        slots = [self._claim(pinned) for _ in misses]
+        start = time.perf_counter()
+        if misses:
+            self._load(misses, slots)
+        waited = time.perf_counter() - start
+        for key in keys:
+            self.policy.access(key)
+        with self.stats.lock:
+            self.stats.hits += len(keys) - len(misses)
+            self.stats.misses += len(misses)
+            self.stats.bytes_read = self.reader.bytes_read
+            self.stats.read_seconds += waited
+        lut = np.zeros(self.map.num_experts, np.int32)
+        for key in keys:
+            lut[key[1]] = self.slot_of[key]
+        return lut
+
+    def _claim(self, pinned: set[tuple[int, int]]) -> int:
+        if self.free:
+            return self.free.pop()
+        victim = self.policy.victim(pinned)
+        self.policy.remove(victim)
+        slot = self.slot_of.pop(victim)
+        self.key_in[slot] = None
+        return slot
+
+    def _load(self, keys: list[tuple[int, int]], slots: list[int]) -> None:
+        pieces = [pc for k in keys for pc in self.map.expert_pieces(*k).values()]
+        buffers = iter(self.reader.read(pieces))
+        pieces_iter = iter(pieces)
+        for key, slot in zip(keys, slots, strict=True):
+            for param in self.map.params:
+                piece = next(pieces_iter)
+                pool = self.pools[param]
+                pool[slot] = piece_to_mx(next(buffers), piece, self.shapes[param], pool.dtype)
+            self.slot_of[key] = slot
+            self.key_in[slot] = key
+        # Evaluate now: a later write to a pool still referenced by a pending
+        # computation would make MLX copy the whole pool.
+        mx.eval(list(self.pools.values()))
+
+    def close(self) -> None:
+        self.reader.close()

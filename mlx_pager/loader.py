@@ -1,0 +1,263 @@
+"""Build an mlx-lm model with only its dense core in memory and its experts paged.
+
+mlx-lm builds the model lazily (``load_model(lazy=True)``: no tensor data read), every
+``SwitchGLU`` / ``SwitchMLP`` is swapped for a ``PagedSwitch`` before anything is
+evaluated, and only then is the dense core loaded. The full expert tensors are never
+materialised.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.utils import load_config, load_model, load_tokenizer
+
+from .budget import BudgetPlan, check_budget, plan_budget
+from .checkpoint import index_checkpoint
+from .disk import make_reader
+from .expert_cache import ExpertCache
+from .expert_map import ExpertMap, build_expert_map
+from .paged_switch import SWITCH_TYPES, PagedSwitch, describe_projections, expert_param_shapes
+from .policies import make_policy
+from .stats import Stats
+
+# Architectures tested end to end with tiny checkpoints (tests/test_exact.py).
+TESTED_ARCHITECTURES = (
+    "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "gpt_oss", "qwen3_5_moe",
+)  # fmt: skip
+
+# Config keys that announce routed experts, whatever the architecture calls them.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def default_compute_dtype() -> mx.Dtype | None:
+    """float32 on the CPU backend (half-precision matmuls are very slow there); on a GPU
+    the checkpoint's own dtype (None)."""
+    return None if mx.default_device() == mx.gpu else mx.float32
+
+
+@dataclass
+class PagedModel:
+    model: nn.Module
+    tokenizer: object
+    config: dict
+    path: Path
+    plan: BudgetPlan
+    cache: ExpertCache | None  # None: a model without routed experts, fully resident
+    stats: Stats
+
+    @property
+    def paged(self) -> bool:
+        return self.cache is not None
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+def _layer_sort_key(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def find_switch_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = [(p, m) for p, m in model.named_modules() if isinstance(m, SWITCH_TYPES)]
+    return sorted(found, key=lambda pm: _layer_sort_key(pm[0]))
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, last = path.split(".")
+    owner = model
+    for part in parents:
+        owner = owner[int(part)] if isinstance(owner, list) else owner[part]
+    if isinstance(owner, list):
+        owner[int(last)] = module
+    else:
+        setattr(owner, last, module)
+
+
+def _text_config(config: dict) -> dict:
+    return {**config, **config.get("text_config", {})}
+
+
+def routed_top_k(config: dict) -> int:
+    cfg = _text_config(config)
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "experts_per_token"):
+        if cfg.get(key):
+            return int(cfg[key])
+    return 1
+
+
+def kv_bytes_per_token(config: dict, itemsize: int) -> int:
+    """Keys and values of one token in one full-attention layer."""
+    cfg = _text_config(config)
+    if cfg.get("kv_lora_rank"):  # MLA (DeepSeek-V2): mlx-lm caches full keys and values
+        heads = cfg["num_attention_heads"]
+        k = heads * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+        return (k + heads * cfg["v_head_dim"]) * itemsize
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * kv_heads * head_dim * itemsize
+
+
+def estimate_kv_bytes(model: nn.Module, config: dict, context: int, itemsize: int) -> int:
+    """KV cache at ``context`` tokens: full-attention layers grow, windows and states don't."""
+    caches = model.make_cache() if hasattr(model, "make_cache") else None
+    per_token = kv_bytes_per_token(config, itemsize)
+    if caches is None:
+        return len(model.layers) * context * per_token
+    total = 0
+    for cache in caches:
+        if isinstance(cache, RotatingKVCache):
+            total += min(context, cache.max_size) * per_token
+        elif isinstance(cache, KVCache):
+            total += context * per_token
+    return total + 2**20  # recurrent states of linear-attention layers: small, fixed
+
+
+def _is_float(a: mx.array) -> bool:
+    return mx.issubdtype(a.dtype, mx.floating)
+
+
+def _dense_parameters(model: nn.Module, switches: list[tuple[str, nn.Module]]) -> dict:
+    """The model's parameters minus the routed experts."""
+    skip = tuple(f"{path}." for path, _ in switches)
+    flat = tree_flatten(model.parameters())
+    return tree_unflatten([(k, v) for k, v in flat if not k.startswith(skip)])
+
+
+def _float_itemsize(params: dict) -> int:
+    return next((a.dtype.size for _, a in tree_flatten(params) if _is_float(a)), 2)
+
+
+def _num_experts(switch: nn.Module) -> int:
+    first = next(iter(describe_projections(switch)))
+    return int(switch[first].weight.shape[0])
+
+
+def _build_lazy(model_path: Path, config: dict) -> tuple[nn.Module, dict]:
+    """mlx-lm's own model classes and sanitize, no tensor data read."""
+    model_type = config.get("model_type", "?")
+    try:
+        return load_model(model_path, lazy=True)
+    except ValueError as e:
+        if "not supported" in str(e):
+            raise ValueError(
+                f"mlx-pager cannot run model type {model_type!r}: the installed mlx-lm does "
+                f"not know it ({e}). Tested MoE types: {', '.join(TESTED_ARCHITECTURES)}."
+            ) from e
+        raise
+
+
+@dataclass
+class ModelLayout:
+    """A lazily built model and what it will cost, known before any weight is read."""
+
+    model: nn.Module
+    config: dict
+    path: Path
+    switches: list[tuple[str, nn.Module]]
+    expert_map: ExpertMap | None
+    shapes: dict[str, tuple[int, ...]]
+    pool_dtypes: dict[str, mx.Dtype]
+    resident_bytes: int
+    kv_bytes: int
+    expert_bytes: int  # one expert in memory
+    experts_per_layer: int
+    top_k: int
+
+    @property
+    def moe_layers(self) -> int:
+        return len(self.switches)
+
+    def plan(self, budget_bytes: int) -> BudgetPlan:
+        return plan_budget(
+            budget_bytes, self.resident_bytes, self.kv_bytes, self.expert_bytes,
+            self.moe_layers * self.experts_per_layer, self.top_k,
+        )  # fmt: skip
+
+
+def inspect_model(
+    model_path: Path, context_length: int = 4096, compute_dtype: mx.Dtype | None | str = "auto"
+) -> ModelLayout:
+    """Build the model lazily, cast the dense core, locate every expert on disk."""
+    model_path = Path(model_path)
+    config = load_config(model_path)
+    tensors = index_checkpoint(model_path)  # clear errors for broken files, before mlx-lm
+    model, config = _build_lazy(model_path, config)
+    dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
+
+    switches = find_switch_layers(model)
+    if not switches and any(_text_config(config).get(k) for k in EXPERT_COUNT_KEYS):
+        raise ValueError(
+            f"Model type {config.get('model_type')!r} has routed experts, but its MoE layer "
+            "is not mlx-lm's SwitchGLU/SwitchMLP, so mlx-pager cannot page it. Tested MoE "
+            f"types: {', '.join(TESTED_ARCHITECTURES)}."
+        )
+    dense = _dense_parameters(model, switches)
+    if dtype is not None:
+        dense = tree_map(lambda a: a.astype(dtype) if _is_float(a) else a, dense)
+        model.update(dense)
+    resident = sum(a.nbytes for _, a in tree_flatten(dense))
+    kv = estimate_kv_bytes(model, config, context_length, _float_itemsize(dense))
+    if not switches:
+        return ModelLayout(model, config, model_path, [], None, {}, {}, resident, kv, 0, 0, 1)
+
+    first = switches[0][1]
+    shapes = expert_param_shapes(first)
+    pool_dtypes = {}
+    for param in shapes:
+        proj, leaf = param.split(".")
+        stored = first[proj][leaf].dtype
+        floating = mx.issubdtype(stored, mx.floating)
+        pool_dtypes[param] = dtype if dtype is not None and floating else stored
+    num_experts = _num_experts(first)
+    expert_map = build_expert_map(
+        [(path, expert_param_shapes(m)) for path, m in switches], num_experts, tensors
+    )
+    one_expert = sum(math.prod(shapes[p]) * pool_dtypes[p].size for p in shapes)
+    return ModelLayout(
+        model, config, model_path, switches, expert_map, shapes, pool_dtypes, resident, kv,
+        one_expert, num_experts, routed_top_k(config),
+    )  # fmt: skip
+
+
+def load_paged(
+    model_path: Path,
+    budget_bytes: int,
+    context_length: int = 4096,
+    policy: str = "lru",
+    read_path: str = "auto",
+    compute_dtype: mx.Dtype | None | str = "auto",
+) -> PagedModel:
+    """Open a checkpoint folder under a byte budget; see the module docstring."""
+    layout = inspect_model(model_path, context_length, compute_dtype)
+    plan = check_budget(layout.plan(budget_bytes))
+    model, stats, cache = layout.model, Stats(), None
+    if layout.switches:
+        reader = make_reader(read_path, layout.expert_map.files())
+        cache = ExpertCache(
+            layout.expert_map, reader, plan.slots, make_policy(policy), layout.shapes,
+            layout.pool_dtypes, stats,
+        )  # fmt: skip
+        # Swap before anything is evaluated: the stacked expert arrays are dropped unread.
+        for layer, (path, original) in enumerate(layout.switches):
+            _set_module(model, path, PagedSwitch(original, layer, cache))
+    mx.eval(model.parameters())  # the dense core, and nothing else
+    mx.set_cache_limit(plan.headroom_bytes // 2)
+
+    stats.budget_bytes = budget_bytes
+    stats.resident_bytes = plan.resident_bytes
+    stats.kv_bytes = plan.kv_bytes
+    stats.headroom_bytes = plan.headroom_bytes
+    stats.slots = plan.slots if cache else 0
+    stats.cache_bytes = plan.cache_bytes if cache else 0
+    tokenizer = load_tokenizer(layout.path, eos_token_ids=layout.config.get("eos_token_id"))
+    return PagedModel(model, tokenizer, layout.config, layout.path, plan, cache, stats)

@@ -1,0 +1,154 @@
+"""The routed-expert layer: stands in for mlx-lm's SwitchGLU / SwitchMLP, same call.
+
+The model files stay untouched: ``__call__(x, indices)`` reads the routed experts on the
+host (one sync per MoE layer), asks the cache for their slots, then runs mlx-lm's own
+computation with the indices remapped to slots. When a layer needs more experts than the
+cache holds (a long prompt at a small budget) it computes in rounds of experts, each
+(token, expert) pair exactly once, so the result is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import (
+    QuantizedSwitchLinear,
+    SwitchGLU,
+    SwitchLinear,
+    SwitchMLP,
+    _gather_sort,
+    _scatter_unsort,
+)
+
+from .expert_cache import ExpertCache
+
+SWITCH_TYPES = (SwitchGLU, SwitchMLP)
+
+
+@dataclass(frozen=True)
+class Projection:
+    quantized: bool
+    has_bias: bool
+    group_size: int = 0
+    bits: int = 0
+    mode: str = "affine"
+
+
+def describe_projections(module: nn.Module) -> dict[str, Projection]:
+    names = (
+        ("gate_proj", "up_proj", "down_proj") if isinstance(module, SwitchGLU) else ("fc1", "fc2")
+    )
+    out = {}
+    for name in names:
+        linear = module[name]
+        if isinstance(linear, QuantizedSwitchLinear):
+            if getattr(linear, "global_scale", None) is not None:
+                raise ValueError("Experts quantised with a global scale (nvfp4) are not supported.")
+            out[name] = Projection(
+                True, "bias" in linear, linear.group_size, linear.bits, linear.mode
+            )
+        elif isinstance(linear, SwitchLinear):
+            out[name] = Projection(False, "bias" in linear)
+        else:
+            raise ValueError(f"Unsupported expert projection type {type(linear).__name__}.")
+    return out
+
+
+def expert_param_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Per-expert shape of every parameter of a switch layer ('gate_proj.weight': (out, in))."""
+    shapes = {}
+    for name in describe_projections(module):
+        for leaf in ("weight", "scales", "biases", "bias"):
+            value = module[name].get(leaf) if leaf in module[name] else None
+            if value is not None:
+                shapes[f"{name}.{leaf}"] = tuple(value.shape[1:])
+    return shapes
+
+
+class PagedSwitch(nn.Module):
+    def __init__(self, original: nn.Module, layer: int, cache: ExpertCache):
+        super().__init__()
+        self.glu = isinstance(original, SwitchGLU)
+        self.activation = original.activation
+        # Plain attributes, not module children: they hold no parameters.
+        object.__setattr__(self, "projections", describe_projections(original))
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "cache", cache)
+
+    def _linear(self, name: str, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        spec, pools = self.projections[name], self.cache.pools
+        if spec.quantized:
+            x = mx.gather_qmm(
+                x,
+                pools[f"{name}.weight"],
+                pools[f"{name}.scales"],
+                pools.get(f"{name}.biases"),
+                rhs_indices=idx,
+                transpose=True,
+                group_size=spec.group_size,
+                bits=spec.bits,
+                mode=spec.mode,
+                sorted_indices=sorted_indices,
+            )
+        else:
+            x = mx.gather_mm(
+                x,
+                pools[f"{name}.weight"].swapaxes(-1, -2),
+                rhs_indices=idx,
+                sorted_indices=sorted_indices,
+            )
+        if spec.has_bias:
+            x = x + mx.expand_dims(pools[f"{name}.bias"][idx], -2)
+        return x
+
+    def _compute(self, x: mx.array, indices: mx.array) -> mx.array:
+        """mlx-lm's SwitchGLU / SwitchMLP body, with slots in place of experts."""
+        x = mx.expand_dims(x, (-2, -3))
+        do_sort = indices.size >= 64
+        idx, inv_order = indices, None
+        if do_sort:
+            x, idx, inv_order = _gather_sort(x, indices)
+        if self.glu:
+            x_up = self._linear("up_proj", x, idx, do_sort)
+            x_gate = self._linear("gate_proj", x, idx, do_sort)
+            x = self._linear("down_proj", self.activation(x_up, x_gate), idx, do_sort)
+        else:
+            x = self._linear("fc1", x, idx, do_sort)
+            x = self._linear("fc2", self.activation(x), idx, do_sort)
+        if do_sort:
+            x = _scatter_unsort(x, inv_order, indices.shape)
+        return x.squeeze(-2)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        routed = np.array(indices)  # host sync: the pager must know the experts first
+        flat = routed.reshape(-1)
+        experts, counts = np.unique(flat, return_counts=True)
+        self.cache.record_activations(self.layer, experts, counts)
+        if self.cache.on_tokens is not None:
+            self.cache.on_tokens(self.layer, routed)
+        rounds = self.cache.plan_rounds(self.layer, experts)
+        if len(rounds) == 1:
+            lut = self.cache.fetch(self.layer, rounds[0])
+            return self._compute(x, mx.array(lut[routed]))
+        return self._compute_in_rounds(x, routed, rounds)
+
+    def _compute_in_rounds(self, x: mx.array, routed: np.ndarray, rounds) -> mx.array:
+        k = routed.shape[-1]
+        flat = routed.reshape(-1)
+        rows = x.reshape(-1, x.shape[-1])
+        outputs, order = [], []
+        for group in rounds:
+            lut = self.cache.fetch(self.layer, group)
+            pairs = np.flatnonzero(np.isin(flat, group))
+            pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]
+            y = self._compute(rows[mx.array(pairs // k)], mx.array(lut[flat[pairs]][:, None]))
+            y = y[:, 0, :]
+            mx.eval(y)  # before the next round overwrites slots this one reads
+            outputs.append(y)
+            order.append(pairs)
+        inverse = np.argsort(np.concatenate(order))
+        y = mx.concatenate(outputs)[mx.array(inverse)]
+        return y.reshape(*routed.shape, y.shape[-1])
