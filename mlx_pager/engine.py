@@ -1,0 +1,184 @@
+"""The engine's one API, shared by the CLI and the app: open a model, generate, read stats.
+
+Prompt -> tokens (mlx-lm's tokenizer and chat template) -> ``stream_generate`` over the
+paged model (``loader``) -> text chunks, while ``stats`` counts what the cache and the
+disk did. Nothing here knows about terminals.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import psutil
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .budget import BudgetPlan
+from .loader import PagedModel, load_paged
+from .settings import Settings, load_settings
+from .stats import Stats, current_rss, peak_rss
+from .units import parse_bytes
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = ASSETS / "tiny-moe"
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Chunk:
+    """One step of a reply: new text (may be empty), its token, why it ended if it did."""
+
+    text: str
+    token: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    model_type: str
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+
+    @property
+    def paged(self) -> bool:
+        return self.moe_layers > 0
+
+
+def default_model() -> str:
+    return str(DEFAULT_MODEL)
+
+
+def total_memory() -> int:
+    return psutil.virtual_memory().total
+
+
+class Engine:
+    def __init__(self, paged: PagedModel, name: str, context_length: int):
+        self.paged = paged
+        self.context_length = context_length
+        cache = paged.cache
+        self.info = ModelInfo(
+            name=name,
+            path=paged.path,
+            model_type=paged.config.get("model_type", "?"),
+            moe_layers=len(cache.map.layer_paths) if cache else 0,
+            experts_per_layer=cache.map.num_experts if cache else 0,
+            top_k=paged.plan.top_k,
+        )
+        self._stop = threading.Event()
+
+    @classmethod
+    def open(
+        cls,
+        model: str | None = None,
+        settings: Settings | None = None,
+        budget: str | int | None = None,
+        **overrides,
+    ) -> Engine:
+        """Open a Hub id (from the local cache) or a folder, under the settings' budget.
+
+        ``overrides`` are setting names (context_length, policy, read_path) for this run.
+        """
+        from .hub import resolve_model
+
+        settings = (settings or load_settings()).replace(**overrides)
+        name = model or settings.last_model or default_model()
+        path = resolve_model(name)
+        budget_bytes = parse_bytes(budget) if budget else settings.budget_bytes(total_memory())
+        paged = load_paged(
+            path,
+            budget_bytes,
+            context_length=settings.context_length,
+            policy=settings.policy,
+            read_path=settings.read_path,
+        )
+        return cls(paged, name, settings.context_length)
+
+    @property
+    def stats(self) -> Stats:
+        return self.paged.stats
+
+    @property
+    def plan(self) -> BudgetPlan:
+        return self.paged.plan
+
+    @property
+    def tokenizer(self):
+        return self.paged.tokenizer
+
+    def encode(self, prompt: str | Messages, chat_template: bool = True) -> list[int]:
+        """Tokens as `mlx_lm.generate` makes them: chat template when the model has one."""
+        tokenizer = self.tokenizer
+        use_template = chat_template and tokenizer.has_chat_template
+        if use_template:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        elif isinstance(prompt, str):
+            text = prompt
+        else:
+            text = "\n".join(m["content"] for m in prompt)
+        return tokenizer.encode(text, add_special_tokens=not use_template)
+
+    def generate(
+        self,
+        prompt: str | Messages,
+        max_tokens: int = 256,
+        temp: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat_template: bool = True,
+    ) -> Iterator[Chunk]:
+        """Stream a reply; ``stop()`` from another thread ends it after the current token."""
+        self._stop.clear()
+        if seed is not None:
+            mx.random.seed(seed)
+        tokens = self.encode(prompt, chat_template)
+        if len(tokens) >= self.context_length:
+            raise ValueError(
+                f"The prompt is {len(tokens)} tokens, longer than the context length "
+                f"{self.context_length}: shorten it or raise context_length in settings."
+            )
+        stats = self.stats
+        stats.reset_run()
+        start = time.perf_counter()
+        sampler = make_sampler(temp=temp, top_p=top_p)
+        for response in stream_generate(
+            self.paged.model,
+            self.tokenizer,
+            tokens,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            max_kv_size=self.context_length,
+        ):
+            with stats.lock:
+                if response.generation_tokens == 1:
+                    stats.ttft_seconds = time.perf_counter() - start
+                stats.prompt_tokens = response.prompt_tokens
+                stats.prompt_tps = response.prompt_tps
+                stats.generation_tokens = response.generation_tokens
+                stats.decode_tps = response.generation_tps
+                stats.peak_rss_bytes = max(peak_rss(), current_rss())
+                stats.peak_mlx_bytes = mx.get_peak_memory()
+            finish = response.finish_reason
+            if self._stop.is_set() and finish is None:
+                finish = "cancelled"
+            yield Chunk(response.text, int(response.token), finish)
+            if finish is not None:
+                break
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.paged.close()

@@ -1,0 +1,73 @@
+"""`mlx-pager generate`: stream a reply, end with one line of stats (or one JSON object)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hub id (in the local cache) or folder; default: "
+                        "the last used model, else the embedded tiny model")  # fmt: skip
+    parser.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
+    parser.add_argument("--max-tokens", "-m", type=int, default=100)
+    parser.add_argument("--temp", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--budget", help="memory budget, e.g. 6GB (default: settings)")
+    parser.add_argument("--context-length", type=int, help="tokens the KV cache is sized for")
+    parser.add_argument("--policy", help="expert cache policy (default: settings)")
+    parser.add_argument("--read-path", choices=["auto", "pread", "mmap"])
+    parser.add_argument("--ignore-chat-template", action="store_true")
+    parser.add_argument("--record-trace", metavar="FILE", help="save the routing as a trace")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    overrides = {
+        k: v
+        for k, v in (
+            ("context_length", args.context_length),
+            ("policy", args.policy),
+            ("read_path", args.read_path),
+        )
+        if v is not None
+    }
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    engine = Engine.open(args.model, budget=args.budget, **overrides)
+    recorder = None
+    if args.record_trace:
+        from .trace import attach_recorder
+
+        recorder = attach_recorder(engine, prompt)
+    if not engine.info.paged and not args.json:
+        print("[no routed experts: running fully resident]", file=sys.stderr)
+    text, tokens = [], []
+    try:
+        for chunk in engine.generate(
+            prompt,
+            max_tokens=args.max_tokens,
+            temp=args.temp,
+            top_p=args.top_p,
+            seed=args.seed,
+            chat_template=not args.ignore_chat_template,
+        ):
+            text.append(chunk.text)
+            tokens.append(chunk.token)
+            if not args.json:
+                print(chunk.text, end="", flush=True)
+    finally:
+        engine.close()
+    if recorder is not None:
+        recorder.save(args.record_trace)
+    stats = engine.stats
+    if args.json:
+        print(json.dumps({"text": "".join(text), "tokens": tokens, "stats": stats.to_dict()}))
+    else:
+        print()
+        print("=" * 10, file=sys.stderr)
+        print(stats.summary(), file=sys.stderr)
+    return 0
