@@ -1,6 +1,8 @@
 """Reading expert bytes straight from the safetensors files: pread or mmap, measured.
 
-Both readers return each piece as a fresh uint8 array and never write to the files.
+Both readers return each piece as a fresh uint8 array and never write to the files, and
+both turn readahead off (``POSIX_FADV_RANDOM`` / ``MADV_RANDOM``): measured here, buffered
+readahead read 44% more than the experts needed, mmap's default 5x.
 Once a piece is copied into the expert cache its pages are dropped from the page cache
 (``posix_fadvise(DONTNEED)`` on Linux, ``F_NOCACHE`` on macOS) and, for mmap, from the
 process (``MADV_DONTNEED``), so the same bytes are not held twice outside the budget.
@@ -42,6 +44,9 @@ class Reader:
     def __init__(self, files: list[Path], threads: int = 4, drop_cache: bool = True):
         self.drop_cache = drop_cache
         self.fds = {Path(f): os.open(f, os.O_RDONLY) for f in files}
+        if hasattr(os, "POSIX_FADV_RANDOM"):  # no readahead: experts are scattered reads
+            for fd in self.fds.values():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         if sys.platform == "darwin" and drop_cache:
             import fcntl
 

@@ -45,6 +45,7 @@ class ExpertCache:
         shapes: dict[str, tuple[int, ...]],
         dtypes: dict[str, mx.Dtype],
         stats: Stats,
+        staging_bytes: int = 16 * 2**20,
     ):
         if slots < 1:
             raise ValueError("The expert cache needs at least one slot.")
@@ -55,6 +56,7 @@ class ExpertCache:
         self.shapes = shapes
         self.dtypes = dtypes
         self.stats = stats
+        self.staging_bytes = staging_bytes  # read buffers in flight, part of the headroom
         self.pools = {p: mx.zeros((slots, *shapes[p]), dtypes[p]) for p in expert_map.params}
         mx.eval(list(self.pools.values()))
         self.slot_of: dict[tuple[int, int], int] = {}
@@ -118,18 +120,30 @@ class ExpertCache:
         return slot
 
     def _load(self, keys: list[tuple[int, int]], slots: list[int]) -> None:
-        pieces = [pc for k in keys for pc in self.map.expert_pieces(*k).values()]
-        buffers = iter(self.reader.read(pieces))
-        pieces_iter = iter(pieces)
+        """Read misses in groups of at most ``staging_bytes``, writing each into its slot."""
+        group: list[tuple[tuple[int, int], int]] = []
+        size = 0
         for key, slot in zip(keys, slots, strict=True):
+            expert_size = self.map.expert_disk_bytes(*key)
+            if group and size + expert_size > self.staging_bytes:
+                self._load_group(group)
+                group, size = [], 0
+            group.append((key, slot))
+            size += expert_size
+        self._load_group(group)
+
+    def _load_group(self, group: list[tuple[tuple[int, int], int]]) -> None:
+        pieces = [pc for key, _ in group for pc in self.map.expert_pieces(*key).values()]
+        buffers = iter(zip(pieces, self.reader.read(pieces), strict=True))
+        for key, slot in group:
             for param in self.map.params:
-                piece = next(pieces_iter)
+                piece, buf = next(buffers)
                 pool = self.pools[param]
-                pool[slot] = piece_to_mx(next(buffers), piece, self.shapes[param], pool.dtype)
+                pool[slot] = piece_to_mx(buf, piece, self.shapes[param], pool.dtype)
             self.slot_of[key] = slot
             self.key_in[slot] = key
-        # Evaluate now: a later write to a pool still referenced by a pending
-        # computation would make MLX copy the whole pool.
+        # Evaluate now: frees the read buffers, and a later write to a pool still
+        # referenced by a pending computation would make MLX copy the whole pool.
         mx.eval(list(self.pools.values()))
 
     def close(self) -> None:

@@ -245,13 +245,13 @@ def load_paged(
         reader = make_reader(read_path, layout.expert_map.files())
         cache = ExpertCache(
             layout.expert_map, reader, plan.slots, make_policy(policy), layout.shapes,
-            layout.pool_dtypes, stats,
+            layout.pool_dtypes, stats, staging_bytes=plan.headroom_bytes // 4,
         )  # fmt: skip
         # Swap before anything is evaluated: the stacked expert arrays are dropped unread.
         for layer, (path, original) in enumerate(layout.switches):
             _set_module(model, path, PagedSwitch(original, layer, cache))
     mx.eval(model.parameters())  # the dense core, and nothing else
-    mx.set_cache_limit(plan.headroom_bytes // 2)
+    mx.set_cache_limit(plan.headroom_bytes // 4)
 
     stats.budget_bytes = budget_bytes
     stats.resident_bytes = plan.resident_bytes

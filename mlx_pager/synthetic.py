@@ -53,6 +53,8 @@ ARCH_CONFIGS: dict[str, dict] = {
                     "linear_num_value_heads": 4, "linear_num_key_heads": 2,
                     "linear_key_head_dim": 16, "linear_value_head_dim": 16,
                     "linear_conv_kernel_dim": 4, "norm_topk_prob": True},
+    # A dense model: no routed experts, runs fully resident.
+    "qwen3": {**_BASE, **_ATTN, "num_hidden_layers": 2, "intermediate_size": 128},
 }  # fmt: skip
 
 # Architectures whose original Hugging Face checkpoints keep one tensor per expert.

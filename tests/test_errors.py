@@ -1,0 +1,96 @@
+"""Broken checkpoints and impossible budgets fail with a message that says what to do."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from checkpoints import budget_for_slots
+
+from mlx_pager.budget import BudgetError
+from mlx_pager.checkpoint import CheckpointError
+from mlx_pager.loader import load_paged
+from mlx_pager.synthetic import make_checkpoint
+
+GB = 10**9
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("good") / "m", "qwen3_moe")
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_header(good, tmp_path):
+    path = _copy(good, tmp_path / "m")
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(CheckpointError, match="shorter than a header.*download the model again"):
+        load_paged(path, 10 * GB)
+
+
+def test_header_length_past_end(good, tmp_path):
+    path = _copy(good, tmp_path / "m")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", 10**7) + data[8:200])
+    with pytest.raises(CheckpointError, match="header length .* does not fit"):
+        load_paged(path, 10 * GB)
+
+
+def test_corrupt_header_json(good, tmp_path):
+    path = _copy(good, tmp_path / "m")
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[8:20] = b"#not json!#!"
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="header is not JSON"):
+        load_paged(path, 10 * GB)
+
+
+def test_offsets_past_end_of_file(good, tmp_path):
+    path = _copy(good, tmp_path / "m")
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 4096])  # header intact, tail of the data gone
+    with pytest.raises(CheckpointError, match="past the end of the file"):
+        load_paged(path, 10 * GB)
+
+
+def test_missing_shard(tmp_path):
+    path = make_checkpoint(tmp_path / "m", "olmoe", shards=2)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing 1 of 2 weight shards.*mlx-pager download"):
+        load_paged(path, 10 * GB)
+
+
+def test_unsupported_architecture(good, tmp_path):
+    path = _copy(good, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "made_up_moe"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="cannot run model type 'made_up_moe'.*Tested MoE types"):
+        load_paged(path, 10 * GB)
+
+
+def test_budget_below_minimum_states_minimum_in_gb(good):
+    minimum = budget_for_slots(good, 2)  # top-2 routing: two slots is the least that runs
+    with pytest.raises(BudgetError, match=rf"below the minimum {minimum / GB:.2f} GB"):
+        load_paged(good, minimum - 1, 256)
+    load_paged(good, minimum, 256).close()  # exactly the minimum runs
+
+
+def test_model_without_experts_runs_fully_resident(tmp_path):
+    import mlx.core as mx
+    from mlx_lm import load
+
+    path = make_checkpoint(tmp_path / "dense", "qwen3")
+    paged = load_paged(path, 10 * GB)
+    assert not paged.paged and paged.plan.verdict == "fits"
+    reference, _ = load(str(path))
+    tokens = mx.array([[1, 2, 3, 4]])
+    assert mx.array_equal(reference(tokens), paged.model(tokens))
