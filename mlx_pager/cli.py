@@ -13,6 +13,7 @@ import sys
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mlx_pager.generate_cmd", "generate text from a prompt, paging experts"),
+    "bench": ("mlx_pager.bench", "stock mlx-lm against mlx-pager at several budgets"),
 }
 
 
