@@ -65,9 +65,13 @@ class Reader:
             out = [self.read_piece(pieces[0])]
         else:
             out = list(self.pool.map(self.read_piece, pieces))
-        with self._lock:
-            self.bytes_read += sum(p.nbytes for p in pieces)
+        self.count(sum(p.nbytes for p in pieces))
         return out
+
+    def count(self, nbytes: int) -> None:
+        """Add to the bytes-read counter (reads made outside ``read``, e.g. prefetch)."""
+        with self._lock:
+            self.bytes_read += nbytes
 
     def announce(self, pieces: list[Piece]) -> None:
         """Hint that these pieces will be read soon (default: nothing)."""

@@ -100,6 +100,7 @@ class Engine:
             context_length=settings.context_length,
             policy=settings.policy,
             read_path=settings.read_path,
+            prefetch=settings.prefetch,
         )
         return cls(paged, name, settings.context_length)
 
@@ -151,6 +152,8 @@ class Engine:
             )
         stats = self.stats
         stats.reset_run()
+        if self.paged.cache is not None:
+            self.paged.cache.reset_counters()
         start = time.perf_counter()
         sampler = make_sampler(temp=temp, top_p=top_p)
         for response in stream_generate(

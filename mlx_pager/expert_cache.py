@@ -64,7 +64,10 @@ class ExpertCache:
         self.free = list(range(slots - 1, -1, -1))
         n_layers = len(expert_map.layer_paths)
         stats.expert_counts = np.zeros((n_layers, expert_map.num_experts), np.int64)
-        self.on_tokens = None  # optional hook(layer, experts, counts): trace recording
+        self.on_tokens = None  # optional hook(layer, routed ids): trace recording
+        self.prefetcher = None  # optional Prefetcher: guessed experts read ahead
+        self._bytes_at_reset = 0
+        self._prefetch_at_reset = (0, 0)
 
     @property
     def slot_bytes(self) -> int:
@@ -103,12 +106,29 @@ class ExpertCache:
         with self.stats.lock:
             self.stats.hits += len(keys) - len(misses)
             self.stats.misses += len(misses)
-            self.stats.bytes_read = self.reader.bytes_read
             self.stats.read_seconds += waited
+        self.update_stats()
         lut = np.zeros(self.map.num_experts, np.int32)
         for key in keys:
             lut[key[1]] = self.slot_of[key]
         return lut
+
+    def update_stats(self) -> None:
+        """Copy the reader's and the prefetcher's counters into the shared stats."""
+        with self.stats.lock:
+            self.stats.bytes_read = self.reader.bytes_read - self._bytes_at_reset
+            p = self.prefetcher
+            if p is not None:
+                self.stats.prefetch_issued = p.issued - self._prefetch_at_reset[0]
+                self.stats.prefetch_used = p.used - self._prefetch_at_reset[1]
+                self.stats.prefetch_recall = p.recall
+                self.stats.prediction_precision = p.precision
+
+    def reset_counters(self) -> None:
+        """Start a new run's byte and prefetch counts (the stats were reset)."""
+        self._bytes_at_reset = self.reader.bytes_read
+        p = self.prefetcher
+        self._prefetch_at_reset = (p.issued, p.used) if p else (0, 0)
 
     def _claim(self, pinned: set[tuple[int, int]]) -> int:
         if self.free:
@@ -133,13 +153,21 @@ class ExpertCache:
         self._load_group(group)
 
     def _load_group(self, group: list[tuple[tuple[int, int], int]]) -> None:
-        pieces = [pc for key, _ in group for pc in self.map.expert_pieces(*key).values()]
-        buffers = iter(zip(pieces, self.reader.read(pieces), strict=True))
+        prefetched = {}
+        if self.prefetcher is not None:
+            for key, _ in group:
+                buffers = self.prefetcher.take(key)
+                if buffers is not None:
+                    prefetched[key] = buffers
+        demand = [pc for key, _ in group if key not in prefetched
+                  for pc in self.map.expert_pieces(*key).values()]  # fmt: skip
+        read = iter(self.reader.read(demand) if demand else [])
         for key, slot in group:
-            for param in self.map.params:
-                piece, buf = next(buffers)
+            buffers = prefetched.get(key) or [next(read) for _ in self.map.params]
+            pieces = self.map.expert_pieces(*key)
+            for param, buf in zip(self.map.params, buffers, strict=True):
                 pool = self.pools[param]
-                pool[slot] = piece_to_mx(buf, piece, self.shapes[param], pool.dtype)
+                pool[slot] = piece_to_mx(buf, pieces[param], self.shapes[param], pool.dtype)
             self.slot_of[key] = slot
             self.key_in[slot] = key
         # Evaluate now: frees the read buffers, and a later write to a pool still
@@ -147,4 +175,6 @@ class ExpertCache:
         mx.eval(list(self.pools.values()))
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.reader.close()

@@ -26,6 +26,7 @@ from .expert_cache import ExpertCache
 from .expert_map import ExpertMap, build_expert_map
 from .paged_switch import SWITCH_TYPES, PagedSwitch, describe_projections, expert_param_shapes
 from .policies import make_policy
+from .prefetch import Prefetcher, find_router
 from .stats import Stats
 
 # Architectures tested end to end with tiny checkpoints (tests/test_exact.py).
@@ -71,11 +72,16 @@ def find_switch_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(found, key=lambda pm: _layer_sort_key(pm[0]))
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, last = path.split(".")
+def _module(model: nn.Module, path: str):
     owner = model
-    for part in parents:
+    for part in path.split("."):
         owner = owner[int(part)] if isinstance(owner, list) else owner[part]
+    return owner
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, last = path.rpartition(".")
+    owner = _module(model, parent)
     if isinstance(owner, list):
         owner[int(last)] = module
     else:
@@ -236,6 +242,7 @@ def load_paged(
     policy: str = "lru",
     read_path: str = "auto",
     compute_dtype: mx.Dtype | None | str = "auto",
+    prefetch: bool = False,
 ) -> PagedModel:
     """Open a checkpoint folder under a byte budget; see the module docstring."""
     layout = inspect_model(model_path, context_length, compute_dtype)
@@ -247,9 +254,18 @@ def load_paged(
             layout.expert_map, reader, plan.slots, make_policy(policy), layout.shapes,
             layout.pool_dtypes, stats, staging_bytes=plan.headroom_bytes // 4,
         )  # fmt: skip
+        routers = [find_router(_module(model, path.rsplit(".", 1)[0]))
+                   for path, _ in layout.switches]  # fmt: skip
+        if prefetch:
+            width = layout.top_k + max(1, layout.top_k // 2)
+            cache.prefetcher = Prefetcher(
+                layout.expert_map, reader, plan.headroom_bytes // 4,
+                min(width, layout.experts_per_layer),
+            )  # fmt: skip
         # Swap before anything is evaluated: the stacked expert arrays are dropped unread.
         for layer, (path, original) in enumerate(layout.switches):
-            _set_module(model, path, PagedSwitch(original, layer, cache))
+            next_router = routers[layer + 1] if layer + 1 < len(routers) else None
+            _set_module(model, path, PagedSwitch(original, layer, cache, next_router))
     mx.eval(model.parameters())  # the dense core, and nothing else
     mx.set_cache_limit(plan.headroom_bytes // 4)
 

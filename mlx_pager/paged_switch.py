@@ -24,6 +24,7 @@ from mlx_lm.models.switch_layers import (
 )
 
 from .expert_cache import ExpertCache
+from .prefetch import router_scores
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 
@@ -69,7 +70,13 @@ def expert_param_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 class PagedSwitch(nn.Module):
-    def __init__(self, original: nn.Module, layer: int, cache: ExpertCache):
+    def __init__(
+        self,
+        original: nn.Module,
+        layer: int,
+        cache: ExpertCache,
+        next_router: nn.Module | None = None,
+    ):
         super().__init__()
         self.glu = isinstance(original, SwitchGLU)
         self.activation = original.activation
@@ -77,6 +84,7 @@ class PagedSwitch(nn.Module):
         object.__setattr__(self, "projections", describe_projections(original))
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "cache", cache)
+        object.__setattr__(self, "next_router", next_router)  # the next MoE layer's, for guesses
 
     def _linear(self, name: str, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
         spec, pools = self.projections[name], self.cache.pools
@@ -123,17 +131,30 @@ class PagedSwitch(nn.Module):
         return x.squeeze(-2)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        cache, prefetcher = self.cache, self.cache.prefetcher
+        guess = None
+        if prefetcher is not None and self.next_router is not None:
+            scores = router_scores(self.next_router, x)
+            mx.eval(indices, scores)  # one sync for this layer's choices and the guess
+            guess = prefetcher.predict(np.array(scores.astype(mx.float32)))
         routed = np.array(indices)  # host sync: the pager must know the experts first
         flat = routed.reshape(-1)
         experts, counts = np.unique(flat, return_counts=True)
-        self.cache.record_activations(self.layer, experts, counts)
-        if self.cache.on_tokens is not None:
-            self.cache.on_tokens(self.layer, routed)
-        rounds = self.cache.plan_rounds(self.layer, experts)
+        cache.record_activations(self.layer, experts, counts)
+        if cache.on_tokens is not None:
+            cache.on_tokens(self.layer, routed)
+        rounds = cache.plan_rounds(self.layer, experts)
         if len(rounds) == 1:
-            lut = self.cache.fetch(self.layer, rounds[0])
-            return self._compute(x, mx.array(lut[routed]))
-        return self._compute_in_rounds(x, routed, rounds)
+            lut = cache.fetch(self.layer, rounds[0])
+            y = self._compute(x, mx.array(lut[routed]))
+        else:
+            y = self._compute_in_rounds(x, routed, rounds)
+        if prefetcher is not None:
+            prefetcher.finish(self.layer, routed)
+            if guess is not None:  # read while this layer computes
+                prefetcher.issue(self.layer + 1, guess, cache.resident)
+            cache.update_stats()
+        return y
 
     def _compute_in_rounds(self, x: mx.array, routed: np.ndarray, rounds) -> mx.array:
         k = routed.shape[-1]

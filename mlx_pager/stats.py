@@ -33,8 +33,10 @@ class Stats:
     misses: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0  # time the forward pass waited on expert reads
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
+    prefetch_issued: int = 0  # experts read ahead on a guess
+    prefetch_used: int = 0  # ... that the next layer then needed
+    prefetch_recall: float = 0.0  # share of routed experts the guesses contained
+    prediction_precision: float = 0.0  # share of guesses that were routed
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tokens: int = 0
@@ -66,6 +68,7 @@ class Stats:
             self.hits = self.misses = self.bytes_read = 0
             self.read_seconds = 0.0
             self.prefetch_issued = self.prefetch_used = 0
+            self.prefetch_recall = self.prediction_precision = 0.0
             self.prompt_tokens = self.generation_tokens = 0
             self.prompt_tps = self.decode_tps = self.ttft_seconds = 0.0
 

@@ -54,3 +54,9 @@ def test_bf16_checkpoint_is_cast_like_the_reference(tmp_path):
         assert paged.model.model.embed_tokens.weight.dtype == mx.float32
     finally:
         paged.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
+def test_prefetch_leaves_output_unchanged(tmp_path, arch):
+    """Three router kinds: Linear, DeepSeek's MoEGate, gpt-oss's biased router."""
+    _check(make_checkpoint(tmp_path / arch, arch, quantize_bits=4), prefetch=True)
