@@ -60,12 +60,15 @@ def _as_float32(params):
     return tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a, params)
 
 
-def bench_paged(path: Path, fraction: float, max_tokens: int, read_path: str) -> dict:
+def bench_paged(
+    path: Path, fraction: float, max_tokens: int, read_path: str, prefetch: bool = False
+) -> dict:
     layout = inspect_model(path, 4096)
     n_experts = layout.moe_layers * layout.experts_per_layer
     slots = max(layout.top_k, round(fraction * n_experts))
     budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
-    engine = Engine(load_paged(path, budget, read_path=read_path), str(path), 4096)
+    paged = load_paged(path, budget, read_path=read_path, prefetch=prefetch)
+    engine = Engine(paged, str(path), 4096)
     try:
         for _ in engine.generate(WARMUP, max_tokens=max_tokens, chat_template=False):
             pass
@@ -84,6 +87,11 @@ def bench_paged(path: Path, fraction: float, max_tokens: int, read_path: str) ->
             "bytes_per_token": s.bytes_per_token,
             "read_seconds": s.read_seconds,
             "tokens": s.prompt_tokens + s.generation_tokens,
+            "prefetch": prefetch,
+            "prefetch_recall": s.prefetch_recall,
+            "prediction_precision": s.prediction_precision,
+            "prefetch_used": s.prefetch_used,
+            "prefetch_issued": s.prefetch_issued,
         }
     finally:
         engine.close()
@@ -123,11 +131,11 @@ def run(args: argparse.Namespace) -> int:
         reads = bench_reads(path, args.read_samples)
         default = "pread" if reads["pread_cold_ms"] <= reads["mmap_cold_ms"] else "mmap"
         stock = bench_stock(path, args.max_tokens)
-        paged = [
-            bench_paged(path, float(f), args.max_tokens, default) for f in args.fractions.split(",")
-        ]
+        fractions = [float(f) for f in args.fractions.split(",")]
+        paged = [bench_paged(path, f, args.max_tokens, default) for f in fractions]
+        prefetch = bench_paged(path, min(fractions), args.max_tokens, default, prefetch=True)
     report = {"model": str(args.model or "synthetic"), "stock": stock, "paged": paged,
-              "reads": reads, "faster_read_path": default}  # fmt: skip
+              "prefetch": prefetch, "reads": reads, "faster_read_path": default}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -140,6 +148,15 @@ def run(args: argparse.Namespace) -> int:
               f"{p['cold_hit_rate']:>8.1%} {p['bytes_per_token'] / 1e6:>14.2f} "
               f"{p['read_seconds']:>7.2f}")  # fmt: skip
     print("(hit rate and speed: second prompt, cache warm; 1st run: filling an empty cache)")
+    base = next(p for p in paged if p["fraction"] == prefetch["fraction"])
+    print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with):")
+    for key, label, scale in (("decode_tps", "decode tok/s", 1), ("read_seconds",
+            "seconds stalled on reads", 1), ("bytes_per_token", "disk MB/token", 1e-6),
+            ("hit_rate", "hit rate", 1)):  # fmt: skip
+        print(f"  {label:>26}: {base[key] * scale:.3f} -> {prefetch[key] * scale:.3f}")
+    print(f"  prediction recall {prefetch['prefetch_recall']:.1%}, precision "
+          f"{prefetch['prediction_precision']:.1%}; guesses used "
+          f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}")  # fmt: skip
     print(f"one expert = {reads['expert_bytes'] / 1e6:.2f} MB; median read time (ms):")
     for name in ("pread", "mmap"):
         print(
