@@ -22,6 +22,8 @@ from .budget import BudgetPlan
 from .loader import PagedModel, load_paged
 from .settings import Settings, load_settings
 from .stats import Stats, current_rss, peak_rss
+from .task_profiles import TaskProfiles
+from .tasks import TaskClassifier
 from .units import parse_bytes
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -62,9 +64,12 @@ def total_memory() -> int:
 
 
 class Engine:
-    def __init__(self, paged: PagedModel, name: str, context_length: int):
+    def __init__(
+        self, paged: PagedModel, name: str, context_length: int, task_preload: bool = True
+    ):
         self.paged = paged
         self.context_length = context_length
+        self.task_preload = task_preload  # the user's switch; the profile decides too
         cache = paged.cache
         self.info = ModelInfo(
             name=name,
@@ -75,6 +80,15 @@ class Engine:
             top_k=paged.plan.top_k,
         )
         self._stop = threading.Event()
+        self.profiles = (
+            TaskProfiles.load(paged.path, self.info.moe_layers, self.info.experts_per_layer)
+            if cache
+            else None
+        )
+        self._classifier: TaskClassifier | None = None
+        self._preload: threading.Thread | None = None
+        self._preload_cancel = threading.Event()
+        self.last_task = ""
 
     @classmethod
     def open(
@@ -102,7 +116,7 @@ class Engine:
             read_path=settings.read_path,
             prefetch=settings.prefetch,
         )
-        return cls(paged, name, settings.context_length)
+        return cls(paged, name, settings.context_length, settings.task_preload)
 
     @property
     def stats(self) -> Stats:
@@ -131,6 +145,66 @@ class Engine:
             text = "\n".join(m["content"] for m in prompt)
         return tokenizer.encode(text, add_special_tokens=not use_template)
 
+    def classify(self, prompt: str | Messages) -> str:
+        """The task of a prompt (its last user message), from the calibration prompts."""
+        if self._classifier is None:
+            try:
+                self._classifier = TaskClassifier.default()
+            except FileNotFoundError:  # no calibration prompts: the task stays unknown
+                return ""
+        if not isinstance(prompt, str):
+            prompt = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+        return self._classifier.predict(prompt)
+
+    @property
+    def preload_status(self) -> str:
+        """Whether task-aware preloading is on for this model, and why; for the UI."""
+        if self.profiles is None:
+            return "off: no routed experts"
+        if not self.task_preload:
+            return "off: turned off in settings"
+        gain = self.profiles.preload_gain
+        if gain is None:
+            return "off: not measured for this model yet (mlx-pager profile)"
+        if gain <= 0:
+            return f"off: measured no gain ({gain * 100:+.1f} hit-rate points)"
+        return f"on: {gain * 100:+.1f} hit-rate points after a task switch"
+
+    @property
+    def preload_active(self) -> bool:
+        return self.preload_status.startswith("on")
+
+    def prepare(self, prompt: str | Messages, preload: bool | None = None) -> str:
+        """Tell the prompt's task and, when it changed, preload its hot experts in the
+        background; the app calls this as soon as it knows the prompt, ``generate`` waits
+        for it. ``preload`` overrides the profile's verdict (for measuring it)."""
+        task = self.classify(prompt)
+        self.stats.task = task
+        active = self.preload_active if preload is None else preload
+        if active and task != self.last_task and self.profiles is not None:
+            hot = self.profiles.hot_set(task, self.paged.cache.slots)
+            if hot:
+                self.wait_preload()
+                self._preload_cancel.clear()
+                self._preload = threading.Thread(
+                    target=self._run_preload, args=(hot,), name="preload", daemon=True
+                )
+                self._preload.start()
+        self.last_task = task
+        return task
+
+    def _run_preload(self, keys: list[tuple[int, int]]) -> None:
+        loaded = self.paged.cache.preload(keys, self._preload_cancel)
+        with self.stats.lock:
+            self.stats.preloaded += loaded
+
+    def wait_preload(self, cancel: bool = False) -> None:
+        if self._preload is not None:
+            if cancel:
+                self._preload_cancel.set()
+            self._preload.join()
+            self._preload = None
+
     def generate(
         self,
         prompt: str | Messages,
@@ -139,6 +213,7 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         chat_template: bool = True,
+        preload: bool | None = None,
     ) -> Iterator[Chunk]:
         """Stream a reply; ``stop()`` from another thread ends it after the current token."""
         self._stop.clear()
@@ -152,9 +227,14 @@ class Engine:
             )
         stats = self.stats
         stats.reset_run()
-        if self.paged.cache is not None:
-            self.paged.cache.reset_counters()
+        cache = self.paged.cache
+        if cache is not None:
+            cache.reset_counters()
+            task = self.prepare(prompt, preload)
+            self.wait_preload()  # before the first forward pass writes to the cache
+            counts_before = stats.expert_counts.copy()
         start = time.perf_counter()
+        at_prefill = (0, 0)
         sampler = make_sampler(temp=temp, top_p=top_p)
         for response in stream_generate(
             self.paged.model,
@@ -167,6 +247,9 @@ class Engine:
             with stats.lock:
                 if response.generation_tokens == 1:
                     stats.ttft_seconds = time.perf_counter() - start
+                    at_prefill = (stats.hits, stats.misses)
+                stats.decode_hits = stats.hits - at_prefill[0]
+                stats.decode_misses = stats.misses - at_prefill[1]
                 stats.prompt_tokens = response.prompt_tokens
                 stats.prompt_tps = response.prompt_tps
                 stats.generation_tokens = response.generation_tokens
@@ -179,9 +262,13 @@ class Engine:
             yield Chunk(response.text, int(response.token), finish)
             if finish is not None:
                 break
+        if cache is not None:  # the profiler learns what this task used
+            self.profiles.add(task, stats.expert_counts - counts_before)
+            self.profiles.save()
 
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
+        self.wait_preload(cancel=True)
         self.paged.close()

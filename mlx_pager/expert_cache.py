@@ -7,6 +7,7 @@ than cold ones. A hit costs nothing: the layer indexes the pool with the expert'
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -67,6 +68,7 @@ class ExpertCache:
         self.on_tokens = None  # optional hook(layer, routed ids): trace recording
         self.prefetcher = None  # optional Prefetcher: guessed experts read ahead
         self._bytes_at_reset = 0
+        self.lock = threading.Lock()  # fetches and background preloads take turns
         self._prefetch_at_reset = (0, 0)
 
     @property
@@ -93,6 +95,10 @@ class ExpertCache:
         """Make these experts resident; returns a lookup table expert -> slot."""
         if len(experts) > self.slots:
             raise ValueError(f"{len(experts)} experts requested, {self.slots} slots")
+        with self.lock:
+            return self._fetch(layer, experts)
+
+    def _fetch(self, layer: int, experts: Sequence[int]) -> np.ndarray:
         keys = [(layer, int(e)) for e in experts]
         pinned = set(keys)
         misses = [k for k in keys if k not in self.slot_of]
@@ -112,6 +118,37 @@ class ExpertCache:
         for key in keys:
             lut[key[1]] = self.slot_of[key]
         return lut
+
+    def preload(self, keys: list[tuple[int, int]], cancel: threading.Event | None = None) -> int:
+        """Make ``keys`` resident, most important first, without counting hits or misses.
+
+        Runs between generations (the engine waits for it before a forward pass), in
+        groups so that ``cancel`` stops it quickly. Returns how many experts it loaded.
+        """
+        keys = keys[: self.slots]
+        pinned = set(keys)
+        loaded = 0
+        for start in range(0, len(keys), 8):
+            if cancel is not None and cancel.is_set():
+                break
+            with self.lock:
+                group = [k for k in keys[start : start + 8] if k not in self.slot_of]
+                if group:
+                    self._load(group, [self._claim(pinned) for _ in group])
+                for key in keys[start : start + 8]:
+                    self.policy.access(key)
+            loaded += len(group)
+        self.update_stats()
+        return loaded
+
+    def clear(self) -> None:
+        """Evict everything (benchmarks that need a cold cache)."""
+        with self.lock:
+            for key in list(self.slot_of):
+                self.policy.remove(key)
+            self.slot_of.clear()
+            self.key_in = [None] * self.slots
+            self.free = list(range(self.slots - 1, -1, -1))
 
     def update_stats(self) -> None:
         """Copy the reader's and the prefetcher's counters into the shared stats."""

@@ -31,6 +31,9 @@ class Stats:
     slots: int = 0
     hits: int = 0
     misses: int = 0
+    decode_hits: int = 0  # after the prompt: what the cache does token by token
+    decode_misses: int = 0
+    preloaded: int = 0  # experts loaded ahead for the detected task
     bytes_read: int = 0
     read_seconds: float = 0.0  # time the forward pass waited on expert reads
     prefetch_issued: int = 0  # experts read ahead on a guess
@@ -54,6 +57,11 @@ class Stats:
         return self.hits / total if total else 0.0
 
     @property
+    def decode_hit_rate(self) -> float:
+        total = self.decode_hits + self.decode_misses
+        return self.decode_hits / total if total else 0.0
+
+    @property
     def bytes_per_token(self) -> float:
         tokens = self.prompt_tokens + self.generation_tokens
         return self.bytes_read / tokens if tokens else 0.0
@@ -66,6 +74,7 @@ class Stats:
         """Zero the per-run counters; sizes and the expert profile stay."""
         with self.lock:
             self.hits = self.misses = self.bytes_read = 0
+            self.decode_hits = self.decode_misses = self.preloaded = 0
             self.read_seconds = 0.0
             self.prefetch_issued = self.prefetch_used = 0
             self.prefetch_recall = self.prediction_precision = 0.0
@@ -83,6 +92,7 @@ class Stats:
         snap = self.snapshot()
         data = {k: v for k, v in snap.__dict__.items() if k not in ("lock", "expert_counts")}
         data["hit_rate"] = self.hit_rate
+        data["decode_hit_rate"] = self.decode_hit_rate
         data["bytes_per_token"] = self.bytes_per_token
         return data
 
