@@ -27,10 +27,18 @@ WARMUP = "A cache holds the experts that fire most; the rest are read from the d
 
 # Large enough that reads matter: 8 layers x 64 experts of ~1.2 MB (4-bit) = 0.6 GB.
 BENCH_MODEL = dict(
-    arch="qwen3_moe", quantize_bits=4, hidden_size=1024, moe_intermediate_size=768,
-    intermediate_size=1024, num_experts=64, num_experts_per_tok=8, num_hidden_layers=8,
-    num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-)  # fmt: skip
+    arch="qwen3_moe",
+    quantize_bits=4,
+    hidden_size=1024,
+    moe_intermediate_size=768,
+    intermediate_size=1024,
+    num_experts=64,
+    num_experts_per_tok=8,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=128,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,8 +108,11 @@ def bench_paged(
 def bench_reads(path: Path, samples: int) -> dict:
     """Median milliseconds to read one whole expert, per read path, cold and warm."""
     expert_map = inspect_model(path, 4096).expert_map
-    keys = [(layer, e) for layer in range(len(expert_map.layer_paths))
-            for e in range(expert_map.num_experts)][:samples]  # fmt: skip
+    keys = [
+        (layer, e)
+        for layer in range(len(expert_map.layer_paths))
+        for e in range(expert_map.num_experts)
+    ][:samples]
     result = {"expert_bytes": expert_map.expert_disk_bytes()}
     for name in ("pread", "mmap"):
         for state in ("cold", "warm"):
@@ -134,29 +145,44 @@ def run(args: argparse.Namespace) -> int:
         fractions = [float(f) for f in args.fractions.split(",")]
         paged = [bench_paged(path, f, args.max_tokens, default) for f in fractions]
         prefetch = bench_paged(path, min(fractions), args.max_tokens, default, prefetch=True)
-    report = {"model": str(args.model or "synthetic"), "stock": stock, "paged": paged,
-              "prefetch": prefetch, "reads": reads, "faster_read_path": default}  # fmt: skip
+    report = {
+        "model": str(args.model or "synthetic"),
+        "stock": stock,
+        "paged": paged,
+        "prefetch": prefetch,
+        "reads": reads,
+        "faster_read_path": default,
+    }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"stock mlx-lm, fully resident: {stock['decode_tps']:.1f} decode tok/s")
-    print(f"{'experts held':>12} {'slots':>6} {'decode tok/s':>13} {'x stock':>8} "
-          f"{'hit rate':>9} {'1st run':>8} {'disk MB/token':>14} {'read s':>7}")  # fmt: skip
+    print(
+        f"{'experts held':>12} {'slots':>6} {'decode tok/s':>13} {'x stock':>8} "
+        f"{'hit rate':>9} {'1st run':>8} {'disk MB/token':>14} {'read s':>7}"
+    )
     for p in paged:
-        print(f"{p['fraction']:>12.0%} {p['slots']:>6} {p['decode_tps']:>13.1f} "
-              f"{p['decode_tps'] / stock['decode_tps']:>8.2f} {p['hit_rate']:>9.1%} "
-              f"{p['cold_hit_rate']:>8.1%} {p['bytes_per_token'] / 1e6:>14.2f} "
-              f"{p['read_seconds']:>7.2f}")  # fmt: skip
+        print(
+            f"{p['fraction']:>12.0%} {p['slots']:>6} {p['decode_tps']:>13.1f} "
+            f"{p['decode_tps'] / stock['decode_tps']:>8.2f} {p['hit_rate']:>9.1%} "
+            f"{p['cold_hit_rate']:>8.1%} {p['bytes_per_token'] / 1e6:>14.2f} "
+            f"{p['read_seconds']:>7.2f}"
+        )
     print("(hit rate and speed: second prompt, cache warm; 1st run: filling an empty cache)")
     base = next(p for p in paged if p["fraction"] == prefetch["fraction"])
     print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with):")
-    for key, label, scale in (("decode_tps", "decode tok/s", 1), ("read_seconds",
-            "seconds stalled on reads", 1), ("bytes_per_token", "disk MB/token", 1e-6),
-            ("hit_rate", "hit rate", 1)):  # fmt: skip
+    for key, label, scale in (
+        ("decode_tps", "decode tok/s", 1),
+        ("read_seconds", "seconds stalled on reads", 1),
+        ("bytes_per_token", "disk MB/token", 1e-6),
+        ("hit_rate", "hit rate", 1),
+    ):
         print(f"  {label:>26}: {base[key] * scale:.3f} -> {prefetch[key] * scale:.3f}")
-    print(f"  prediction recall {prefetch['prefetch_recall']:.1%}, precision "
-          f"{prefetch['prediction_precision']:.1%}; guesses used "
-          f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}")  # fmt: skip
+    print(
+        f"  prediction recall {prefetch['prefetch_recall']:.1%}, precision "
+        f"{prefetch['prediction_precision']:.1%}; guesses used "
+        f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}"
+    )
     print(f"one expert = {reads['expert_bytes'] / 1e6:.2f} MB; median read time (ms):")
     for name in ("pread", "mmap"):
         print(

@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mlx_pager.generate_cmd", "generate text from a prompt, paging experts"),
     "bench": ("mlx_pager.bench", "stock mlx-lm against mlx-pager at several budgets"),
+    "profile": ("mlx_pager.profile_cmd", "which experts fire, per layer and task"),
 }
 
 

@@ -89,6 +89,7 @@ class Engine:
         self._preload: threading.Thread | None = None
         self._preload_cancel = threading.Event()
         self.last_task = ""
+        self.learn = True  # add each reply's expert counts to the task profile
 
     @classmethod
     def open(
@@ -174,11 +175,14 @@ class Engine:
     def preload_active(self) -> bool:
         return self.preload_status.startswith("on")
 
-    def prepare(self, prompt: str | Messages, preload: bool | None = None) -> str:
+    def prepare(
+        self, prompt: str | Messages, preload: bool | None = None, task: str | None = None
+    ) -> str:
         """Tell the prompt's task and, when it changed, preload its hot experts in the
         background; the app calls this as soon as it knows the prompt, ``generate`` waits
-        for it. ``preload`` overrides the profile's verdict (for measuring it)."""
-        task = self.classify(prompt)
+        for it. ``preload`` overrides the profile's verdict and ``task`` the classifier
+        (for measuring them)."""
+        task = self.classify(prompt) if task is None else task
         self.stats.task = task
         active = self.preload_active if preload is None else preload
         if active and task != self.last_task and self.profiles is not None:
@@ -214,6 +218,7 @@ class Engine:
         seed: int | None = None,
         chat_template: bool = True,
         preload: bool | None = None,
+        task: str | None = None,
     ) -> Iterator[Chunk]:
         """Stream a reply; ``stop()`` from another thread ends it after the current token."""
         self._stop.clear()
@@ -230,7 +235,7 @@ class Engine:
         cache = self.paged.cache
         if cache is not None:
             cache.reset_counters()
-            task = self.prepare(prompt, preload)
+            task = self.prepare(prompt, preload, task)
             self.wait_preload()  # before the first forward pass writes to the cache
             counts_before = stats.expert_counts.copy()
         start = time.perf_counter()
@@ -262,7 +267,7 @@ class Engine:
             yield Chunk(response.text, int(response.token), finish)
             if finish is not None:
                 break
-        if cache is not None:  # the profiler learns what this task used
+        if cache is not None and self.learn:  # the profiler learns what this task used
             self.profiles.add(task, stats.expert_counts - counts_before)
             self.profiles.save()
 

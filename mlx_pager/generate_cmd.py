@@ -8,8 +8,11 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Hub id (in the local cache) or folder; default: "
-                        "the last used model, else the embedded tiny model")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        help="Hub id (in the local cache) or folder; default: "
+        "the last used model, else the embedded tiny model",
+    )
     parser.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
     parser.add_argument("--max-tokens", "-m", type=int, default=100)
     parser.add_argument("--temp", type=float, default=0.0)

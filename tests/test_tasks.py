@@ -62,15 +62,14 @@ def test_preload_fills_the_cache_without_counting_hits(tmp_path):
         engine.profiles.counts["code"] = np.zeros((2, 16), np.int64)
         for rank, (layer, expert) in enumerate(hot):
             engine.profiles.counts["code"][layer, expert] = 10 - rank
-        engine.classify = lambda prompt: "code"
         assert engine.preload_status.startswith("off: not measured")
-        engine.prepare("def f(): pass", preload=True)
+        engine.prepare("def f(): pass", preload=True, task="code")
         engine.wait_preload()
         assert all(paged.cache.resident(*key) for key in hot)
         assert engine.stats.hits == engine.stats.misses == 0
         assert engine.stats.preloaded == 4
         # The same task again: nothing to preload.
-        engine.prepare("def g(): pass", preload=True)
+        engine.prepare("def g(): pass", preload=True, task="code")
         assert engine._preload is None
     finally:
         engine.close()
@@ -80,8 +79,7 @@ def test_generation_learns_the_task_profile(tmp_path):
     path = make_checkpoint(tmp_path / "m", "olmoe")
     engine = Engine(open_paged(path, 4), "m", 256)
     try:
-        engine.classify = lambda prompt: "math"
-        for _ in engine.generate("1 + 1 =", max_tokens=4, chat_template=False):
+        for _ in engine.generate("1 + 1 =", max_tokens=4, chat_template=False, task="math"):
             pass
         learned = TaskProfiles.load(path, 2, 8).counts["math"]
         assert learned.sum() == engine.stats.expert_counts.sum() > 0

@@ -1,0 +1,156 @@
+"""`mlx-pager profile`: run prompts, report which experts fire, measure task preloading.
+
+Prompts come from a JSONL file of {"task", "text"} records (the calibration format) or a
+plain text file with one prompt per line (tasks then come from the classifier). Every
+fifth prompt of each task is held out: the others teach the model's task profile, the
+held-out ones, visited so that the task changes every time, measure the decode hit rate
+after a switch with and without preloading. The result decides whether preloading is on
+for this model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .profile import coverage_curve, layer_skew, task_coverage
+from .tasks import split_held_out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hub id or folder (default: the embedded model)")
+    parser.add_argument("--prompts", required=True, help="JSONL {task, text} or text lines")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per prompt")
+    parser.add_argument("--budget", help="memory budget (default: settings)")
+    parser.add_argument(
+        "--measure-preload",
+        action="store_true",
+        help="measure task preloading on held-out prompts; save the verdict",
+    )
+    parser.add_argument(
+        "--decode-tokens", type=int, default=32, help="decode tokens after a task switch to score"
+    )
+    parser.add_argument("--export-trace", metavar="FILE", help="save the routing as a trace")
+    parser.add_argument("--json", action="store_true")
+
+
+def read_prompts(path: Path, classify) -> list[tuple[str, str]]:
+    text = Path(path).read_text()
+    if Path(path).suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [(r["task"], r["text"]) for r in records]
+    return [(classify(line), line) for line in text.splitlines() if line.strip()]
+
+
+def interleave(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Round robin over tasks, so that consecutive prompts change task."""
+    by_task: dict[str, list] = {}
+    for task, text in pairs:
+        by_task.setdefault(task, []).append((task, text))
+    rounds = itertools.zip_longest(*by_task.values())
+    return [p for group in rounds for p in group if p is not None]
+
+
+def run_prompts(engine, pairs, max_tokens, preload=False) -> dict[str, np.ndarray]:
+    """Generate for each prompt; the expert counts each task used."""
+    by_task: dict[str, np.ndarray] = {}
+    for task, text in pairs:
+        before = engine.stats.expert_counts.copy()
+        for _ in engine.generate(
+            text, max_tokens=max_tokens, chat_template=False, preload=preload, task=task
+        ):
+            pass
+        by_task[task] = by_task.get(task, 0) + engine.stats.expert_counts - before
+    return by_task
+
+
+def measure_preload(engine, held_out, decode_tokens: int) -> dict[str, float]:
+    """Decode hit rate after task switches, without and with preloading (cold cache)."""
+    result = {}
+    engine.learn = False  # measure with the profile as it stands
+    try:
+        for mode, preload in (("without", False), ("with", True)):
+            engine.paged.cache.clear()
+            engine.last_task = ""
+            hits = misses = 0
+            for task, text in interleave(held_out):
+                for _ in engine.generate(
+                    text,
+                    max_tokens=decode_tokens + 1,
+                    chat_template=False,
+                    preload=preload,
+                    task=task,
+                ):
+                    pass
+                hits += engine.stats.decode_hits
+                misses += engine.stats.decode_misses
+            result[mode] = hits / max(1, hits + misses)
+    finally:
+        engine.learn = True
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    engine = Engine.open(args.model, budget=args.budget)
+    if not engine.info.paged:
+        print("This model has no routed experts: nothing to profile.")
+        return 0
+    recorder = None
+    if args.export_trace:
+        from .trace import attach_recorder
+
+        recorder = attach_recorder(engine)
+    try:
+        pairs = read_prompts(Path(args.prompts), engine.classify)
+        train, held = split_held_out(pairs) if args.measure_preload else (pairs, [])
+        by_task = run_prompts(engine, train, args.max_tokens)
+        preload = measure_preload(engine, held, args.decode_tokens) if held else None
+        if preload is not None:
+            engine.profiles.preload_hit = preload
+            engine.profiles.save()
+        status = engine.preload_status
+    finally:
+        engine.close()
+    if recorder is not None:
+        recorder.save(args.export_trace)
+
+    total = sum(by_task.values())
+    curve = coverage_curve(total)
+    skew = layer_skew(total)
+    tasks, matrix = task_coverage(by_task)
+    report = {
+        "model": engine.info.name,
+        "prompts": len(pairs),
+        "coverage": {f"top_{round(s * 100)}pct": v for s, v in curve.items()},
+        "layer_top25_share": skew.round(4).tolist(),
+        "tasks": tasks,
+        "task_coverage": matrix.round(4).tolist(),
+        "preload_hit": preload,
+        "preload": status,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{engine.info.name}: {len(pairs)} prompts, {int(total.sum())} expert activations")
+    print(
+        "coverage: "
+        + ", ".join(f"top {s:.0%} of (layer, expert) pairs take {v:.1%}" for s, v in curve.items())
+    )
+    print("per-layer share of the top 25% experts: " + " ".join(f"{v:.2f}" for v in skew))
+    print("task overlap (row's top-25% set covers column's activations):")
+    print("        " + "".join(f"{t:>8}" for t in tasks))
+    for task, row in zip(tasks, matrix, strict=True):
+        print(f"{task:>8}" + "".join(f"{v:>8.2f}" for v in row))
+    if preload is not None:
+        print(
+            f"decode hit rate after a task switch: without preloading {preload['without']:.1%}"
+            f", with {preload['with']:.1%}"
+        )
+    print(f"task preloading: {status}")
+    return 0
