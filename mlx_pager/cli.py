@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mlx_pager.generate_cmd", "generate text from a prompt, paging experts"),
     "bench": ("mlx_pager.bench", "stock mlx-lm against mlx-pager at several budgets"),
     "profile": ("mlx_pager.profile_cmd", "which experts fire, per layer and task"),
+    "settings": ("mlx_pager.settings_cmd", "show or change the settings"),
 }
 
 
