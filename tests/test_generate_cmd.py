@@ -1,0 +1,89 @@
+"""`mlx-pager generate`: the same tokens as mlx-lm, streamed text, stats, JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from checkpoints import budget_for_slots
+
+from mlx_pager.cli import main
+from mlx_pager.synthetic import make_checkpoint
+
+STATS_KEYS = {
+    "budget_bytes",
+    "peak_rss_bytes",
+    "resident_bytes",
+    "cache_bytes",
+    "hits",
+    "misses",
+    "bytes_read",
+    "prompt_tps",
+    "decode_tps",
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("m") / "m", "qwen3_moe", num_experts=16)
+
+
+def test_json_output_matches_mlx_lm(model, capsys):
+    from mlx_lm import generate, load
+
+    reference, tokenizer = load(str(model))
+    expected = generate(reference, tokenizer, "The experts", max_tokens=12)
+    budget = str(budget_for_slots(model, 3, 4096))
+    args = [
+        "generate",
+        "--model",
+        str(model),
+        "--prompt",
+        "The experts",
+        "--max-tokens",
+        "12",
+        "--budget",
+        budget,
+        "--json",
+    ]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == expected
+    assert len(out["tokens"]) == 12
+    assert STATS_KEYS <= out["stats"].keys()
+    assert out["stats"]["misses"] > 0 and out["stats"]["budget_bytes"] == int(budget)
+
+
+def test_streamed_text_then_one_stats_line(model, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model),
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "5",
+                "--budget",
+                "1GB",
+            ]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert out.strip()
+    assert "decode 5 tok" in err and "hit" in err and "budget" in err
+
+
+def test_dense_model_says_it_runs_fully_resident(tmp_path, capsys):
+    path = make_checkpoint(tmp_path / "dense", "qwen3")
+    assert main(["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "3"]) == 0
+    assert "no routed experts: running fully resident" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_with_exit_code_2(model, capsys):
+    assert main(["generate", "--model", str(model), "--prompt", "Hi", "--budget", "1MB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlx-pager: error:") and "below the minimum" in err
+    assert "Traceback" not in err
