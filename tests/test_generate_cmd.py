@@ -44,6 +44,7 @@ def test_json_output_matches_mlx_lm(model, capsys):
         "12",
         "--budget",
         budget,
+        "--ignore-chat-template",
         "--json",
     ]
     assert main(args) == 0
