@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--fractions", default="1.0,0.5,0.25", help="expert shares to hold")
     parser.add_argument("--read-samples", type=int, default=64, help="experts per read test")
+    parser.add_argument(
+        "--policies", action="store_true", help="also compare cache policies in the live engine"
+    )
     parser.add_argument("--json", action="store_true")
 
 
@@ -105,6 +108,44 @@ def bench_paged(
         engine.close()
 
 
+def bench_policies(path: Path, fraction: float, prompts: list[str], max_tokens: int) -> dict:
+    """The live engine's hit rate per cache policy: same prompts, same budget, one run."""
+    from .policies import POLICIES
+
+    layout = inspect_model(path, 4096)
+    slots = max(layout.top_k, round(fraction * layout.moe_layers * layout.experts_per_layer))
+    budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
+    result = {}
+    for name in POLICIES:
+        engine = Engine(load_paged(path, budget, policy=name), str(path), 4096)
+        hits = misses = 0
+        try:
+            for prompt in prompts:
+                for _ in engine.generate(prompt, max_tokens=max_tokens, chat_template=False):
+                    pass
+                hits += engine.stats.hits
+                misses += engine.stats.misses
+        finally:
+            engine.close()
+        result[name] = hits / max(1, hits + misses)
+    return result
+
+
+def corpus_prompts(n: int, chars: int = 400) -> list[str]:
+    """Openings of documents from the shared corpus, alternating domains."""
+    corpus = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+    domains = []
+    for file in sorted(corpus.glob("*.txt")):
+        text = file.read_text()
+        docs = text.split("\n\n")
+        docs = docs if len(docs) > 100 else text.splitlines()  # web.txt: a document a line
+        domains.append([d for d in docs[100:] if len(d) > 100])
+    if not domains:
+        return [PROMPT, WARMUP] * (n // 2)
+    docs = [d for group in zip(*domains, strict=False) for d in group]
+    return [d[:chars] for d in docs][:n]
+
+
 def bench_reads(path: Path, samples: int) -> dict:
     """Median milliseconds to read one whole expert, per read path, cold and warm."""
     expert_map = inspect_model(path, 4096).expert_map
@@ -145,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         fractions = [float(f) for f in args.fractions.split(",")]
         paged = [bench_paged(path, f, args.max_tokens, default) for f in fractions]
         prefetch = bench_paged(path, min(fractions), args.max_tokens, default, prefetch=True)
+        policies = None
+        if args.policies:
+            prompts = corpus_prompts(12)
+            policies = bench_policies(path, min(fractions), prompts, args.max_tokens)
     report = {
         "model": str(args.model or "synthetic"),
         "stock": stock,
@@ -183,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         f"{prefetch['prediction_precision']:.1%}; guesses used "
         f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}"
     )
+    if policies:
+        print(f"live hit rate per policy at {min(fractions):.0%} of experts, corpus prompts:")
+        for name, hit in sorted(policies.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:>8}: {hit:.1%}")
     print(f"one expert = {reads['expert_bytes'] / 1e6:.2f} MB; median read time (ms):")
     for name in ("pread", "mmap"):
         print(
