@@ -1,0 +1,194 @@
+"""The Textual app: owns the settings and the open engine; screens do the rest."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+from textual import work
+from textual.app import App
+from textual.binding import Binding
+from textual.reactive import reactive
+
+from mlx_pager.settings import Settings, data_dir, load_settings, save_settings
+
+from .config import AppConfig
+from .messages import EngineFailed, EngineOpened
+from .text import model_label
+
+# Settings whose change needs the model reopened; the others apply on the next reply.
+ENGINE_FIELDS = ("budget", "context_length", "policy", "prefetch", "cold_precision", "read_path")
+
+
+class PagerApp(App[int]):
+    """One engine at a time, opened and closed on a worker thread, never on the UI thread."""
+
+    CSS_PATH = "pager.tcss"
+    TITLE = "mlx-pager"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+    BINDINGS = [
+        Binding("f2", "show_models", "Models"),
+        Binding("f3", "show_settings", "Settings"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    # Bumped whenever the engine changes state; screens watch it.
+    engine_version: reactive[int] = reactive(0)
+
+    def __init__(self, config: AppConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.engine = None  # mlx_pager.engine.Engine once open
+        self.engine_lock = threading.Lock()  # held while generating, opening or closing
+        self.engine_status = "none"  # none | opening | ready | error
+        self.engine_error = ""
+        self.model_name = ""  # the model open, being opened, or that failed
+        self._open_tokens = itertools.count(1)
+        self._open_token = 0
+        self._settings_error = ""
+        try:
+            self.settings = load_settings(self.settings_path)
+        except ValueError as e:
+            self.settings, self._settings_error = Settings(), str(e)
+
+    # -- paths ----------------------------------------------------------------------------
+
+    @property
+    def settings_path(self) -> Path | None:
+        return self.config.settings_path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir or data_dir()
+
+    @property
+    def model_title(self) -> str:
+        return model_label(self.model_name) if self.model_name else "no model"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def get_default_screen(self):  # noqa: ANN201 - a Screen
+        from .screens.chat import ChatScreen
+
+        return ChatScreen()
+
+    def on_mount(self) -> None:
+        self.theme = "tokyo-night"
+        if self._settings_error:
+            self.notify(self._settings_error, title="Settings not loaded", severity="error",
+                        timeout=15)  # fmt: skip
+        self.open_model(self.config.model)
+
+    async def action_quit(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        self.exit(0)
+
+    def shutdown_engine(self, timeout: float = 30.0) -> None:
+        """Close the model once generation has let go of it (called after the app exits)."""
+        engine, self.engine = self.engine, None
+        if engine is None:
+            return
+        engine.stop()
+        if self.engine_lock.acquire(timeout=timeout):
+            try:
+                engine.close()
+            finally:
+                self.engine_lock.release()
+
+    # -- the engine -----------------------------------------------------------------------
+
+    def open_model(self, model: str | None = None, remember: bool | None = None) -> None:
+        """Close the current model and open ``model`` (default: last used, or embedded).
+
+        ``remember`` (default: when a model is named) stores it as the last used model.
+        """
+        name = model or self.settings.last_model or self.config.default_model()
+        old, self.engine = self.engine, None
+        if old is not None:
+            old.stop()
+        self.model_name, self.engine_status, self.engine_error = name, "opening", ""
+        self._open_token = next(self._open_tokens)
+        self.engine_version += 1
+        explicit = model is not None if remember is None else remember
+        self._open_worker(name, self.settings, old, self._open_token, explicit)
+
+    @work(thread=True, group="engine", exit_on_error=False)
+    def _open_worker(
+        self, name: str, settings: Settings, old: object, token: int, explicit: bool
+    ) -> None:
+        with self.engine_lock:
+            if old is not None:
+                old.close()  # type: ignore[attr-defined]
+            try:
+                engine = self.config.open_engine(name, settings)
+            except Exception as e:  # noqa: BLE001 - every failure becomes a message
+                text = str(e) or type(e).__name__
+                self.post_message(EngineFailed(name, text, token=token))
+                return
+        self.post_message(EngineOpened(engine, name, token=token, explicit=explicit))
+
+    def on_engine_opened(self, message: EngineOpened) -> None:
+        if message.token != self._open_token:  # a newer request won: drop this one
+            self._close_later(message.engine)
+            return
+        self.engine, self.engine_status, self.engine_error = message.engine, "ready", ""
+        if message.explicit and self.settings.last_model != message.model:
+            self.update_settings(self.settings.replace(last_model=message.model))
+        plan = getattr(message.engine, "plan", None)
+        detail = plan.explain() if plan is not None else ""
+        self.notify(detail, title=f"Opened {model_label(message.model)}", timeout=4)
+        self.engine_version += 1
+
+    def on_engine_failed(self, message: EngineFailed) -> None:
+        if message.token != self._open_token:
+            return
+        self.engine_status, self.engine_error = "error", message.error
+        self.notify(
+            f"{message.error}\nF2: pick or download a model · F3: settings",
+            title=f"Could not open {model_label(message.model)}",
+            severity="error",
+            timeout=12,
+        )
+        self.engine_version += 1
+
+    @work(thread=True, group="engine-close")
+    def _close_later(self, engine: object) -> None:
+        with self.engine_lock:
+            engine.close()  # type: ignore[attr-defined]
+
+    # -- settings -------------------------------------------------------------------------
+
+    def update_settings(self, new: Settings) -> bool:
+        """Save atomically; False (and a notification) if the file could not be written."""
+        try:
+            save_settings(new, self.settings_path)
+        except (OSError, ValueError) as e:
+            self.notify(str(e), title="Settings not saved", severity="error", timeout=10)
+            return False
+        self.settings = new
+        return True
+
+    def apply_settings(self, new: Settings) -> bool:
+        """Save, then reopen the model in a worker if the change needs it."""
+        old = self.settings
+        if not self.update_settings(new):
+            return False
+        if self.engine is None or any(getattr(old, f) != getattr(new, f) for f in ENGINE_FIELDS):
+            self.open_model(self.model_name or None, remember=False)
+        return True
+
+    # -- navigation -----------------------------------------------------------------------
+
+    def action_show_models(self) -> None:
+        from .screens.models import ModelsScreen
+
+        if not isinstance(self.screen, ModelsScreen):
+            self.push_screen(ModelsScreen())
+
+    def action_show_settings(self) -> None:
+        from .screens.settings import SettingsScreen
+
+        if not isinstance(self.screen, SettingsScreen):
+            self.push_screen(SettingsScreen())

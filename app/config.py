@@ -1,0 +1,45 @@
+"""What the app is built from: the CLI passes defaults, tests pass tmp paths and fakes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlx_pager.settings import Settings
+
+from .machine import MachineMemory, machine_memory
+
+# (model name or None, settings) -> an open mlx_pager.engine.Engine
+OpenEngine = Callable[[str | None, Settings], object]
+
+
+def open_engine(model: str | None, settings: Settings) -> object:
+    """The real thing: mlx_pager's Engine, under the settings' budget."""
+    from mlx_pager.engine import Engine
+
+    return Engine.open(model, settings=settings)
+
+
+def default_model() -> str:
+    from mlx_pager.engine import default_model as engine_default
+
+    return engine_default()
+
+
+@dataclass
+class AppConfig:
+    """Everything the app reads from outside itself, in one place."""
+
+    settings_path: Path | None = None  # None: the platform's config dir
+    data_dir: Path | None = None  # None: mlx_pager.settings.data_dir()
+    model: str | None = None  # open this instead of the last used model
+    open_engine: OpenEngine = open_engine
+    default_model: Callable[[], str] = default_model
+    machine: Callable[[], MachineMemory] = machine_memory
+    max_tokens: int = 1024
+    stats_interval: float = 0.25  # seconds between side-panel refreshes while generating
+    hub_endpoint: str | None = None  # None: huggingface.co (tests: the local Hub server)
+    hub_cache_dir: Path | None = None  # None: the default Hugging Face cache
+    catalogue_path: Path | None = None  # None: assets/catalogue.json
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Screens of the mlx-pager app: chat, conversations, models (downloads), settings."""

@@ -1,0 +1,301 @@
+"""Memory-budget settings: the budget against the machine, how it divides, the verdict.
+
+The breakdown comes from ``inspect_model`` (builds the model lazily, reads no weights)
+on a worker, then ``layout.plan(budget)`` on every keystroke: pure arithmetic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch
+
+from mlx_pager.budget import BudgetPlan
+from mlx_pager.policies import POLICIES
+from mlx_pager.settings import COLD_PRECISIONS, READ_PATHS, Settings
+from mlx_pager.units import parse_bytes
+
+from ..profile import predicted_hit_rate
+from ..text import model_label, percent, size
+from ..widgets.budget_bar import CORE, EXPERTS, HEADROOM, KV, BudgetBar, Part
+
+READ_PATH_HELP = {"auto": "auto (pread)", "pread": "pread (fastest cold reads)",
+                  "mmap": "mmap (page faults)"}  # fmt: skip
+
+
+def budget_text(settings: Settings) -> str:
+    """How the budget appears in the box: "auto", or a number of GB."""
+    if settings.budget == "auto":
+        return "auto"
+    gigabytes = parse_bytes(settings.budget) / 1e9
+    return f"{gigabytes:g}" if gigabytes >= 1 else settings.budget
+
+
+def parse_budget(text: str) -> str:
+    """The box's text -> the settings' value; a bare number means GB. Raises ValueError."""
+    text = text.strip()
+    if text.lower() == "auto":
+        return "auto"
+    if not text:
+        raise ValueError("Type a budget in GB, such as 8, or auto (60% of memory).")
+    value = f"{text}GB" if text.replace(".", "", 1).isdigit() else text
+    if parse_bytes(value) <= 0:
+        raise ValueError("The budget must be more than 0 GB.")
+    return value
+
+
+def plan_parts(plan: BudgetPlan) -> list[Part]:
+    return [
+        Part("core", plan.resident_bytes, CORE, "resident"),
+        Part("experts", plan.cache_bytes, EXPERTS, f"{plan.slots} slots"),
+        Part("KV cache", plan.kv_bytes, KV, "at context"),
+        Part("headroom", plan.headroom_bytes, HEADROOM),
+    ]
+
+
+class SettingsScreen(Screen):
+    """Edit, see the consequence live, Ctrl+S saves and reopens the model if needed."""
+
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save & apply"),
+        Binding("escape", "back", "Back"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._layouts: dict[tuple[str, int], object] = {}
+        self._layout = None  # the ModelLayout being planned for
+        self._model_path: Path | None = None
+        self._plan: BudgetPlan | None = None
+
+    def compose(self) -> ComposeResult:
+        s = self.app.settings
+        yield Header()
+        with Horizontal(id="settings-body"):
+            with VerticalScroll(id="settings-form"):
+                yield Label("Memory budget (GB, or auto = 60% of memory)", classes="field")
+                yield Input(budget_text(s), id="budget")
+                yield Label("Context length (tokens)", classes="field")
+                yield Input(str(s.context_length), id="context_length", type="integer")
+                yield Label("Cache policy", classes="field")
+                yield Select([(p, p) for p in POLICIES], value=s.policy, allow_blank=False,
+                             id="policy")  # fmt: skip
+                yield Label("Read path", classes="field")
+                yield Select([(READ_PATH_HELP.get(r, r), r) for r in READ_PATHS],
+                             value=s.read_path, allow_blank=False, id="read_path")  # fmt: skip
+                yield Label("Cold expert precision", classes="field")
+                yield Select([(c, c) for c in COLD_PRECISIONS], value=s.cold_precision,
+                             allow_blank=False, id="cold_precision")  # fmt: skip
+                with Horizontal(classes="switch-row"):
+                    yield Switch(s.prefetch, id="prefetch")
+                    yield Label("Prefetch the next layer's experts")
+                with Horizontal(classes="switch-row"):
+                    yield Switch(s.task_preload, id="task_preload")
+                    yield Label("Task-aware preloading")
+                with Horizontal(id="settings-buttons"):
+                    yield Button("Save & apply", id="save", variant="primary")
+                    yield Button("Back", id="back")
+            with VerticalScroll(id="settings-plan"):
+                yield Static(id="machine")
+                yield Label("", id="plan-title", classes="panel-title")
+                yield BudgetBar(id="plan-bar")
+                yield Static(id="slots")
+                yield Static(id="verdict")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "memory budget"
+        self._show_machine()
+        self._inspect()
+        self.query_one("#budget", Input).focus()
+
+    # -- the machine ------------------------------------------------------------------------
+
+    def _show_machine(self) -> None:
+        m = self.app.config.machine()
+        text = Text()
+        text.append("This machine\n", style="bold #7aa2f7")
+        text.append(f" total memory      {size(m.total_bytes)}\n")
+        text.append(f" available now     {size(m.available_bytes)}\n")
+        gpu = size(m.gpu_limit_bytes) if m.gpu_limit_bytes else "— (no Metal GPU)"
+        text.append(f" GPU working set   {gpu}")
+        self.query_one("#machine", Static).update(text)
+
+    # -- the model's layout (worker) ------------------------------------------------------
+
+    def _context_length(self) -> int | None:
+        try:
+            value = int(self.query_one("#context_length", Input).value)
+        except ValueError:
+            return None
+        return value if 128 <= value <= 1_048_576 else None
+
+    def _inspect(self) -> None:
+        context = self._context_length()
+        engine = self.app.engine
+        path = engine.info.path if engine is not None else None
+        if context is None:
+            self._show_plan("Context length must be a whole number from 128 to 1048576.")
+            return
+        key = (str(path or self.app.model_name), context)
+        if key in self._layouts:
+            self._layout = self._layouts[key]
+            self._show_plan()
+            return
+        self.query_one("#plan-title", Label).update("Reading the model's layout…")
+        self._inspect_worker(path, self.app.model_name, context, key)
+
+    @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
+    def _inspect_worker(self, path: Path | None, name: str, context: int, key: tuple) -> None:
+        from mlx_pager.loader import inspect_model
+
+        try:
+            if path is None:
+                path = _resolve(name)
+            layout = inspect_model(path, context)
+        except Exception as e:  # noqa: BLE001 - shown in the panel
+            self.app.call_from_thread(self._layout_failed, str(e) or type(e).__name__)
+            return
+        self.app.call_from_thread(self._layout_ready, key, layout)
+
+    def _layout_ready(self, key: tuple, layout: object) -> None:
+        self._layouts[key] = self._layout = layout
+        self._show_plan()
+
+    def _layout_failed(self, error: str) -> None:
+        self._layout = None
+        self._show_plan(f"No model to plan for: {error}")
+
+    # -- the plan -------------------------------------------------------------------------
+
+    def _budget_bytes(self) -> int:
+        value = parse_budget(self.query_one("#budget", Input).value)
+        if value == "auto":
+            return int(0.6 * self.app.config.machine().total_bytes)
+        return parse_bytes(value)
+
+    def _show_plan(self, problem: str = "") -> None:
+        title = self.query_one("#plan-title", Label)
+        bar = self.query_one(BudgetBar)
+        slots = self.query_one("#slots", Static)
+        verdict = self.query_one("#verdict", Static)
+        self._plan = None
+        if not problem and self._layout is None:
+            return
+        if not problem:
+            try:
+                budget = self._budget_bytes()
+            except ValueError as e:
+                problem = str(e)
+        verdict.set_classes("-too_large" if problem else "")
+        if problem:
+            bar.update_parts([], 0)
+            slots.update("")
+            verdict.update(Text(problem))
+            return
+        layout = self._layout
+        plan = layout.plan(budget)  # type: ignore[attr-defined]
+        self._plan = plan
+        title.update(f"{model_label(self.app.model_name)} at {self._context_length():,} tokens")
+        bar.update_parts(plan_parts(plan), budget)
+        slots.update(self._slots_text(plan))
+        verdict.set_classes(f"-{plan.verdict}")
+        verdict.update(self._verdict_text(plan))
+
+    def _slots_text(self, plan: BudgetPlan) -> Text:
+        text = Text()
+        if plan.num_experts == 0:
+            text.append("No routed experts: the whole model stays resident.")
+            return text
+        text.append("Expert slots      ", style="dim")
+        text.append(f"{plan.slots} of {plan.num_experts} ({plan.expert_fraction:.0%})\n")
+        text.append("One expert        ", style="dim")
+        text.append(f"{size(plan.expert_bytes)}\n")
+        text.append("Predicted hit     ", style="dim")
+        engine = self.app.engine
+        counts = engine.stats.snapshot().expert_counts if engine is not None else None
+        hit = predicted_hit_rate(counts, plan.slots) if counts is not None else None
+        if hit is None:
+            text.append("no profile yet (chat first: the heatmap is the profile)", style="dim")
+        else:
+            text.append(f"{percent(hit)}", style="bold")
+            text.append(" of this session's activations", style="dim")
+        return text
+
+    def _verdict_text(self, plan: BudgetPlan) -> Text:
+        text = Text(plan.explain())
+        machine = self.app.config.machine()
+        if plan.budget_bytes > 0.75 * machine.total_bytes:
+            text.append(
+                "\nAbove 75% of this machine's memory: macOS starts compressing and "
+                "swapping, and speed falls.", style="#e5a50a",
+            )  # fmt: skip
+        if machine.gpu_limit_bytes and plan.budget_bytes > machine.gpu_limit_bytes:
+            text.append("\nAbove the GPU working-set limit.", style="#e5a50a")
+        return text
+
+    @on(Input.Changed, "#budget")
+    def _budget_changed(self) -> None:
+        self._show_plan()
+
+    @on(Input.Changed, "#context_length")
+    def _context_changed(self) -> None:
+        self._inspect()
+
+    # -- saving ---------------------------------------------------------------------------
+
+    def _collect(self) -> Settings:
+        """The form as Settings; ValueError says which field is wrong and how."""
+
+        def value(widget_id: str) -> object:
+            widget = self.query_one(f"#{widget_id}")
+            return widget.value  # type: ignore[attr-defined]
+
+        return self.app.settings.replace(
+            budget=parse_budget(self.query_one("#budget", Input).value),
+            context_length=self.query_one("#context_length", Input).value or "0",
+            policy=value("policy"),
+            read_path=value("read_path"),
+            cold_precision=value("cold_precision"),
+            prefetch=value("prefetch"),
+            task_preload=value("task_preload"),
+        )
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        try:
+            new = self._collect()
+        except ValueError as e:
+            self.notify(str(e), title="Not saved", severity="error", timeout=8)
+            return
+        if self._plan is not None and self._plan.verdict == "too_large":
+            self.notify(
+                f"{self._plan.explain()} Raise the budget or lower the context length.",
+                title="Budget too small: not saved", severity="error", timeout=10,
+            )  # fmt: skip
+            return
+        if self.app.apply_settings(new):
+            reopen = self.app.engine_status == "opening"
+            self.notify("Reopening the model with the new settings…" if reopen else
+                        "Saved.", title="Settings saved")  # fmt: skip
+            self.app.pop_screen()
+
+    @on(Button.Pressed, "#back")
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+
+def _resolve(name: str) -> Path:
+    """A folder as is; a Hub id through the download layer's cache lookup."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from mlx_pager.hub import resolve_model  # the download engineer's module
+
+    return Path(resolve_model(name))

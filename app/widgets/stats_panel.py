@@ -1,0 +1,114 @@
+"""The live numbers beside the chat: speed, memory against the budget, cache and disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.widget import Widget
+
+from mlx_pager.stats import Stats
+
+from ..text import megabytes, percent, rate, seconds, size
+from .budget_bar import CORE, EXPERTS, HEADROOM, KV, Part, bar_text
+
+
+@dataclass(frozen=True)
+class PanelState:
+    """What the panel shows: a stats snapshot plus the switches that explain blanks."""
+
+    stats: Stats
+    prefetch_on: bool = False
+    task_preload_on: bool = False
+
+
+def memory_parts(stats: Stats) -> list[Part]:
+    return [
+        Part("core", stats.resident_bytes, CORE, "resident"),
+        Part("experts", stats.cache_bytes, EXPERTS, f"{stats.slots} slots"),
+        Part("KV cache", stats.kv_bytes, KV, "at context"),
+        Part("headroom", stats.headroom_bytes, HEADROOM),
+    ]
+
+
+def _section(title: str, right: str = "") -> Table:
+    table = Table.grid(expand=True)
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_row(Text(title, style="bold #7aa2f7"), Text(right, style="dim"))
+    return table
+
+
+def _rows(rows: list[tuple[str, str | Text]]) -> Table:
+    table = Table.grid(padding=(0, 1), expand=True)
+    table.add_column(style="dim", no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    for label, value in rows:
+        table.add_row(f" {label}", value)
+    return table
+
+
+def panel_renderable(state: PanelState, width: int) -> Group:
+    s = state.stats
+    speed = _rows([
+        ("prompt", rate(s.prompt_tps)),
+        ("decode", rate(s.decode_tps)),
+        ("first token", seconds(s.ttft_seconds)),
+        ("tokens", f"{s.prompt_tokens} in · {s.generation_tokens} out"),
+    ])  # fmt: skip
+    parts = memory_parts(s)
+    used = sum(p.bytes for p in parts)
+    memory = _rows(
+        [(p.label, Text.assemble((f"{p.note} " if p.note else "", "dim"), size(p.bytes)))
+         for p in parts]
+        + [("total", Text(f"{size(used)} / {size(s.budget_bytes)}",
+                          style="bold red" if used > s.budget_bytes else "bold"))]
+        + ([("peak RSS", size(s.peak_rss_bytes))] if s.peak_rss_bytes else [])
+    )  # fmt: skip
+    lookups = s.hits + s.misses
+    hit = Text(percent(s.hit_rate if lookups else None))
+    if lookups:
+        hit.append(f" ({s.hits}/{lookups})", style="dim")
+    prefetch = percent(s.prefetch_precision) if s.prefetch_issued else "—"
+    cache = _rows([
+        ("hit rate", hit),
+        ("disk / token", megabytes(s.bytes_per_token) if lookups else "—"),
+        ("read from disk", size(s.bytes_read) if lookups else "—"),
+        ("prefetch accuracy", prefetch if state.prefetch_on else "off"),
+        ("detected task", s.task or ("—" if state.task_preload_on else "off")),
+    ])  # fmt: skip
+    bar = Text(" ") + bar_text(parts, s.budget_bytes, width - 1)
+    return Group(
+        _section("Speed"), speed, Text(""),
+        _section("Memory", f"budget {size(s.budget_bytes)}"), bar, memory, Text(""),
+        _section("Experts", f"{s.slots} slots"), cache,
+    )  # fmt: skip
+
+
+class StatsPanel(Widget):
+    """``show`` a state to redraw; ``pin`` one to freeze it (snapshot tests, demos)."""
+
+    DEFAULT_CSS = """
+    StatsPanel { height: auto; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.state: PanelState | None = None
+        self.pinned = False
+
+    def show(self, state: PanelState) -> None:
+        if not self.pinned:
+            self.state = state
+            self.refresh(layout=True)
+
+    def pin(self, state: PanelState) -> None:
+        self.state, self.pinned = state, True
+        self.refresh(layout=True)
+
+    def render(self) -> Group | Text:
+        if self.state is None:
+            return Text("no model open", style="dim")
+        return panel_renderable(self.state, self.content_size.width)

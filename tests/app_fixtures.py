@@ -1,0 +1,94 @@
+"""Fixtures and helpers for the app's tests: a tiny real checkpoint and an app around it.
+
+Import with ``from app_fixtures import *`` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from app.machine import MachineMemory
+from app.main import create_app
+from mlx_pager.loader import inspect_model
+from mlx_pager.settings import Settings, save_settings
+from mlx_pager.synthetic import make_checkpoint
+
+CONTEXT = 256
+# Fixed machine for the settings screen, so snapshots do not depend on the host.
+MACHINE = MachineMemory(total_bytes=16 * 10**9, available_bytes=9 * 10**9, gpu_limit_bytes=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random qwen3_moe checkpoint (2 MoE layers x 8 experts, top-2), with tokenizer."""
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny-moe", "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def fixed_bytes(tiny_model) -> int:
+    """Core + KV + headroom at the test context: the budget that leaves no expert slot."""
+    return inspect_model(tiny_model, CONTEXT).plan(0).fixed_bytes
+
+
+def open_engine(model: str | None, settings: Settings):
+    """The real engine, as the CLI opens it."""
+    from mlx_pager.engine import Engine
+
+    try:
+        import mlx_pager.hub  # noqa: F401
+    except ImportError:  # TEMP until the download layer lands: Engine.open needs it
+        from mlx_pager.loader import load_paged
+        from mlx_pager.units import parse_bytes
+
+        if not Path(model).is_dir():
+            raise FileNotFoundError(f"No model folder {model}.") from None
+        paged = load_paged(Path(model), parse_bytes(settings.budget), settings.context_length)
+        return Engine(paged, str(model), settings.context_length)
+    return Engine.open(model, settings=settings)
+
+
+@pytest.fixture
+def settings_file(tmp_path) -> Path:
+    path = tmp_path / "config" / "settings.toml"
+    save_settings(Settings(budget="60MB", context_length=CONTEXT), path)
+    return path
+
+
+@pytest.fixture
+def make_app(tmp_path, tiny_model, settings_file) -> Callable:
+    """``make_app(**overrides)``: the app on the tiny model, with its files in tmp_path."""
+
+    def make(**overrides):
+        options = dict(
+            settings_path=settings_file,
+            data_dir=tmp_path / "data",
+            model=str(tiny_model),
+            open_engine=open_engine,
+            default_model=lambda: str(tiny_model),
+            machine=lambda: MACHINE,
+            max_tokens=24,
+        )
+        options.update(overrides)
+        return create_app(**options)
+
+    return make
+
+
+async def wait_for(pilot, predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    """Let the app run until ``predicate()`` holds (workers finish on other threads)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate}")
+        await pilot.pause(0.02)
+    await asyncio.sleep(0)
+
+
+async def wait_ready(pilot) -> None:
+    await wait_for(pilot, lambda: pilot.app.engine_status in ("ready", "error"))
+    await pilot.pause()

@@ -1,0 +1,159 @@
+"""The chat screen on a real engine (tiny random checkpoint): stream, stop, history, saves."""
+
+from __future__ import annotations
+
+import json
+
+from app_fixtures import *  # noqa: F403
+from app_fixtures import wait_for, wait_ready
+
+from app.conversations import conversations_dir, list_conversations
+from app.screens.chat import ChatScreen
+from app.text import clean
+from app.widgets.chat_message import AssistantMessage
+from app.widgets.heatmap import ExpertHeatmap
+from app.widgets.prompt import PromptInput
+from app.widgets.stats_panel import StatsPanel
+
+
+def reply_source(screen: ChatScreen) -> str:
+    replies = screen.query(AssistantMessage)
+    return replies.last().markdown.source if replies else ""
+
+
+async def test_prompt_streams_reply_and_live_stats(make_app, tmp_path):
+    app = make_app(max_tokens=24)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        assert app.engine_status == "ready"
+        assert "tiny-moe" in str(screen.query_one("#model-status").render())
+        await pilot.press(*"hello experts", "enter")
+        await wait_for(pilot, lambda: len(screen.conversation.messages) == 2)
+        await pilot.pause()
+
+        messages = screen.conversation.messages
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[0]["content"] == "hello experts"
+        reply = messages[1]["content"]
+        assert reply and reply_source(screen) == clean(reply)
+
+        # The engine's own greedy reply to the same message list: the app adds nothing.
+        expected = "".join(c.text for c in app.engine.generate(messages[:1], max_tokens=24))
+        assert reply == expected
+
+        stats = screen.query_one(StatsPanel).state.stats
+        assert stats.generation_tokens == 24 and stats.decode_tps > 0
+        assert stats.hits + stats.misses > 0 and stats.ttft_seconds > 0
+        heat = screen.query_one(ExpertHeatmap).counts
+        assert heat.shape == (2, 8) and heat.sum() > 0
+
+        saved = list_conversations(conversations_dir(tmp_path / "data"))
+        assert len(saved) == 1 and saved[0].messages == messages
+        raw = json.loads(next((tmp_path / "data" / "conversations").glob("*.json")).read_text())
+        assert raw["messages"][0] == {"role": "user", "content": "hello experts"}
+
+
+async def test_stop_keeps_ui_live_and_partial_reply(make_app):
+    app = make_app(max_tokens=4000)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        await pilot.press(*"hello experts", "enter")  # greedy: ~1600 tokens to EOS
+        # Text shows while the worker is still generating: streamed, not at the end.
+        await wait_for(pilot, lambda: len(reply_source(screen)) > 10)
+        assert screen.generating
+        assert screen.query_one("#stop").display and not screen.query_one("#send").display
+        # The UI takes keys meanwhile (Pilot waits for idle after each key, so one key:
+        # a generating worker keeps the process busy).
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not screen.generating)
+        assert "stopped" in str(
+            screen.query(AssistantMessage).last().query_one(".reply-status").render()
+        )
+        stats = screen.query_one(StatsPanel).state.stats
+        assert 0 < stats.generation_tokens < 1000  # greedy would run to ~1600
+        assert screen.conversation.messages[-1]["role"] == "assistant"
+
+
+async def test_history_new_chat_and_reload(make_app):
+    app = make_app(max_tokens=4)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        for prompt in ("first question", "second question"):
+            await pilot.press(*prompt, "enter")
+            await wait_for(pilot, lambda: not screen.generating)
+        first_id = screen.conversation.id
+        box = screen.query_one(PromptInput)
+        await pilot.press(*"draft", "up")
+        assert box.value == "second question"
+        await pilot.press("up", "up")
+        assert box.value == "first question"
+        await pilot.press("down", "down")
+        assert box.value == "draft"
+
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert screen.conversation.messages == [] and not screen.query(AssistantMessage)
+
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: app.screen is not screen)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: screen.conversation.id == first_id)
+        await pilot.pause()
+        assert [m["content"] for m in screen.conversation.messages[::2]] == [
+            "first question",
+            "second question",
+        ]
+        assert len(screen.query(AssistantMessage)) == 2
+        # The reloaded chat continues: the engine gets the whole list.
+        await pilot.press(*"third", "enter")
+        await wait_for(pilot, lambda: not screen.generating)
+        assert len(screen.conversation.messages) == 6
+
+
+async def test_missing_model_is_an_error_panel_and_app_stays_usable(make_app, tmp_path):
+    app = make_app(model=str(tmp_path / "no-such-model"))
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        assert app.engine_status == "error" and app.engine is None
+        panel = screen.query_one("#error-panel")
+        assert panel.display and "no-such-model" in str(panel.render())
+        assert any(n.severity == "error" for n in app._notifications)
+        await pilot.press(*"hello", "enter")
+        assert not screen.generating
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.screen is not screen)
+        await pilot.press("escape")
+        assert app.screen is screen
+
+
+async def test_budget_too_small_at_open(make_app, settings_file, fixed_bytes):
+    from mlx_pager.settings import Settings, save_settings
+
+    save_settings(Settings(budget=str(fixed_bytes - 1), context_length=256), settings_file)
+    app = make_app()
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        assert app.engine_status == "error"
+        assert "below the minimum" in app.engine_error
+        assert "Raise" in str(app.screen.query_one("#error-panel").render())
+
+
+async def test_generation_error_is_shown_and_prompt_restored(make_app):
+    app = make_app()
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        long_prompt = "word " * 400
+        screen.query_one(PromptInput).value = long_prompt
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not screen.generating)
+        assert screen.query_one(PromptInput).value == long_prompt.strip()
+        assert screen.conversation.messages == []
+        assert any("context length" in n.message for n in app._notifications)
+        await pilot.press("ctrl+a", "ctrl+k", *"short", "enter")
+        await wait_for(pilot, lambda: not screen.generating)
+        assert screen.conversation.messages[-1]["role"] == "assistant"
