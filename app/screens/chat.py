@@ -142,18 +142,22 @@ class ChatScreen(Screen):
     def refresh_stats(self) -> None:
         """Read a consistent snapshot on the UI thread; only while something changes."""
         engine = self.app.engine
-        if engine is None or not (self.generating or self._stats_dirty):
+        if not (self.generating or self._stats_dirty):
+            return
+        if engine is None:
+            self._stats_dirty = False
+            self.query_one(StatsPanel).show(None)
+            self.query_one(ExpertHeatmap).update_counts(np.zeros((0, 0), np.int64), "no model open")
             return
         self._stats_dirty = False
         snapshot = engine.stats.snapshot()
         settings = self.app.settings
-        self.query_one(StatsPanel).show(
-            PanelState(snapshot, settings.prefetch, settings.task_preload)
-        )
+        preload = getattr(engine, "preload_status", "off")
+        self.query_one(StatsPanel).show(PanelState(snapshot, settings.prefetch, preload))
         counts = snapshot.expert_counts
         if counts.ndim != 2 or counts.size == 0:
             counts = np.zeros((engine.info.moe_layers, engine.info.experts_per_layer), np.int64)
-        self.query_one(ExpertHeatmap).update_counts(counts)
+        self.query_one(ExpertHeatmap).update_counts(counts, "no routed experts: dense model")
 
     # -- sending and streaming ------------------------------------------------------------
 

@@ -21,8 +21,9 @@ def _row(conversation: Conversation) -> Text:
     when = conversation.updated.replace("T", " ")[:16]
     turns = sum(1 for m in conversation.messages if m["role"] == "user")
     text = Text(conversation.title, style="bold", no_wrap=True, overflow="ellipsis")
-    text.append(f"\n{when} · {model_label(conversation.model) or '?'} · {turns} prompts",
-                style="dim")  # fmt: skip
+    plural = "" if turns == 1 else "s"
+    model = model_label(conversation.model) or "?"
+    text.append(f"\n{when} · {model} · {turns} prompt{plural}", style="dim")
     return text
 
 

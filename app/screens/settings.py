@@ -18,10 +18,10 @@ from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
 from mlx_pager.budget import BudgetPlan
 from mlx_pager.policies import POLICIES
+from mlx_pager.profile import predicted_hit_rate
 from mlx_pager.settings import COLD_PRECISIONS, READ_PATHS, Settings
 from mlx_pager.units import parse_bytes
 
-from ..profile import predicted_hit_rate
 from ..text import model_label, percent, size
 from ..widgets.budget_bar import CORE, EXPERTS, HEADROOM, KV, BudgetBar, Part
 
@@ -79,25 +79,33 @@ class SettingsScreen(Screen):
         yield Header()
         with Horizontal(id="settings-body"):
             with VerticalScroll(id="settings-form"):
-                yield Label("Memory budget (GB, or auto = 60% of memory)", classes="field")
-                yield Input(budget_text(s), id="budget")
-                yield Label("Context length (tokens)", classes="field")
-                yield Input(str(s.context_length), id="context_length", type="integer")
-                yield Label("Cache policy", classes="field")
-                yield Select([(p, p) for p in POLICIES], value=s.policy, allow_blank=False,
-                             id="policy")  # fmt: skip
-                yield Label("Read path", classes="field")
-                yield Select([(READ_PATH_HELP.get(r, r), r) for r in READ_PATHS],
-                             value=s.read_path, allow_blank=False, id="read_path")  # fmt: skip
-                yield Label("Cold expert precision", classes="field")
-                yield Select([(c, c) for c in COLD_PRECISIONS], value=s.cold_precision,
-                             allow_blank=False, id="cold_precision")  # fmt: skip
-                with Horizontal(classes="switch-row"):
+                yield Label("Memory budget: GB, or auto (60% of memory)", classes="hint")
+                with Horizontal(classes="field-row"):
+                    yield Label("Budget")
+                    yield Input(budget_text(s), id="budget")
+                with Horizontal(classes="field-row"):
+                    yield Label("Context (tokens)")
+                    yield Input(str(s.context_length), id="context_length", type="integer")
+                with Horizontal(classes="field-row"):
+                    yield Label("Cache policy")
+                    yield Select([(p, p) for p in POLICIES], value=s.policy, allow_blank=False,
+                                 id="policy")  # fmt: skip
+                with Horizontal(classes="field-row"):
+                    yield Label("Read path")
+                    yield Select([(READ_PATH_HELP.get(r, r), r) for r in READ_PATHS],
+                                 value=s.read_path, allow_blank=False, id="read_path")  # fmt: skip
+                with Horizontal(classes="field-row"):
+                    yield Label("Cold experts")
+                    yield Select([(c, c) for c in COLD_PRECISIONS], value=s.cold_precision,
+                                 allow_blank=False, id="cold_precision")  # fmt: skip
+                with Horizontal(classes="field-row"):
+                    yield Label("Prefetch")
                     yield Switch(s.prefetch, id="prefetch")
-                    yield Label("Prefetch the next layer's experts")
-                with Horizontal(classes="switch-row"):
+                    yield Label("next layer's experts", classes="hint")
+                with Horizontal(classes="field-row"):
+                    yield Label("Task preload")
                     yield Switch(s.task_preload, id="task_preload")
-                    yield Label("Task-aware preloading")
+                    yield Label("experts of the detected task", classes="hint")
                 with Horizontal(id="settings-buttons"):
                     yield Button("Save & apply", id="save", variant="primary")
                     yield Button("Back", id="back")

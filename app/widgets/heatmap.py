@@ -16,7 +16,7 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
-from ..profile import top_share
+from mlx_pager.profile import top_share
 
 # cold -> hot: near background, blue, teal, yellow, red
 STOPS = [(0.0, (38, 42, 54)), (0.25, (45, 80, 170)), (0.5, (30, 160, 150)),
@@ -64,11 +64,11 @@ def layout_for(layers: int, experts: int, width: int) -> tuple[int, int, int]:
     return (1 if layers <= 16 else 2), cell, columns
 
 
-def render_heatmap(counts: np.ndarray, width: int) -> Text:
+def render_heatmap(counts: np.ndarray, width: int, empty: str = "no routed experts") -> Text:
     """The picture, as Rich text ``width`` cells wide (labels included)."""
     layers, experts = counts.shape if counts.ndim == 2 else (0, 0)
     if layers == 0 or experts == 0:
-        return Text("no routed experts in this model", style="dim")
+        return Text(empty, style="dim")
     per_row, cell, columns = layout_for(layers, experts, width)
     grid = levels(counts, columns)
     per_bin = math.ceil(experts / grid.shape[1])
@@ -113,12 +113,16 @@ class ExpertHeatmap(Widget):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.counts = np.zeros((0, 0), np.int64)
+        self.empty_text = "no model open"  # shown when there is no [layers, experts] grid
 
-    def update_counts(self, counts: np.ndarray) -> None:
+    def update_counts(self, counts: np.ndarray, empty_text: str | None = None) -> None:
+        if empty_text is not None and empty_text != self.empty_text:
+            self.empty_text = empty_text
+            self.refresh(layout=True)
         if counts.shape != self.counts.shape or not np.array_equal(counts, self.counts):
             resized = counts.shape != self.counts.shape
             self.counts = counts.copy()
             self.refresh(layout=resized)
 
     def render(self) -> Text:
-        return render_heatmap(self.counts, self.content_size.width)
+        return render_heatmap(self.counts, self.content_size.width, self.empty_text)

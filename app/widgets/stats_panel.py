@@ -21,7 +21,7 @@ class PanelState:
 
     stats: Stats
     prefetch_on: bool = False
-    task_preload_on: bool = False
+    preload: str = "off"  # the engine's preload_status: "on: ..." or "off: why"
 
 
 def memory_parts(stats: Stats) -> list[Part]:
@@ -71,19 +71,25 @@ def panel_renderable(state: PanelState, width: int) -> Group:
     hit = Text(percent(s.hit_rate if lookups else None))
     if lookups:
         hit.append(f" ({s.hits}/{lookups})", style="dim")
+    decode = s.decode_hits + s.decode_misses
+    decode_hit = percent(s.decode_hits / decode) if decode else "—"
+    preload, _, why = state.preload.partition(":")
     prefetch = percent(s.prefetch_precision) if s.prefetch_issued else "—"
     cache = _rows([
         ("hit rate", hit),
+        ("hit rate, decode", decode_hit),
         ("disk / token", megabytes(s.bytes_per_token) if lookups else "—"),
         ("read from disk", size(s.bytes_read) if lookups else "—"),
         ("prefetch accuracy", prefetch if state.prefetch_on else "off"),
-        ("detected task", s.task or ("—" if state.task_preload_on else "off")),
+        ("detected task", s.task or "—"),
+        ("task preload", Text(preload.strip() or "off", style="" if preload == "on" else "dim")),
     ])  # fmt: skip
+    note = Text(f" {why.strip()}", style="dim italic") if why.strip() else Text("")
     bar = Text(" ") + bar_text(parts, s.budget_bytes, width - 1)
     return Group(
         _section("Speed"), speed, Text(""),
         _section("Memory", f"budget {size(s.budget_bytes)}"), bar, memory, Text(""),
-        _section("Experts", f"{s.slots} slots"), cache,
+        _section("Experts", f"{s.slots} slots"), cache, note,
     )  # fmt: skip
 
 
@@ -99,7 +105,7 @@ class StatsPanel(Widget):
         self.state: PanelState | None = None
         self.pinned = False
 
-    def show(self, state: PanelState) -> None:
+    def show(self, state: PanelState | None) -> None:
         if not self.pinned:
             self.state = state
             self.refresh(layout=True)

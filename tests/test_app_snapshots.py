@@ -1,0 +1,127 @@
+"""Snapshots of every screen (pytest-textual-snapshot; Textual pinned in pyproject).
+
+Deterministic by construction: fixed terminal sizes, a fixed machine, the tiny model's
+sizes (which do not depend on its random weights), conversations with fixed timestamps,
+and pinned stats wherever speeds or RSS would show. Update with
+``pytest tests/test_app_snapshots.py --snapshot-update`` and look at the SVGs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from app_fixtures import *  # noqa: F403
+from app_fixtures import wait_ready
+from textual.app import App, ComposeResult
+
+from app.conversations import Conversation, conversations_dir, save_conversation
+from app.widgets.heatmap import ExpertHeatmap
+from app.widgets.stats_panel import PanelState, StatsPanel
+from mlx_pager.stats import Stats
+
+SIZE = (120, 36)
+
+
+def fixed_conversation(n: int = 0) -> Conversation:
+    conversation = Conversation(
+        id=f"20260101-00000{n}-abcdef",
+        model="mlx-community/Qwen3-30B-A3B-4bit",
+        created=f"2026-01-0{n + 1}T09:30:00+00:00",
+        updated=f"2026-01-0{n + 1}T09:45:00+00:00",
+    )
+    conversation.add("user", "Which experts does a mixture-of-experts model use per token?")
+    conversation.add(
+        "assistant",
+        "A **router** picks the *top-k* experts in each layer:\n\n"
+        "- Qwen3-30B-A3B: 8 of 128\n- Mixtral: 2 of 8\n\n```python\nscores.topk(k)\n```",
+    )
+    conversation.updated = f"2026-01-0{n + 1}T09:45:00+00:00"
+    return conversation
+
+
+def fixed_stats() -> Stats:
+    counts = np.array(
+        [[90, 4, 33, 0, 12, 61, 7, 1], [2, 75, 18, 44, 0, 9, 120, 30]], dtype=np.int64
+    )
+    return Stats(
+        budget_bytes=60_000_000, resident_bytes=267_776, cache_bytes=786_432,
+        kv_bytes=131_072, headroom_bytes=50_331_648, slots=16, hits=150, misses=28,
+        decode_hits=120, decode_misses=10, bytes_read=1_376_256, prompt_tokens=21,
+        prompt_tps=584.6, generation_tokens=40, decode_tps=98.5, ttft_seconds=0.12,
+        peak_rss_bytes=341_700_000, expert_counts=counts,
+    )  # fmt: skip
+
+
+async def settle(pilot) -> None:
+    await wait_ready(pilot)
+    pilot.app.clear_notifications()
+    await pilot.pause()
+
+
+def test_chat_empty(snap_compare, make_app):
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=settle)
+
+
+def test_chat_with_reply_and_stats(snap_compare, make_app):
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        screen = pilot.app.screen
+        await screen.load(fixed_conversation())
+        screen.query_one(StatsPanel).pin(PanelState(fixed_stats(), False, "off: no profile"))
+        screen.refresh_stats = lambda: None  # keep the pinned heatmap too
+        screen.query_one(ExpertHeatmap).update_counts(fixed_stats().expert_counts)
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_chat_narrow_hides_panel(snap_compare, make_app):
+    assert snap_compare(make_app(), terminal_size=(80, 24), run_before=settle)
+
+
+def test_chat_model_missing(snap_compare, make_app):
+    def missing(model, settings):
+        raise FileNotFoundError(
+            f"{model} is not in the Hugging Face cache: download it first (F2)."
+        )
+
+    app = make_app(model="mlx-community/Missing-MoE-4bit", open_engine=missing)
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle)
+
+
+def test_saved_chats(snap_compare, make_app, tmp_path):
+    folder = conversations_dir(tmp_path / "data")
+    for n in range(2):
+        save_conversation(fixed_conversation(n), folder)
+
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_settings(snap_compare, make_app):
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("f3")
+        await pilot.pause(0.3)
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+class HeatmapApp(App):
+    """The heatmap alone at a real model's shape: 48 layers x 128 experts (Qwen3-30B)."""
+
+    def compose(self) -> ComposeResult:
+        yield ExpertHeatmap()
+
+    def on_mount(self) -> None:
+        rng = np.random.default_rng(0)
+        skew = rng.zipf(1.6, size=(48, 128)).clip(max=200)
+        self.query_one(ExpertHeatmap).update_counts(skew.astype(np.int64))
+
+
+def test_heatmap_large_model(snap_compare):
+    assert snap_compare(HeatmapApp(), terminal_size=(60, 30))
