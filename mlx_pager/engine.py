@@ -116,6 +116,7 @@ class Engine:
             policy=settings.policy,
             read_path=settings.read_path,
             prefetch=settings.prefetch,
+            cold_precision=settings.cold_precision,
         )
         return cls(paged, name, settings.context_length, settings.task_preload)
 

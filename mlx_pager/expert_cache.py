@@ -47,6 +47,7 @@ class ExpertCache:
         dtypes: dict[str, mx.Dtype],
         stats: Stats,
         staging_bytes: int = 16 * 2**20,
+        projections: dict | None = None,
     ):
         if slots < 1:
             raise ValueError("The expert cache needs at least one slot.")
@@ -58,7 +59,11 @@ class ExpertCache:
         self.dtypes = dtypes
         self.stats = stats
         self.staging_bytes = staging_bytes  # read buffers in flight, part of the headroom
-        self.pools = {p: mx.zeros((slots, *shapes[p]), dtypes[p]) for p in expert_map.params}
+        self.projections = projections or {}  # name -> paged_switch.Projection, for compute
+        self.pools = {
+            name: mx.zeros((slots, *shape), dtype)
+            for name, (shape, dtype) in self.pool_layout().items()
+        }
         mx.eval(list(self.pools.values()))
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_in: list[tuple[int, int] | None] = [None] * slots
@@ -67,9 +72,14 @@ class ExpertCache:
         stats.expert_counts = np.zeros((n_layers, expert_map.num_experts), np.int64)
         self.on_tokens = None  # optional hook(layer, routed ids): trace recording
         self.prefetcher = None  # optional Prefetcher: guessed experts read ahead
+        self.cold = None  # optional LowBitCache: unimportant misses at 4 bits
         self._bytes_at_reset = 0
         self.lock = threading.Lock()  # fetches and background preloads take turns
         self._prefetch_at_reset = (0, 0)
+
+    def pool_layout(self) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
+        """Shape and dtype of one slot of each pool: here, the experts as on disk."""
+        return {p: (self.shapes[p], self.dtypes[p]) for p in self.map.params}
 
     @property
     def slot_bytes(self) -> int:
@@ -109,11 +119,7 @@ class ExpertCache:
         waited = time.perf_counter() - start
         for key in keys:
             self.policy.access(key)
-        with self.stats.lock:
-            self.stats.hits += len(keys) - len(misses)
-            self.stats.misses += len(misses)
-            self.stats.read_seconds += waited
-        self.update_stats()
+        self.count(len(keys) - len(misses), len(misses), waited)
         lut = np.zeros(self.map.num_experts, np.int32)
         for key in keys:
             lut[key[1]] = self.slot_of[key]
@@ -149,6 +155,13 @@ class ExpertCache:
             self.slot_of.clear()
             self.key_in = [None] * self.slots
             self.free = list(range(self.slots - 1, -1, -1))
+
+    def count(self, hits: int, misses: int, waited: float) -> None:
+        with self.stats.lock:
+            self.stats.hits += hits
+            self.stats.misses += misses
+            self.stats.read_seconds += waited
+        self.update_stats()
 
     def update_stats(self) -> None:
         """Copy the reader's and the prefetcher's counters into the shared stats."""
@@ -201,17 +214,20 @@ class ExpertCache:
         read = iter(self.reader.read(demand) if demand else [])
         for key, slot in group:
             buffers = prefetched.get(key) or [next(read) for _ in self.map.params]
-            pieces = self.map.expert_pieces(*key)
-            for param, buf in zip(self.map.params, buffers, strict=True):
-                pool = self.pools[param]
-                pool[slot] = piece_to_mx(buf, pieces[param], self.shapes[param], pool.dtype)
+            self.write(slot, self.map.expert_pieces(*key), buffers)
             self.slot_of[key] = slot
             self.key_in[slot] = key
         # Evaluate now: frees the read buffers, and a later write to a pool still
         # referenced by a pending computation would make MLX copy the whole pool.
         mx.eval(list(self.pools.values()))
 
+    def write(self, slot: int, pieces: dict[str, Piece], buffers: list[np.ndarray]) -> None:
+        """One expert's bytes into its slot of every pool."""
+        for param, buf in zip(self.map.params, buffers, strict=True):
+            pool = self.pools[param]
+            pool[slot] = piece_to_mx(buf, pieces[param], self.shapes[param], pool.dtype)
+
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
-        self.reader.close()
+        self.reader.close()  # shared with the cold cache, if any

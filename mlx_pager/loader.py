@@ -21,6 +21,7 @@ from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from .budget import BudgetPlan, check_budget, plan_budget
 from .checkpoint import index_checkpoint
+from .cold_cache import LowBitCache, cold_eligible, low_bit_layout, slot_bytes
 from .disk import make_reader
 from .expert_cache import ExpertCache
 from .expert_map import ExpertMap, build_expert_map
@@ -31,8 +32,14 @@ from .stats import Stats
 
 # Architectures tested end to end with tiny checkpoints (tests/test_exact.py).
 TESTED_ARCHITECTURES = (
-    "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "gpt_oss", "qwen3_5_moe",
-)  # fmt: skip
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "deepseek_v2",
+    "gpt_oss",
+    "qwen3_5_moe",
+)
 
 # Config keys that announce routed experts, whatever the architecture calls them.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -185,9 +192,13 @@ class ModelLayout:
 
     def plan(self, budget_bytes: int) -> BudgetPlan:
         return plan_budget(
-            budget_bytes, self.resident_bytes, self.kv_bytes, self.expert_bytes,
-            self.moe_layers * self.experts_per_layer, self.top_k,
-        )  # fmt: skip
+            budget_bytes,
+            self.resident_bytes,
+            self.kv_bytes,
+            self.expert_bytes,
+            self.moe_layers * self.experts_per_layer,
+            self.top_k,
+        )
 
 
 def inspect_model(
@@ -230,9 +241,19 @@ def inspect_model(
     )
     one_expert = sum(math.prod(shapes[p]) * pool_dtypes[p].size for p in shapes)
     return ModelLayout(
-        model, config, model_path, switches, expert_map, shapes, pool_dtypes, resident, kv,
-        one_expert, num_experts, routed_top_k(config),
-    )  # fmt: skip
+        model,
+        config,
+        model_path,
+        switches,
+        expert_map,
+        shapes,
+        pool_dtypes,
+        resident,
+        kv,
+        one_expert,
+        num_experts,
+        routed_top_k(config),
+    )
 
 
 def load_paged(
@@ -243,6 +264,7 @@ def load_paged(
     read_path: str = "auto",
     compute_dtype: mx.Dtype | None | str = "auto",
     prefetch: bool = False,
+    cold_precision: str = "full",
 ) -> PagedModel:
     """Open a checkpoint folder under a byte budget; see the module docstring."""
     layout = inspect_model(model_path, context_length, compute_dtype)
@@ -250,12 +272,36 @@ def load_paged(
     model, stats, cache = layout.model, Stats(), None
     if layout.switches:
         reader = make_reader(read_path, layout.expert_map.files())
+        projections = describe_projections(layout.switches[0][1])
+        common = (layout.expert_map, reader)
+        sizes = (layout.shapes, layout.pool_dtypes, stats)
+        slots, cold_slots = plan.slots, 0
+        use_cold = cold_precision == "4bit" and cold_eligible(projections)
+        if use_cold and plan.slots > layout.top_k:
+            # A quarter of the expert bytes buys 4-bit slots for unimportant misses.
+            slots = max(layout.top_k, plan.slots * 3 // 4)
+            cold_layout = low_bit_layout(projections, layout.shapes, layout.pool_dtypes)
+            cold_slots = (plan.slots - slots) * layout.expert_bytes // slot_bytes(cold_layout)
         cache = ExpertCache(
-            layout.expert_map, reader, plan.slots, make_policy(policy), layout.shapes,
-            layout.pool_dtypes, stats, staging_bytes=plan.headroom_bytes // 4,
-        )  # fmt: skip
-        routers = [find_router(_module(model, path.rsplit(".", 1)[0]))
-                   for path, _ in layout.switches]  # fmt: skip
+            *common,
+            slots,
+            make_policy(policy),
+            *sizes,
+            staging_bytes=plan.headroom_bytes // 4,
+            projections=projections,
+        )
+        if cold_slots:
+            cache.cold = LowBitCache(
+                *common,
+                cold_slots,
+                make_policy("lru"),
+                *sizes,
+                staging_bytes=plan.headroom_bytes // 4,
+                source=projections,
+            )
+        routers = [
+            find_router(_module(model, path.rsplit(".", 1)[0])) for path, _ in layout.switches
+        ]
         if prefetch:
             # Guess each token's top-k only: on the bench model a top-1.5k window read 4x
             # the bytes for few extra hits (misses are the unlikely experts, by definition).
@@ -265,7 +311,8 @@ def load_paged(
         # Swap before anything is evaluated: the stacked expert arrays are dropped unread.
         for layer, (path, original) in enumerate(layout.switches):
             next_router = routers[layer + 1] if layer + 1 < len(routers) else None
-            _set_module(model, path, PagedSwitch(original, layer, cache, next_router))
+            paged = PagedSwitch(original, layer, cache, routers[layer], next_router)
+            _set_module(model, path, paged)
     mx.eval(model.parameters())  # the dense core, and nothing else
     mx.set_cache_limit(plan.headroom_bytes // 4)
 
@@ -273,7 +320,8 @@ def load_paged(
     stats.resident_bytes = plan.resident_bytes
     stats.kv_bytes = plan.kv_bytes
     stats.headroom_bytes = plan.headroom_bytes
-    stats.slots = plan.slots if cache else 0
+    stats.slots = cache.slots if cache else 0
+    stats.cold_slots = cache.cold.slots if cache and cache.cold else 0
     stats.cache_bytes = plan.cache_bytes if cache else 0
     tokenizer = load_tokenizer(layout.path, eos_token_ids=layout.config.get("eos_token_id"))
     return PagedModel(model, tokenizer, layout.config, layout.path, plan, cache, stats)

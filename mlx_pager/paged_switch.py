@@ -75,19 +75,22 @@ class PagedSwitch(nn.Module):
         original: nn.Module,
         layer: int,
         cache: ExpertCache,
+        router: nn.Module | None = None,
         next_router: nn.Module | None = None,
     ):
         super().__init__()
         self.glu = isinstance(original, SwitchGLU)
         self.activation = original.activation
         # Plain attributes, not module children: they hold no parameters.
-        object.__setattr__(self, "projections", describe_projections(original))
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "cache", cache)
-        object.__setattr__(self, "next_router", next_router)  # the next MoE layer's, for guesses
+        object.__setattr__(self, "router", router)  # this layer's: router weights
+        object.__setattr__(self, "next_router", next_router)  # the next layer's: guesses
 
-    def _linear(self, name: str, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
-        spec, pools = self.projections[name], self.cache.pools
+    def _linear(
+        self, pool: ExpertCache, name: str, x: mx.array, idx: mx.array, sorted_indices: bool
+    ) -> mx.array:
+        spec, pools = pool.projections[name], pool.pools
         if spec.quantized:
             x = mx.gather_qmm(
                 x,
@@ -112,7 +115,7 @@ class PagedSwitch(nn.Module):
             x = x + mx.expand_dims(pools[f"{name}.bias"][idx], -2)
         return x
 
-    def _compute(self, x: mx.array, indices: mx.array) -> mx.array:
+    def _compute(self, x: mx.array, indices: mx.array, pool: ExpertCache) -> mx.array:
         """mlx-lm's SwitchGLU / SwitchMLP body, with slots in place of experts."""
         x = mx.expand_dims(x, (-2, -3))
         do_sort = indices.size >= 64
@@ -120,35 +123,45 @@ class PagedSwitch(nn.Module):
         if do_sort:
             x, idx, inv_order = _gather_sort(x, indices)
         if self.glu:
-            x_up = self._linear("up_proj", x, idx, do_sort)
-            x_gate = self._linear("gate_proj", x, idx, do_sort)
-            x = self._linear("down_proj", self.activation(x_up, x_gate), idx, do_sort)
+            x_up = self._linear(pool, "up_proj", x, idx, do_sort)
+            x_gate = self._linear(pool, "gate_proj", x, idx, do_sort)
+            x = self._linear(pool, "down_proj", self.activation(x_up, x_gate), idx, do_sort)
         else:
-            x = self._linear("fc1", x, idx, do_sort)
-            x = self._linear("fc2", self.activation(x), idx, do_sort)
+            x = self._linear(pool, "fc1", x, idx, do_sort)
+            x = self._linear(pool, "fc2", self.activation(x), idx, do_sort)
         if do_sort:
             x = _scatter_unsort(x, inv_order, indices.shape)
         return x.squeeze(-2)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        cache, prefetcher = self.cache, self.cache.prefetcher
-        guess = None
+        cache, prefetcher, cold = self.cache, self.cache.prefetcher, self.cache.cold
+        # One host sync for this layer's choices, the next layer's guess and the weights:
+        # the pager must know the experts before it computes them.
+        wanted = {"indices": indices}
         if prefetcher is not None and self.next_router is not None:
-            scores = router_scores(self.next_router, x)
-            mx.eval(indices, scores)  # one sync for this layer's choices and the guess
-            guess = prefetcher.predict(np.array(scores.astype(mx.float32)))
-        routed = np.array(indices)  # host sync: the pager must know the experts first
+            wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
+        if cold is not None and self.router is not None:
+            wanted["probs"] = mx.softmax(router_scores(self.router, x).astype(mx.float32), -1)
+        mx.eval(wanted)
+        routed = np.array(indices)
+        guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
         experts, counts = np.unique(flat, return_counts=True)
         cache.record_activations(self.layer, experts, counts)
         if cache.on_tokens is not None:
             cache.on_tokens(self.layer, routed)
-        rounds = cache.plan_rounds(self.layer, experts)
-        if len(rounds) == 1:
-            lut = cache.fetch(self.layer, rounds[0])
-            y = self._compute(x, mx.array(lut[routed]))
+        low = np.zeros(0, experts.dtype)
+        if "probs" in wanted:
+            low = self._unimportant_misses(routed, experts, np.array(wanted["probs"]))
+            experts = np.setdiff1d(experts, low)
+        plan = [(cache, r) for r in cache.plan_rounds(self.layer, experts)]
+        if low.size:
+            plan += [(cold, r) for r in cold.plan_rounds(self.layer, low)]
+        if len(plan) == 1:
+            lut = cache.fetch(self.layer, plan[0][1])
+            y = self._compute(x, mx.array(lut[routed]), cache)
         else:
-            y = self._compute_in_rounds(x, routed, rounds)
+            y = self._compute_in_rounds(x, routed, plan)
         if prefetcher is not None:
             prefetcher.finish(self.layer, routed)
             if guess is not None:  # read while this layer computes
@@ -156,16 +169,33 @@ class PagedSwitch(nn.Module):
             cache.update_stats()
         return y
 
-    def _compute_in_rounds(self, x: mx.array, routed: np.ndarray, rounds) -> mx.array:
+    def _unimportant_misses(
+        self, routed: np.ndarray, experts: np.ndarray, probs: np.ndarray
+    ) -> np.ndarray:
+        """Experts not resident at full precision whose normalised router weight is below
+        half an even share for every token routed to them: HOBBIT's "less important"."""
+        k = routed.shape[-1]
+        weights = np.take_along_axis(probs.reshape(-1, probs.shape[-1]),
+                                     routed.reshape(-1, k), -1)  # fmt: skip
+        weights /= weights.sum(-1, keepdims=True)
+        top = np.zeros(probs.shape[-1])
+        np.maximum.at(top, routed.reshape(-1), weights.reshape(-1))
+        low = top[experts] < 0.5 / k
+        resident = np.array([self.cache.resident(self.layer, int(e)) for e in experts])
+        return experts[low & ~resident]
+
+    def _compute_in_rounds(self, x: mx.array, routed: np.ndarray, plan) -> mx.array:
+        """Each (cache, experts) round computes exactly the pairs routed to its experts."""
         k = routed.shape[-1]
         flat = routed.reshape(-1)
         rows = x.reshape(-1, x.shape[-1])
         outputs, order = [], []
-        for group in rounds:
-            lut = self.cache.fetch(self.layer, group)
+        for pool, group in plan:
+            lut = pool.fetch(self.layer, group)
             pairs = np.flatnonzero(np.isin(flat, group))
             pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]
-            y = self._compute(rows[mx.array(pairs // k)], mx.array(lut[flat[pairs]][:, None]))
+            slots = mx.array(lut[flat[pairs]][:, None])
+            y = self._compute(rows[mx.array(pairs // k)], slots, pool)
             y = y[:, 0, :]
             mx.eval(y)  # before the next round overwrites slots this one reads
             outputs.append(y)

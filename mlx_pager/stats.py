@@ -34,6 +34,9 @@ class Stats:
     decode_hits: int = 0  # after the prompt: what the cache does token by token
     decode_misses: int = 0
     preloaded: int = 0  # experts loaded ahead for the detected task
+    cold_slots: int = 0  # 4-bit slots for unimportant misses (cold_precision = "4bit")
+    cold_hits: int = 0
+    cold_misses: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0  # time the forward pass waited on expert reads
     prefetch_issued: int = 0  # experts read ahead on a guess
@@ -75,6 +78,7 @@ class Stats:
         with self.lock:
             self.hits = self.misses = self.bytes_read = 0
             self.decode_hits = self.decode_misses = self.preloaded = 0
+            self.cold_hits = self.cold_misses = 0
             self.read_seconds = 0.0
             self.prefetch_issued = self.prefetch_used = 0
             self.prefetch_recall = self.prediction_precision = 0.0
