@@ -10,6 +10,7 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
+from textual.screen import ModalScreen
 
 from mlx_pager.settings import Settings, data_dir, load_settings, save_settings
 
@@ -181,14 +182,20 @@ class PagerApp(App[int]):
 
     # -- navigation -----------------------------------------------------------------------
 
+    def _switch_to(self, screen_type: type) -> None:
+        """Show a top-level screen once: pop back to the chat first, never stack copies."""
+        if isinstance(self.screen, screen_type) or isinstance(self.screen, ModalScreen):
+            return
+        while len(self.screen_stack) > 1:
+            self.pop_screen()
+        self.push_screen(screen_type())
+
     def action_show_models(self) -> None:
         from .screens.models import ModelsScreen
 
-        if not isinstance(self.screen, ModelsScreen):
-            self.push_screen(ModelsScreen())
+        self._switch_to(ModelsScreen)
 
     def action_show_settings(self) -> None:
         from .screens.settings import SettingsScreen
 
-        if not isinstance(self.screen, SettingsScreen):
-            self.push_screen(SettingsScreen())
+        self._switch_to(SettingsScreen)

@@ -162,18 +162,18 @@ class ChatScreen(Screen):
     # -- sending and streaming ------------------------------------------------------------
 
     @on(PromptInput.Submitted)
-    def _submitted(self) -> None:
-        self.action_send()
+    async def _submitted(self) -> None:
+        await self.action_send()
 
     @on(Button.Pressed, "#send")
-    def _send_pressed(self) -> None:
-        self.action_send()
+    async def _send_pressed(self) -> None:
+        await self.action_send()
 
     @on(Button.Pressed, "#stop")
     def _stop_pressed(self) -> None:
         self.action_stop()
 
-    def action_send(self) -> None:
+    async def action_send(self) -> None:
         prompt_box = self.query_one(PromptInput)
         prompt = prompt_box.value.strip()
         if not prompt:
@@ -192,19 +192,19 @@ class ChatScreen(Screen):
         prompt_box.value = ""
         self.conversation.model = self.app.model_name
         self.conversation.add("user", prompt)
-        self._start_reply(engine, prompt)
+        await self._start_reply(engine, prompt)
 
-    def _start_reply(self, engine: object, prompt: str) -> None:
+    async def _start_reply(self, engine: object, prompt: str) -> None:
+        self.generating = True  # before any await: a second Enter must not start another
         messages = self.query_one("#messages", VerticalScroll)
         self._remove_welcome()
         reply = AssistantMessage(model=model_label(self.app.model_name))
-        messages.mount(UserMessage(prompt))
-        messages.mount(reply)
+        await messages.mount_all([UserMessage(prompt), reply])
+        reply.set_status("reading the prompt…")
         messages.scroll_end(animate=False)
         self._reply, self._reply_text = reply, ""
         self._buffer = ReplyBuffer()
         self._stream = None
-        self.generating = True
         self._generate(engine, [dict(m) for m in self.conversation.messages])
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
@@ -231,6 +231,7 @@ class ChatScreen(Screen):
         if self._reply is None or not text:
             return
         if self._stream is None:
+            self._reply.set_status("")
             self._stream = Markdown.get_stream(self._reply.markdown)
         self._reply_text += text
         await self._stream.write(clean(text))
