@@ -18,7 +18,20 @@ from app_fixtures import *  # noqa: F403
 
 from mlx_pager.settings import Settings, save_settings
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+def _has_hub() -> bool:
+    try:
+        import mlx_pager.hub  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
+    # TEMP: Engine.open resolves models through the download layer's mlx_pager.hub.
+    pytest.mark.skipif(not _has_hub(), reason="mlx_pager.hub (download layer) not in yet"),
+]
 
 SCRIPT = Path(sys.executable).parent / "mlx-pager"
 
@@ -49,8 +62,7 @@ class Tmux:
             if predicate(text):
                 return text
             if time.monotonic() > deadline:
-                size = self._tmux("display", "-p", "-t", "smoke", "#{window_width}x#{window_height}")
-                raise AssertionError(f"timed out; the terminal ({size.strip()}) shows:\n{text}")
+                raise AssertionError(f"timed out; the terminal shows:\n{text}")
             time.sleep(0.1)
 
     def kill(self) -> None:
@@ -63,8 +75,9 @@ def test_mlx_pager_in_tmux(tiny_model, tmp_path):
     save_settings(Settings(budget="60MB", context_length=256, last_model=str(tiny_model)),
                   config / "settings.toml")  # fmt: skip
     command = (
-        f"env -u COLUMNS -u LINES MLX_PAGER_CONFIG_DIR={config} MLX_PAGER_DATA_DIR={data} TERM=xterm-256color "
-        f"{SCRIPT}; echo $? > {exit_file}; sleep 30"
+        # pytest exports COLUMNS/LINES (80x24); the app must see the tmux window's size.
+        f"env -u COLUMNS -u LINES MLX_PAGER_CONFIG_DIR={config} MLX_PAGER_DATA_DIR={data} "
+        f"TERM=xterm-256color {SCRIPT}; echo $? > {exit_file}; sleep 30"
     )
     tmux = Tmux(command)
     try:
