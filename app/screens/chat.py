@@ -11,6 +11,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 from textual.worker import get_current_worker
@@ -87,6 +88,7 @@ class ChatScreen(Screen):
         self._reply_text = ""
         self._buffer = ReplyBuffer()
         self._stats_dirty = True
+        self._prepare_timer: Timer | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -158,6 +160,39 @@ class ChatScreen(Screen):
         if counts.ndim != 2 or counts.size == 0:
             counts = np.zeros((engine.info.moe_layers, engine.info.experts_per_layer), np.int64)
         self.query_one(ExpertHeatmap).update_counts(counts, "no routed experts: dense model")
+
+    # -- task detection while typing -----------------------------------------------------
+
+    @on(PromptInput.Changed)
+    def _draft_changed(self, event: PromptInput.Changed) -> None:
+        """Tell the engine the task early, so its hot experts preload while the user types."""
+        if self._prepare_timer is not None:
+            self._prepare_timer.stop()
+        if len(event.value.strip()) >= 16:
+            self._prepare_timer = self.set_timer(0.8, self._prepare_draft)
+
+    def _prepare_draft(self) -> None:
+        engine, draft = self.app.engine, self.query_one(PromptInput).value.strip()
+        if engine is None or self.generating or not hasattr(engine, "prepare") or not draft:
+            return
+        messages = [*self.conversation.messages, {"role": "user", "content": draft}]
+        self._prepare(engine, messages)
+
+    @work(thread=True, exclusive=True, group="prepare", exit_on_error=False)
+    def _prepare(self, engine: object, messages: list[dict[str, str]]) -> None:
+        if not self.app.engine_lock.acquire(blocking=False):
+            return  # generating or reopening: generate() prepares for itself
+        try:
+            engine.prepare(messages)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a guess that failed costs nothing
+            return
+        finally:
+            self.app.engine_lock.release()
+        self.app.call_from_thread(self._mark_stats_dirty)
+
+    def _mark_stats_dirty(self) -> None:
+        self._stats_dirty = True
+        self.refresh_stats()
 
     # -- sending and streaming ------------------------------------------------------------
 
