@@ -99,7 +99,12 @@ class PreadReader(Reader):
         buf = np.empty(piece.nbytes, np.uint8)
         view, done = memoryview(buf), 0
         while done < piece.nbytes:
-            n = os.preadv(fd, [view[done:]], piece.offset + done)
+            if hasattr(os, "preadv"):  # straight into the buffer
+                n = os.preadv(fd, [view[done:]], piece.offset + done)
+            else:  # some macOS Python builds lack preadv
+                chunk = os.pread(fd, piece.nbytes - done, piece.offset + done)
+                n = len(chunk)
+                view[done : done + n] = chunk
             if n == 0:
                 raise OSError(
                     f"{piece.path} ended early at byte {piece.offset + done}: the file changed "
