@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from textual import work
-from textual.app import App
+from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.reactive import reactive
-from textual.screen import ModalScreen
+from textual.screen import ModalScreen, Screen
 
 from mlx_pager.settings import Settings, data_dir, load_settings, save_settings
 
@@ -179,6 +180,13 @@ class PagerApp(App[int]):
         if self.engine is None or any(getattr(old, f) != getattr(new, f) for f in ENGINE_FIELDS):
             self.open_model(self.model_name or None, remember=False)
         return True
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette (Ctrl+P) offers the app's own places first."""
+        yield SystemCommand("Models", "Download or open a model (F2)", self.action_show_models)
+        yield SystemCommand("Settings", "Memory budget, cache policy, context (F3)",
+                            self.action_show_settings)  # fmt: skip
+        yield from super().get_system_commands(screen)
 
     # -- navigation -----------------------------------------------------------------------
 
