@@ -199,9 +199,16 @@ class PagerApp(App[int]):
         self.push_screen(screen_type())
 
     def action_show_models(self) -> None:
+        """One models screen for the app's life: a download goes on while the user chats."""
         from .screens.models import ModelsScreen
 
-        self._switch_to(ModelsScreen)
+        if isinstance(self.screen, ModelsScreen | ModalScreen):
+            return
+        if not self.is_screen_installed("models"):
+            self.install_screen(ModelsScreen(), "models")
+        while len(self.screen_stack) > 1:
+            self.pop_screen()
+        self.push_screen("models")
 
     def action_show_settings(self) -> None:
         from .screens.settings import SettingsScreen

@@ -1,17 +1,306 @@
-"""Models: placeholder until the download layer lands."""
+"""Models: the curated catalogue and what is already downloaded, each with its verdict
+for the current budget; download with progress, cancel and resume; open in the chat.
+
+Everything that touches the network or the disk runs on a worker; the download layer
+(``mlx_pager.download`` / ``mlx_pager.hub``) is reached through ``app.downloads``.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+
+from rich.text import Text
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    ProgressBar,
+    Static,
+)
+
+from .. import downloads
+from ..messages import DownloadFinished, DownloadProgress
+from ..text import size
+
+VERDICT_STYLE = {"fits": "green", "paged": "yellow", "too_large": "red"}
+VERDICT_WORD = {"fits": "fits fully", "paged": "runs paged", "too_large": "too large"}
 
 
 class ModelsScreen(Screen):
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
+    """Installed once by the app, so a download goes on while the user chats."""
+
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("ctrl+d", "download", "Download"),
+        Binding("ctrl+x", "cancel", "Cancel download"),
+        Binding("ctrl+o", "open", "Open in chat"),
+        Binding("ctrl+r", "refresh", "Refresh"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, downloads.ModelRow] = {}
+        self.selected: str | None = None
+        self.estimates: dict[str, downloads.Estimate] = {}
+        self.downloading: str | None = None
+        self._cancel = threading.Event()
+        self._progress_at = 0.0
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("models")
+        with Horizontal(id="models-body"):
+            with Vertical(id="models-left"):
+                yield Label("Models  (✓ downloaded)", classes="panel-title")
+                yield DataTable(id="model-table", cursor_type="row", zebra_stripes=True)
+                with Horizontal(id="hub-row"):
+                    yield Input(placeholder="any Hub id, e.g. org/model-4bit", id="repo-id")
+                    yield Button("Check", id="check")
+            with VerticalScroll(id="models-right"):
+                yield Static(id="model-detail")
+                yield ProgressBar(id="download-bar", show_eta=False)
+                yield Label("", id="download-status")
+                with Horizontal(id="model-actions"):
+                    yield Button("Download", id="download", variant="primary")
+                    yield Button("Cancel", id="cancel", variant="error")
+                    yield Button("Open in chat", id="open", variant="success")
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "models"
+        table = self.query_one(DataTable)
+        table.add_columns("", "Model", "Size", "Your budget")
+        self.action_refresh()
+
+    def on_screen_resume(self) -> None:
+        self.estimates.clear()  # the budget may have changed in the settings
+        self.action_refresh()
+
+    # -- the list ---------------------------------------------------------------------
+
+    def action_refresh(self) -> None:
+        self._load_rows()
+
+    @work(thread=True, exclusive=True, group="rows", exit_on_error=False)
+    def _load_rows(self) -> None:
+        try:
+            rows = downloads.list_models(self.app.config)
+        except Exception as e:  # noqa: BLE001 - shown, the screen stays usable
+            self.app.call_from_thread(self._rows_failed, str(e) or type(e).__name__)
+            return
+        self.app.call_from_thread(self._show_rows, rows)
+
+    def _rows_failed(self, error: str) -> None:
+        self.notify(error, title="Could not list models", severity="error", timeout=10)
+
+    def _show_rows(self, rows: list[downloads.ModelRow]) -> None:
+        for row in self.rows.values():  # keep ids the user typed in
+            if row.custom and row.repo_id not in {r.repo_id for r in rows}:
+                rows.append(row)
+        self.rows = {r.repo_id: r for r in rows}
+        table = self.query_one(DataTable)
+        table.clear()
+        for row in rows:
+            table.add_row(*self._cells(row), key=row.repo_id)
+        if self.selected in self.rows:
+            table.move_cursor(row=table.get_row_index(self.selected))
+        elif rows:
+            self._select(rows[0].repo_id)
+        self._update_detail()
+
+    def _cells(self, row: downloads.ModelRow) -> tuple:
+        estimate = self.estimates.get(row.repo_id)
+        verdict = Text("…", style="dim")
+        if estimate is not None and estimate.verdict:
+            verdict = Text(VERDICT_WORD.get(estimate.verdict, estimate.verdict),
+                           style=VERDICT_STYLE.get(estimate.verdict, ""))  # fmt: skip
+            if estimate.tokens_per_second:
+                verdict.append(f" ~{estimate.tokens_per_second:.0f} tok/s", style="dim")
+        elif estimate is not None and estimate.error:
+            verdict = Text("?", style="red")
+        mark = "✓" if row.cached else ("◐" if row.partial else "")
+        size_text = size(row.size_bytes) if row.size_bytes else "?"
+        return (mark, row.label, size_text, verdict)
+
+    def _refresh_row(self, repo_id: str) -> None:
+        table = self.query_one(DataTable)
+        if repo_id not in self.rows:
+            return
+        cells = self._cells(self.rows[repo_id])
+        for column, value in zip(table.columns, cells, strict=False):
+            table.update_cell(repo_id, column, value)
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value is not None:
+            self._select(event.row_key.value)
+
+    @on(DataTable.RowSelected)
+    def _row_chosen(self, event: DataTable.RowSelected) -> None:
+        row = self.rows.get(event.row_key.value or "")
+        if row is not None and row.cached:
+            self.action_open()
+        else:
+            self.action_download()
+
+    def _select(self, repo_id: str) -> None:
+        self.selected = repo_id
+        self._update_detail()
+        if repo_id not in self.estimates:
+            self._estimate(repo_id)
+
+    @on(Input.Submitted, "#repo-id")
+    @on(Button.Pressed, "#check")
+    def _check_typed(self) -> None:
+        repo_id = self.query_one("#repo-id", Input).value.strip()
+        problem = downloads.check_repo_id(repo_id)
+        if problem:
+            self.notify(problem, severity="warning")
+            return
+        if repo_id not in self.rows:
+            self.rows[repo_id] = downloads.ModelRow(repo_id=repo_id, label=repo_id, custom=True)
+            self.query_one(DataTable).add_row(*self._cells(self.rows[repo_id]), key=repo_id)
+        table = self.query_one(DataTable)
+        table.move_cursor(row=table.get_row_index(repo_id))
+        self.estimates.pop(repo_id, None)
+        self._select(repo_id)
+
+    # -- size, free disk and verdict (worker) -------------------------------------------
+
+    @work(thread=True, group="estimate", exit_on_error=False)
+    def _estimate(self, repo_id: str) -> None:
+        row = self.rows.get(repo_id)
+        estimate = downloads.estimate(self.app.config, self.app.settings, repo_id, row)
+        self.app.call_from_thread(self._estimate_ready, repo_id, estimate)
+
+    def _estimate_ready(self, repo_id: str, estimate: downloads.Estimate) -> None:
+        self.estimates[repo_id] = estimate
+        row = self.rows.get(repo_id)
+        if row is not None and estimate.size_bytes and not row.size_bytes:
+            row.size_bytes = estimate.size_bytes
+        self._refresh_row(repo_id)
+        if repo_id == self.selected:
+            self._update_detail()
+
+    # -- the detail panel ---------------------------------------------------------------
+
+    def _update_detail(self) -> None:
+        detail = self.query_one("#model-detail", Static)
+        row = self.rows.get(self.selected or "")
+        busy = self.downloading is not None
+        self.query_one("#download", Button).disabled = busy or row is None or row.cached
+        self.query_one("#cancel", Button).display = busy
+        self.query_one("#open", Button).disabled = row is None or not row.cached
+        self.set_class(busy, "-downloading")
+        if row is None:
+            detail.update(Text("Pick a model, or type any Hub id below.", style="dim"))
+            return
+        detail.update(downloads.describe(row, self.estimates.get(row.repo_id)))
+
+    # -- downloading --------------------------------------------------------------------
+
+    def action_download(self) -> None:
+        row = self.rows.get(self.selected or "")
+        if row is None:
+            return
+        if self.downloading is not None:
+            self.notify(f"Already downloading {self.downloading}.", severity="warning")
+            return
+        if row.cached:
+            self.notify(f"{row.repo_id} is already here: Ctrl+O opens it.")
+            return
+        estimate = self.estimates.get(row.repo_id)
+        if estimate is not None and estimate.error and not estimate.size_bytes:
+            self.notify(estimate.error, title="Cannot download", severity="error", timeout=10)
+            return
+        if estimate is not None and estimate.disk_problem:
+            self.notify(estimate.disk_problem, title="Not enough disk", severity="error",
+                        timeout=12)  # fmt: skip
+            return
+        self.downloading = row.repo_id
+        self._cancel = threading.Event()
+        bar = self.query_one("#download-bar", ProgressBar)
+        bar.update(total=estimate.remaining_bytes or None if estimate else None, progress=0)
+        self.query_one("#download-status", Label).update(f"Starting {row.repo_id}…")
+        self._update_detail()
+        self._download(row.repo_id, self._cancel)
+
+    @work(thread=True, exclusive=True, group="download", exit_on_error=False)
+    def _download(self, repo_id: str, cancel: threading.Event) -> None:
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - self._progress_at >= 0.1 or (total and done >= total):
+                self._progress_at = now
+                self.post_message(DownloadProgress(done, total))
+
+        try:
+            downloads.download(self.app.config, repo_id, progress, cancel)
+        except downloads.Cancelled:
+            self.post_message(DownloadFinished(repo_id, "cancelled"))
+        except Exception as e:  # noqa: BLE001 - network, disk: the message says which
+            self.post_message(DownloadFinished(repo_id, "failed", str(e) or type(e).__name__))
+        else:
+            status = "cancelled" if cancel.is_set() else "done"
+            self.post_message(DownloadFinished(repo_id, status))
+
+    def on_download_progress(self, message: DownloadProgress) -> None:
+        bar = self.query_one("#download-bar", ProgressBar)
+        bar.update(total=message.total_bytes or None, progress=message.done_bytes)
+        total = f" / {size(message.total_bytes)}" if message.total_bytes else ""
+        self.query_one("#download-status", Label).update(
+            f"{self.downloading}: {size(message.done_bytes)}{total}"
+        )
+
+    def on_download_finished(self, message: DownloadFinished) -> None:
+        self.downloading = None
+        status = self.query_one("#download-status", Label)
+        status.set_class(message.status == "failed", "-error")
+        if message.status == "done":
+            status.update(f"Downloaded {message.repo_id}.")
+            self.app.notify(f"{message.repo_id} is ready: Ctrl+O opens it in the chat.",
+                            title="Download complete")  # fmt: skip
+        elif message.status == "cancelled":
+            status.update(f"Cancelled {message.repo_id}: Download resumes where it stopped.")
+            self.app.notify("Download again to resume where it stopped.",
+                            title=f"Cancelled {message.repo_id}")  # fmt: skip
+        else:
+            status.update(f"Failed: {message.error}")
+            self.app.notify(message.error, title=f"Download of {message.repo_id} failed",
+                            severity="error", timeout=15)  # fmt: skip
+        self.estimates.pop(message.repo_id, None)
+        self.action_refresh()
+
+    def action_cancel(self) -> None:
+        if self.downloading is not None:
+            self._cancel.set()
+            self.query_one("#download-status", Label).update("Cancelling…")
+
+    @on(Button.Pressed, "#download")
+    def _download_pressed(self) -> None:
+        self.action_download()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel()
+
+    # -- opening ------------------------------------------------------------------------
+
+    @on(Button.Pressed, "#open")
+    def action_open(self) -> None:
+        row = self.rows.get(self.selected or "")
+        if row is None or not row.cached:
+            self.notify("Download it first (Ctrl+D).", severity="warning")
+            return
+        self.app.open_model(row.open_name)
+        self.app.pop_screen()
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
