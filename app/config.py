@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,4 +43,5 @@ class AppConfig:
     hub_endpoint: str | None = None  # None: huggingface.co (tests: the local Hub server)
     hub_cache_dir: Path | None = None  # None: the default Hugging Face cache
     catalogue_path: Path | None = None  # None: assets/catalogue.json
+    disk_free: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free
     extra: dict = field(default_factory=dict)

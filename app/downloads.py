@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,7 +166,7 @@ def estimate(config, settings: Settings, repo_id: str, row: ModelRow | None) -> 
     probe = root if root.exists() else root.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    result.free_bytes = shutil.disk_usage(probe).free
+    result.free_bytes = config.disk_free(probe)
     if row is not None and row.cached and row.path is not None:
         result.size_bytes = row.size_bytes
         _local_verdict(result, row.path, budget, settings.context_length)

@@ -92,3 +92,23 @@ async def wait_for(pilot, predicate: Callable[[], object], timeout: float = 20.0
 async def wait_ready(pilot) -> None:
     await wait_for(pilot, lambda: pilot.app.engine_status in ("ready", "error"))
     await pilot.pause()
+
+
+def hf_cache_with(src: Path, cache: Path, repo: str) -> Path:
+    """Lay a checkpoint out as huggingface_hub does: blobs, refs, snapshot symlinks."""
+    import hashlib
+    import os
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    snapshot = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    for file in sorted(src.iterdir()):
+        blob = root / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
