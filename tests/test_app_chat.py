@@ -157,3 +157,17 @@ async def test_generation_error_is_shown_and_prompt_restored(make_app):
         await pilot.press("ctrl+a", "ctrl+k", *"short", "enter")
         await wait_for(pilot, lambda: not screen.generating)
         assert screen.conversation.messages[-1]["role"] == "assistant"
+
+
+async def test_quit_while_generating_exits_and_closes(make_app):
+    app = make_app(max_tokens=4000)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        engine = app.engine
+        await pilot.press(*"hello experts", "enter")
+        await wait_for(pilot, lambda: len(reply_source(screen)) > 10)
+        await pilot.press("ctrl+q")
+    app.shutdown_engine(timeout=10)
+    assert app.engine is None and engine._stop.is_set()
+    assert engine.stats.generation_tokens < 1000

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from app_fixtures import *  # noqa: F403
-from app_fixtures import wait_ready
+from app_fixtures import wait_for, wait_ready
 from textual.app import App, ComposeResult
 
 from app.conversations import Conversation, conversations_dir, save_conversation
@@ -109,6 +109,39 @@ def test_settings(snap_compare, make_app):
         await pilot.pause()
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_models(snap_compare, make_app, tiny_model, tmp_path):
+    import json
+
+    from app_fixtures import hf_cache_with
+
+    from app.screens.models import ModelsScreen
+
+    cache = tmp_path / "hf"
+    hf_cache_with(tiny_model, cache, "test/tiny-moe")
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(json.dumps({"models": [
+        {"repo_id": "test/tiny-moe", "name": "Tiny MoE", "description": "2 layers x 8 experts"},
+        {"repo_id": "mlx-community/Qwen3-30B-A3B-4bit", "name": "Qwen3-30B-A3B 4-bit",
+         "size_bytes": 17_190_000_000},
+    ]}))  # fmt: skip
+    app = make_app(
+        hub_cache_dir=cache,
+        catalogue_path=catalogue,
+        hub_endpoint="http://127.0.0.1:9",
+        disk_free=lambda path: 50 * 10**9,
+    )
+
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("f2")
+        screen = pilot.app.screen
+        assert isinstance(screen, ModelsScreen)
+        await wait_for(pilot, lambda: "test/tiny-moe" in screen.estimates)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
 class HeatmapApp(App):
