@@ -71,6 +71,7 @@ class Prefetcher:
                 break
             budget -= size
             pieces = list(self.map.expert_pieces(*key).values())
+            self.reader.announce(pieces)  # MADV_WILLNEED / POSIX_FADV_WILLNEED
             with self.lock:
                 self.pending[key] = self.pool.submit(self._read, pieces)
                 self.issued += 1
