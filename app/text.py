@@ -41,3 +41,11 @@ def model_label(name: str) -> str:
     if "/" in name and not name.startswith(("/", ".", "~")) and name.count("/") == 1:
         return name
     return name.rstrip("/").rsplit("/", 1)[-1] or name
+
+
+def heading_colour(widget: object) -> str:
+    """The theme's accent text colour, for headings drawn with Rich (no CSS variables)."""
+    try:
+        return widget.app.get_css_variables().get("text-accent", "#FFBE98")  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not mounted yet
+        return "#FFBE98"

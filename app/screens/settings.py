@@ -22,7 +22,7 @@ from mlx_pager.profile import predicted_hit_rate
 from mlx_pager.settings import COLD_PRECISIONS, READ_PATHS, Settings
 from mlx_pager.units import parse_bytes
 
-from ..text import model_label, percent, size
+from ..text import heading_colour, model_label, percent, size
 from ..widgets.budget_bar import CORE, EXPERTS, HEADROOM, KV, BudgetBar, Part
 
 READ_PATH_HELP = {"auto": "auto (pread)", "pread": "pread (fastest cold reads)",
@@ -128,7 +128,7 @@ class SettingsScreen(Screen):
     def _show_machine(self) -> None:
         m = self.app.config.machine()
         text = Text()
-        text.append("This machine\n", style="bold #7aa2f7")
+        text.append("This machine\n", style=f"bold {heading_colour(self)}")
         text.append(f" total memory      {size(m.total_bytes)}\n")
         text.append(f" available now     {size(m.available_bytes)}\n")
         gpu = size(m.gpu_limit_bytes) if m.gpu_limit_bytes else "— (no Metal GPU)"

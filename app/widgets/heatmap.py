@@ -98,8 +98,8 @@ def render_heatmap(counts: np.ndarray, width: int, empty: str = "no routed exper
         text.append(f"{'':>{GUTTER}}no activations yet", style="dim")
     else:
         share = top_share(counts, 0.10) or 0.0
-        text.append(f"{'':>{GUTTER}}{total:,} activations\n{'':>{GUTTER}}", style="dim")
-        text.append(f"top 10% of experts: {share:.0%} of them", style="dim")
+        text.append(f"{'':>{GUTTER}}{total:,} activations · top 10% of experts: {share:.0%}",
+                    style="dim")  # fmt: skip
     return text
 
 

@@ -11,7 +11,7 @@ from textual.widget import Widget
 
 from mlx_pager.stats import Stats
 
-from ..text import megabytes, percent, rate, seconds, size
+from ..text import heading_colour, megabytes, percent, rate, seconds, size
 from .budget_bar import CORE, EXPERTS, HEADROOM, KV, Part, bar_text
 
 
@@ -33,11 +33,11 @@ def memory_parts(stats: Stats) -> list[Part]:
     ]
 
 
-def _section(title: str, right: str = "") -> Table:
+def _section(title: str, right: str = "", colour: str = "#FFBE98") -> Table:
     table = Table.grid(expand=True)
     table.add_column(no_wrap=True)
     table.add_column(justify="right", no_wrap=True)
-    table.add_row(Text(title, style="bold #7aa2f7"), Text(right, style="dim"))
+    table.add_row(Text(title, style=f"bold {colour}"), Text(right, style="dim"))
     return table
 
 
@@ -50,7 +50,7 @@ def _rows(rows: list[tuple[str, str | Text]]) -> Table:
     return table
 
 
-def panel_renderable(state: PanelState, width: int) -> Group:
+def panel_renderable(state: PanelState, width: int, colour: str = "#FFBE98") -> Group:
     s = state.stats
     speed = _rows([
         ("prompt", rate(s.prompt_tps)),
@@ -87,9 +87,9 @@ def panel_renderable(state: PanelState, width: int) -> Group:
     note = Text(f" {why.strip()}", style="dim italic") if why.strip() else Text("")
     bar = Text(" ") + bar_text(parts, s.budget_bytes, width - 1)
     return Group(
-        _section("Speed"), speed, Text(""),
-        _section("Memory", f"budget {size(s.budget_bytes)}"), bar, memory, Text(""),
-        _section("Experts", f"{s.slots} slots"), cache, note,
+        _section("Speed", "", colour), speed, Text(""),
+        _section("Memory", f"budget {size(s.budget_bytes)}", colour), bar, memory, Text(""),
+        _section("Experts", f"{s.slots} slots", colour), cache, note,
     )  # fmt: skip
 
 
@@ -117,4 +117,4 @@ class StatsPanel(Widget):
     def render(self) -> Group | Text:
         if self.state is None:
             return Text("no model open", style="dim")
-        return panel_renderable(self.state, self.content_size.width)
+        return panel_renderable(self.state, self.content_size.width, heading_colour(self))
