@@ -1,0 +1,23 @@
+"""Opening a model by folder or by Hub id from the local cache, never downloading."""
+
+from __future__ import annotations
+
+import pytest
+from test_reads import hf_cache_layout
+
+from mlx_pager.hub import resolve_model
+from mlx_pager.synthetic import make_checkpoint
+
+
+def test_folder_hub_id_and_missing(tmp_path, monkeypatch):
+    src = make_checkpoint(tmp_path / "src", "olmoe")
+    assert resolve_model(str(src)) == src
+    hub = tmp_path / "hub"
+    snapshot = hf_cache_layout(src, hub, "org/tiny-moe")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    assert resolve_model("org/tiny-moe") == snapshot
+    with pytest.raises(FileNotFoundError, match="mlx-pager download org/other"):
+        resolve_model("org/other")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
