@@ -39,16 +39,6 @@ def open_engine(model: str | None, settings: Settings):
     """The real engine, as the CLI opens it."""
     from mlx_pager.engine import Engine
 
-    try:
-        import mlx_pager.hub  # noqa: F401
-    except ImportError:  # TEMP until the download layer lands: Engine.open needs it
-        from mlx_pager.loader import load_paged
-        from mlx_pager.units import parse_bytes
-
-        if not Path(model).is_dir():
-            raise FileNotFoundError(f"No model folder {model}.") from None
-        paged = load_paged(Path(model), parse_bytes(settings.budget), settings.context_length)
-        return Engine(paged, str(model), settings.context_length)
     return Engine.open(model, settings=settings)
 
 

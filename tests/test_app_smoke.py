@@ -18,20 +18,7 @@ from app_fixtures import *  # noqa: F403
 
 from mlx_pager.settings import Settings, save_settings
 
-
-def _has_hub() -> bool:
-    try:
-        import mlx_pager.hub  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = [
-    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
-    # TEMP: Engine.open resolves models through the download layer's mlx_pager.hub.
-    pytest.mark.skipif(not _has_hub(), reason="mlx_pager.hub (download layer) not in yet"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 SCRIPT = Path(sys.executable).parent / "mlx-pager"
 
