@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 from textual import on, work
@@ -24,20 +25,24 @@ from ..widgets.heatmap import ExpertHeatmap
 from ..widgets.prompt import PromptInput
 from ..widgets.stats_panel import PanelState, StatsPanel
 
+if TYPE_CHECKING:
+    from mlx_pager.budget import BudgetPlan
+    from mlx_pager.engine import Engine, ModelInfo
+
 WELCOME = (
     "**Ask anything.** Enter sends · ↑/↓ earlier prompts · Esc stops the reply · "
     "Ctrl+N new chat · Ctrl+O saved chats · F2 models · F3 memory budget"
 )
 
 
-def short_verdict(info: object, plan: object) -> str:
+def short_verdict(info: ModelInfo, plan: BudgetPlan) -> str:
     """One line for the status bar: the model's shape and how much of it stays resident."""
-    if not info.moe_layers:  # type: ignore[attr-defined]
+    if not info.moe_layers:
         return "dense model, fully resident"
-    shape = f"{info.moe_layers}×{info.experts_per_layer} experts, top-{info.top_k}"  # type: ignore[attr-defined]
-    if plan.verdict == "fits":  # type: ignore[attr-defined]
+    shape = f"{info.moe_layers}×{info.experts_per_layer} experts, top-{info.top_k}"
+    if plan.verdict == "fits":
         return f"{shape} · all in memory"
-    return f"{shape} · paged: {plan.slots} in memory"  # type: ignore[attr-defined]
+    return f"{shape} · paged: {plan.slots} in memory"
 
 
 FINISH_NOTES = {"length": "stopped at the token limit", "cancelled": "stopped"}
@@ -69,7 +74,7 @@ class ReplyBuffer:
 
 
 class ChatScreen(Screen):
-    """Generation runs on a thread worker that posts ReplyChunk messages; nothing blocks."""
+    """Generation runs on a thread worker that posts messages; the UI never waits on it."""
 
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -179,11 +184,11 @@ class ChatScreen(Screen):
         self._prepare(engine, messages)
 
     @work(thread=True, exclusive=True, group="prepare", exit_on_error=False)
-    def _prepare(self, engine: object, messages: list[dict[str, str]]) -> None:
+    def _prepare(self, engine: Engine, messages: list[dict[str, str]]) -> None:
         if not self.app.engine_lock.acquire(blocking=False):
             return  # generating or reopening: generate() prepares for itself
         try:
-            engine.prepare(messages)  # type: ignore[attr-defined]
+            engine.prepare(messages)
         except Exception:  # noqa: BLE001 - a guess that failed costs nothing
             return
         finally:
@@ -229,7 +234,7 @@ class ChatScreen(Screen):
         self.conversation.add("user", prompt)
         await self._start_reply(engine, prompt)
 
-    async def _start_reply(self, engine: object, prompt: str) -> None:
+    async def _start_reply(self, engine: Engine, prompt: str) -> None:
         self.generating = True  # before any await: a second Enter must not start another
         messages = self.query_one("#messages", VerticalScroll)
         self._remove_welcome()
@@ -243,19 +248,19 @@ class ChatScreen(Screen):
         self._generate(engine, [dict(m) for m in self.conversation.messages])
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
-    def _generate(self, engine: object, messages: list[dict[str, str]]) -> None:
+    def _generate(self, engine: Engine, messages: list[dict[str, str]]) -> None:
         """The worker: the engine applies the chat template to the whole message list."""
         worker = get_current_worker()
         buffer = self._buffer
         finish: str | None = None
         with self.app.engine_lock:
             try:
-                for chunk in engine.generate(messages, max_tokens=self.app.config.max_tokens):  # type: ignore[attr-defined]
+                for chunk in engine.generate(messages, max_tokens=self.app.config.max_tokens):
                     if chunk.text and buffer.push(chunk.text):
                         self.post_message(ReplyUpdated())
                     finish = chunk.finish_reason
                     if worker.is_cancelled:
-                        engine.stop()  # type: ignore[attr-defined]
+                        engine.stop()
             except Exception as e:  # noqa: BLE001 - shown in the app, which stays usable
                 self.post_message(ReplyFailed(str(e) or type(e).__name__))
                 return
