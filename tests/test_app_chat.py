@@ -171,3 +171,20 @@ async def test_quit_while_generating_exits_and_closes(make_app):
     app.shutdown_engine(timeout=10)
     assert app.engine is None and engine._stop.is_set()
     assert engine.stats.generation_tokens < 1000
+
+
+async def test_delete_a_saved_chat(make_app, tmp_path):
+    app = make_app(max_tokens=2)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        await pilot.press(*"keep me not", "enter")
+        await wait_for(pilot, lambda: not screen.generating)
+        folder = conversations_dir(tmp_path / "data")
+        assert len(list_conversations(folder)) == 1
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: app.screen is not screen)
+        await pilot.press("delete")
+        assert list_conversations(folder) == []
+        await pilot.press("escape")
+        assert app.screen is screen
