@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
@@ -30,3 +32,55 @@ def resolve_model(id_or_path: str, revision: str | None = None) -> Path:
             f"{id_or_path} is not in the Hugging Face cache. Download it first: "
             f"`mlx-pager download {id_or_path}` (or pick it in the app's Models screen)."
         ) from None
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One revision of a model repository in the local Hugging Face cache."""
+
+    repo_id: str
+    commit: str
+    refs: tuple[str, ...]  # branches and tags pointing at it ("main")
+    path: Path  # snapshots/<commit>
+    size_bytes: int  # on disk, blobs counted once
+    runnable: bool  # config.json and *.safetensors weights: MLX can open it
+    incomplete_bytes: int = 0  # partial downloads (*.incomplete) of this repo, resumable
+
+
+def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
+    """The models in the Hugging Face cache, newest first; one entry per revision."""
+    from huggingface_hub import constants, scan_cache_dir
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE)
+    if not root.is_dir():
+        return []
+    found = []
+    for repo in scan_cache_dir(root).repos:
+        if repo.repo_type != "model":
+            continue
+        partial = sum(p.stat().st_size for p in (repo.repo_path / "blobs").glob("*.incomplete"))
+        for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            path = Path(rev.snapshot_path)
+            found.append(
+                CachedModel(
+                    repo_id=repo.repo_id,
+                    commit=rev.commit_hash,
+                    refs=tuple(sorted(rev.refs)),
+                    path=path,
+                    size_bytes=rev.size_on_disk,
+                    runnable=is_runnable(path),
+                    incomplete_bytes=partial,
+                )
+            )
+    return found
+
+
+def is_runnable(folder: Path) -> bool:
+    """A config.json and every weight file the index names (or some *.safetensors)."""
+    if not (folder / "config.json").exists():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        return bool(shards) and all((folder / s).exists() for s in shards)
+    return any(folder.glob("*.safetensors"))

@@ -13,3 +13,47 @@ def isolated_user_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MLX_PAGER_CONFIG_DIR", str(root / "config"))
     monkeypatch.setenv("MLX_PAGER_DATA_DIR", str(root / "data"))
     return root
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path_factory, monkeypatch):
+    """A fresh Hugging Face home and cache: tests never read or write the user's, nor use
+    their token. huggingface_hub reads its environment at import, so patch its constants
+    too."""
+    from huggingface_hub import constants
+
+    home = tmp_path_factory.mktemp("hf_home")
+    cache = home / "hub"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    return cache
+
+
+@pytest.fixture
+def hub_server():
+    """A local Hub on 127.0.0.1 (tests/hub_server.py): ``hub_server.add_repo(id, folder)``,
+    then ``endpoint=hub_server.endpoint`` in huggingface_hub or mlx_pager.download."""
+    from hub_server import HubServer
+
+    server = HubServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A small real MoE checkpoint (OLMoE layout, ~1 MB) that mlx-lm and the engine open:
+    serve it with ``hub_server.add_repo("org/tiny", tiny_model)``. Read-only: copy it first
+    to change it."""
+    from mlx_pager.synthetic import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_model") / "model", "olmoe")
