@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mlx_pager.bench", "stock mlx-lm against mlx-pager at several budgets"),
     "profile": ("mlx_pager.profile_cmd", "which experts fire, per layer and task"),
     "settings": ("mlx_pager.settings_cmd", "show or change the settings"),
+    "download": ("mlx_pager.download_cmd", "download a model into the Hugging Face cache"),
+    "models": ("mlx_pager.models_cmd", "list cached models with their verdicts for the budget"),
 }
 
 

@@ -44,6 +44,8 @@ ALLOW_PATTERNS = [
 ]
 CHUNK_BYTES = 256 * 1024  # progress and cancel granularity
 RETRIES = 5  # dropped connections retried (with Range) within one call
+RETRY_WAIT_S = 0.5
+TIMEOUT_S = 10.0  # no byte for this long: the connection is dropped (and retried)
 CATALOGUE = Path(__file__).resolve().parent.parent / "assets" / "catalogue.json"
 
 # (done_bytes, total_bytes, current_file); done counts bytes already in the cache.
@@ -628,7 +630,8 @@ def _fetch_file(plan: DownloadPlan, f: RemoteFile, state: _Progress, token) -> N
         ) from None
     try:
         counted = min(f.cached_bytes, f.size)  # what state.done already includes
-        for attempt in range(RETRIES + 1):
+        failures = 0  # in a row, without a byte between them
+        while failures <= RETRIES:
             have = part.stat().st_size if part.exists() else 0
             if have != counted:  # a partial the plan did not see, or one that was reset
                 state.add(have - counted, f.name)
@@ -642,7 +645,10 @@ def _fetch_file(plan: DownloadPlan, f: RemoteFile, state: _Progress, token) -> N
             if have:
                 h["Range"] = f"bytes={have}-"
             try:
-                with get_session().stream("GET", url, headers=h, follow_redirects=True) as r:
+                stream = get_session().stream(
+                    "GET", url, headers=h, follow_redirects=True, timeout=TIMEOUT_S
+                )
+                with stream as r:
                     if r.status_code >= 400:
                         r.read()
                         hf_raise_for_status(r)
@@ -656,9 +662,12 @@ def _fetch_file(plan: DownloadPlan, f: RemoteFile, state: _Progress, token) -> N
                             counted += len(chunk)
                             state.add(len(chunk), f.name)
             except _transient_errors() as e:
-                if attempt == RETRIES:
+                failures = 1 if counted > have else failures + 1
+                if failures > RETRIES or state.cancel.is_set():
                     raise e
-                time.sleep(0.5)
+                time.sleep(RETRY_WAIT_S)
+                continue
+            failures += 1  # a clean but short response: ask again for the rest
         if not part.exists() or part.stat().st_size != f.size:
             got = part.stat().st_size if part.exists() else 0
             raise DownloadError(

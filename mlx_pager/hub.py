@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+from .download import ALLOW_PATTERNS
 
 
 def resolve_model(id_or_path: str, revision: str | None = None) -> Path:
@@ -26,7 +28,20 @@ def resolve_model(id_or_path: str, revision: str | None = None) -> Path:
             f"No folder {id_or_path!r}, and it is not a Hub id (org/name) either."
         )
     try:
-        return Path(snapshot_download(id_or_path, revision=revision, local_files_only=True))
+        # mlx-lm's patterns: a snapshot lacking only README.md or *.bin files is complete.
+        return Path(
+            snapshot_download(
+                id_or_path,
+                revision=revision,
+                local_files_only=True,
+                allow_patterns=ALLOW_PATTERNS,
+            )
+        )
+    except IncompleteSnapshotError:
+        raise FileNotFoundError(
+            f"{id_or_path} is only partly downloaded. Finish it: `mlx-pager download "
+            f"{id_or_path}` (it resumes where it stopped)."
+        ) from None
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{id_or_path} is not in the Hugging Face cache. Download it first: "

@@ -70,9 +70,10 @@ class HubServer:
     repos: dict[str, HubRepo] = field(default_factory=dict)
     requests: list[SeenRequest] = field(default_factory=list)
     throttle: int | None = None  # body bytes per second
-    fail_after: int | None = None  # drop the next file body after this many bytes
+    fail_after: int | None = None  # drop the next longer body after this many bytes
     gated: set[str] = field(default_factory=set)
     _httpd: ThreadingHTTPServer | None = None
+    _connections: set[socket.socket] = field(default_factory=set)
 
     def start(self) -> HubServer:
         server = self
@@ -82,14 +83,21 @@ class HubServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def close(self) -> None:
+        """Stop serving and drop open keep-alive connections: the Hub is gone."""
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._connections.clear()
 
     @property
     def endpoint(self) -> str:
@@ -135,6 +143,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.hub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.hub._connections.discard(self.connection)
+        super().finish()
 
     def do_HEAD(self) -> None:
         self._handle(head=True)
@@ -258,7 +274,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._body(f.path, start, end + 1)
 
     def _body(self, path: Path, start: int, stop: int) -> None:
-        fail_after, self.hub.fail_after = self.hub.fail_after, None
+        fail_after = self.hub.fail_after
+        if fail_after is not None and stop - start > fail_after:
+            self.hub.fail_after = None  # once: the retry gets the rest
+        else:
+            fail_after = None
         sent = 0
         began = time.monotonic()
         try:

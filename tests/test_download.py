@@ -1,0 +1,279 @@
+"""Downloads against a local Hub (tests/hub_server.py): plan, cache layout, cancel and
+resume, errors that say what to do, verdicts, and the two commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+from hub_server import HubServer, free_port_endpoint
+from safetensors.numpy import save_file
+
+from mlx_pager.cli import main
+from mlx_pager.download import (
+    ALLOW_PATTERNS,
+    DownloadCancelled,
+    HubUnreachable,
+    ModelGated,
+    ModelNotFound,
+    NotEnoughDisk,
+    download,
+    hit_rate_estimate,
+    load_catalogue,
+    local_sizes,
+    plan_download,
+    verdict,
+)
+from mlx_pager.hub import cached_models, resolve_model
+
+GB = 10**9
+LAYERS, EXPERTS, TOP_K = 2, 8, 2
+
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory):
+    """A 4 MiB MoE-shaped checkpoint (random bytes: a resumed file must match exactly)."""
+    folder = tmp_path_factory.mktemp("moe") / "model"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((1000, 64), dtype=np.float32)}
+    for i in range(LAYERS):
+        w = rng.integers(0, 2**32, (EXPERTS, 128, 512), dtype=np.uint32)  # 2 MiB
+        tensors[f"model.layers.{i}.mlp.switch_mlp.gate_proj.weight"] = w
+        tensors[f"model.layers.{i}.mlp.gate.weight"] = np.ones((EXPERTS, 64), np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {
+        "model_type": "qwen3_moe",
+        "num_hidden_layers": LAYERS,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_experts": EXPERTS,
+        "num_experts_per_tok": TOP_K,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "README.md").write_text("not in mlx-lm's allow patterns")
+    (folder / "pytorch_model.bin").write_bytes(b"neither")
+    return folder
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_allow_patterns_are_mlx_lms():
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    assert ALLOW_PATTERNS == DEFAULT_ALLOW_PATTERNS
+
+
+def test_plan_sizes_match_the_files(hub_server, moe_folder, hf_cache):
+    commit = hub_server.add_repo("org/moe", moe_folder)
+    plan = plan_download("org/moe", endpoint=hub_server.endpoint, free_space=lambda p: 7 * GB)
+    assert plan.commit == commit
+    assert {f.name for f in plan.files} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert plan.total_bytes == sum((moe_folder / f.name).stat().st_size for f in plan.files)
+    assert plan.cached_bytes == 0 and plan.remaining_bytes == plan.total_bytes
+    assert plan.free_bytes == 7 * GB and plan.disk_problem == ""
+    s = plan.sizes
+    assert s is not None, plan.sizes_error
+    assert s.expert_bytes == LAYERS * EXPERTS * 128 * 512 * 4
+    assert s.dense_bytes == 1000 * 64 * 4 + LAYERS * EXPERTS * 64 * 4
+    assert (s.moe_layers, s.experts, s.top_k) == (LAYERS, EXPERTS, TOP_K)
+    assert s.one_expert_bytes == 128 * 512 * 4
+    assert s.kv_bytes_per_token == LAYERS * 2 * 2 * 16 * 2
+    # Headers only: no GET of the weights without a Range.
+    gets = hub_server.seen("GET", "model.safetensors")
+    assert gets and all("Range" in r.headers or "range" in r.headers for r in gets)
+    assert local_sizes(moe_folder) == s
+
+
+def test_download_lands_in_the_hf_cache_layout(hub_server, moe_folder, hf_cache):
+    commit = hub_server.add_repo("org/moe", moe_folder)
+    seen = []
+    path = download("org/moe", endpoint=hub_server.endpoint, progress=lambda *a: seen.append(a))
+    repo = hf_cache / "models--org--moe"
+    assert path == repo / "snapshots" / commit
+    assert (repo / "refs" / "main").read_text() == commit
+    weights = path / "model.safetensors"
+    assert weights.is_symlink()
+    blob = weights.resolve()
+    assert blob.parent == repo / "blobs" and blob.name == sha(moe_folder / "model.safetensors")
+    assert sha(weights) == sha(moe_folder / "model.safetensors")
+    assert not (path / "README.md").exists() and not (path / "pytorch_model.bin").exists()
+    assert not list((repo / "blobs").glob("*.incomplete"))
+    done, total, _ = seen[-1]
+    assert done == total == sum(f.stat().st_size for f in path.iterdir())
+    assert resolve_model("org/moe") == path
+    # Again: nothing left to fetch, no file body requested.
+    before = len(hub_server.seen("GET", "/resolve/"))
+    assert download("org/moe", endpoint=hub_server.endpoint) == path
+    assert len(hub_server.seen("GET", "/resolve/")) == before
+
+
+def test_cancel_keeps_a_partial_that_resumes_with_range(hub_server, moe_folder, hf_cache):
+    hub_server.add_repo("org/moe", moe_folder)
+    hub_server.throttle = 2_000_000  # 4 MiB take about 2 s
+    cancel = threading.Event()
+
+    def progress(done, total, file):
+        if file == "model.safetensors" and done > 600_000:
+            cancel.set()
+
+    with pytest.raises(DownloadCancelled, match="resumes"):
+        download("org/moe", endpoint=hub_server.endpoint, progress=progress, cancel=cancel)
+    blobs = hf_cache / "models--org--moe" / "blobs"
+    (partial,) = blobs.glob("*.incomplete")
+    kept = partial.stat().st_size
+    size = (moe_folder / "model.safetensors").stat().st_size
+    assert 0 < kept < size
+    assert (
+        plan_download("org/moe", endpoint=hub_server.endpoint, read_sizes=False).cached_bytes
+        >= kept
+    )
+    assert resolve_model(str(moe_folder))  # unrelated folder still fine
+    with pytest.raises(FileNotFoundError, match="mlx-pager download org/moe"):
+        resolve_model("org/moe")
+
+    hub_server.throttle = None
+    path = download("org/moe", endpoint=hub_server.endpoint)
+    ranged = [r for r in hub_server.seen("GET", "model.safetensors") if "Range" in r.headers]
+    assert f"bytes={kept}-" in [r.headers["Range"] for r in ranged]
+    assert sha(path / "model.safetensors") == sha(moe_folder / "model.safetensors")
+    assert not list(blobs.glob("*.incomplete"))
+
+
+def test_dropped_connection_resumes_within_the_call(hub_server, moe_folder, hf_cache):
+    hub_server.add_repo("org/moe", moe_folder)
+    hub_server.fail_after = 1_000_000
+    path = download("org/moe", endpoint=hub_server.endpoint)
+    assert any(
+        r.headers.get("Range", "").startswith("bytes=")
+        for r in hub_server.seen("GET", "model.safetensors")
+    )
+    assert sha(path / "model.safetensors") == sha(moe_folder / "model.safetensors")
+
+
+def test_not_enough_disk_is_refused_before_starting(hub_server, moe_folder, hf_cache):
+    hub_server.add_repo("org/moe", moe_folder)
+    with pytest.raises(NotEnoughDisk, match="free some space.*HF_HUB_CACHE"):
+        download("org/moe", endpoint=hub_server.endpoint, free_space=lambda p: 1000)
+    assert not hub_server.seen("GET", "/resolve/")
+
+
+def test_errors_say_what_to_do(hub_server, moe_folder, hf_cache):
+    hub_server.add_repo("org/moe", moe_folder)
+    with pytest.raises(ModelNotFound, match="No model org/typo on the Hub: check the spelling"):
+        plan_download("org/typo", endpoint=hub_server.endpoint)
+    with pytest.raises(ModelNotFound, match="no revision 'nope'"):
+        download("org/moe", revision="nope", endpoint=hub_server.endpoint)
+    hub_server.gated.add("org/moe")
+    with pytest.raises(ModelGated, match="accept its licence.*log in"):
+        download("org/moe", endpoint=hub_server.endpoint)
+    down = free_port_endpoint()
+    with pytest.raises(HubUnreachable) as e:
+        download("org/moe", endpoint=down)
+    assert str(e.value) == (
+        f"Cannot reach {down}: check your connection; the partial download is kept and "
+        "resumes next time."
+    )
+
+
+def test_hub_gone_mid_download_keeps_the_partial_for_later(
+    hub_server, moe_folder, hf_cache, monkeypatch
+):
+    monkeypatch.setattr("mlx_pager.download.RETRY_WAIT_S", 0.01)
+    hub_server.add_repo("org/moe", moe_folder)
+    hub_server.throttle = 2_000_000
+
+    def progress(done, total, file):
+        if file == "model.safetensors" and done > 600_000 and hub_server._httpd:
+            hub_server.close()
+
+    down = hub_server.endpoint
+    with pytest.raises(HubUnreachable, match=f"Cannot reach {down}.*resumes next time"):
+        download("org/moe", endpoint=down, progress=progress)
+    (partial,) = (hf_cache / "models--org--moe" / "blobs").glob("*.incomplete")
+    kept = partial.stat().st_size
+    assert kept > 0
+
+    back = HubServer().start()  # the Hub again, elsewhere
+    try:
+        back.add_repo("org/moe", moe_folder)
+        path = download("org/moe", endpoint=back.endpoint)
+        assert [r.headers.get("Range") for r in back.seen("GET", "model.safetensors")][-1] == (
+            f"bytes={kept}-"
+        )
+        assert sha(path / "model.safetensors") == sha(moe_folder / "model.safetensors")
+    finally:
+        back.close()
+
+
+def test_hit_rate_curve():
+    assert hit_rate_estimate(0) == 0 and hit_rate_estimate(1) == 1
+    points = [hit_rate_estimate(f / 100) for f in range(0, 101)]
+    assert points == sorted(points)
+    assert hit_rate_estimate(0.05) == pytest.approx(0.5)
+    assert 0.85 <= hit_rate_estimate(0.3) <= 0.9
+
+
+def test_catalogue_numbers_hold_together():
+    entries = {e.id: e for e in load_catalogue()}
+    assert len(entries) >= 6
+    for e in entries.values():
+        s = e.sizes
+        assert s.dense_bytes + s.expert_bytes == s.total_bytes
+        assert abs(s.one_expert_bytes * s.num_experts - s.expert_bytes) < s.num_experts
+        assert 0 < s.top_k < s.experts and e.source.startswith("estimate")
+    qwen = entries["mlx-community/Qwen3-30B-A3B-4bit"].sizes
+    assert qwen.one_expert_bytes / 2**20 == pytest.approx(2.5, abs=0.05)  # NOTES.md table
+    assert qwen.expert_bytes / 2**30 == pytest.approx(15.2, abs=0.05)
+
+
+def test_verdicts_for_a_few_budgets():
+    qwen = next(e for e in load_catalogue() if e.id == "mlx-community/Qwen3-30B-A3B-4bit").sizes
+    assert verdict(qwen, 24 * GB, 4096).verdict == "fits"
+    paged = verdict(qwen, 8 * GB, 4096)
+    assert paged.verdict == "paged" and "tokens/s" in paged.reason
+    # NOTES.md: 16 GB M4, 8 GB budget, 89-92% hits, 6.4 tok/s measured.
+    assert 0.85 <= paged.hit_rate <= 0.93
+    assert 4 <= paged.tokens_per_second <= 12
+    smaller = verdict(qwen, 5 * GB, 4096)
+    assert smaller.tokens_per_second < paged.tokens_per_second
+    too = verdict(qwen, 1 * GB, 4096)
+    assert too.verdict == "too_large" and too.tokens_per_second is None
+    assert "needs at least" in too.reason
+
+
+def test_download_and_models_commands(hub_server, tiny_model, hf_cache, capsys):
+    commit = hub_server.add_repo("org/tiny", tiny_model)
+    assert main(["download", "org/tiny", "--endpoint", hub_server.endpoint]) == 0
+    out, err = capsys.readouterr()
+    snapshot = hf_cache / "models--org--tiny" / "snapshots" / commit
+    assert out.strip().splitlines()[-1] == str(snapshot)
+    assert "org/tiny @ main" in out and "free disk" in out and "MoE layers" in out
+    assert "100%" in err
+    assert main(["models", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["id"] == "org/tiny" and row["runnable"] and row["commit"] == commit
+    assert row["verdict"] in ("fits", "paged")
+    assert main(["models"]) == 0
+    assert "org/tiny" in capsys.readouterr().out
+    assert main(["download", "org/typo", "--endpoint", hub_server.endpoint]) == 2
+    assert "No model org/typo on the Hub" in capsys.readouterr().err
+
+
+def test_models_command_with_an_empty_cache(capsys):
+    assert main(["models"]) == 0
+    assert "mlx-pager download ID" in capsys.readouterr().out
+    assert main(["models", "--json", "--catalogue"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["verdict"] for r in rows} <= {"fits", "paged", "too_large"} and len(rows) >= 6
+    assert cached_models() == []
+    assert os.environ["HF_HUB_CACHE"].startswith(str(os.path.dirname(os.environ["HF_HOME"])))
