@@ -209,25 +209,30 @@ class CatalogueEntry:
 
 
 def load_catalogue(path: str | Path | None = None) -> list[CatalogueEntry]:
-    """The curated models in assets/catalogue.json."""
+    """The curated models in assets/catalogue.json. Missing numbers read as 0 (and such
+    an entry gets no verdict) so that a hand-written catalogue still lists."""
     data = json.loads(Path(path or CATALOGUE).read_text())
     entries = []
-    for m in data["models"]:
+    for m in data["models"] if isinstance(data, dict) else data:
+        model_id = m.get("id") or m.get("repo_id")
+        if not model_id:
+            continue
+        total = m.get("total_bytes") or m.get("download_bytes") or m.get("size_bytes") or 0
         sizes = ModelSizes(
-            total_bytes=m["total_bytes"],
-            dense_bytes=m["dense_bytes"],
-            expert_bytes=m["expert_bytes"],
-            one_expert_bytes=m["one_expert_bytes"],
-            moe_layers=m["moe_layers"],
-            experts=m["experts"],
-            top_k=m["top_k"],
-            kv_bytes_per_token=m.get("kv_bytes_per_token", 0),
+            total_bytes=int(total),
+            dense_bytes=int(m.get("dense_bytes", 0)),
+            expert_bytes=int(m.get("expert_bytes", 0)),
+            one_expert_bytes=int(m.get("one_expert_bytes", 0)),
+            moe_layers=int(m.get("moe_layers", 0)),
+            experts=int(m.get("experts", 0)),
+            top_k=int(m.get("top_k", 0)),
+            kv_bytes_per_token=int(m.get("kv_bytes_per_token", 0)),
         )
         entries.append(
             CatalogueEntry(
-                id=m["id"],
-                name=m.get("name", m["id"]),
-                architecture=m["architecture"],
+                id=model_id,
+                name=m.get("name", model_id),
+                architecture=m.get("architecture", ""),
                 sizes=sizes,
                 description=m.get("description", ""),
                 notes=m.get("notes", ""),
@@ -297,6 +302,8 @@ def verdict(
         if sizes.sizes is None:
             raise ValueError(f"The sizes of {sizes.repo_id} are unknown: no verdict.")
         sizes = sizes.sizes
+    if not (sizes.num_experts and sizes.top_k and sizes.one_expert_bytes):
+        raise ValueError("The expert sizes of this model are unknown: no verdict.")
     plan = plan_budget(
         budget_bytes,
         resident_bytes=sizes.dense_bytes,

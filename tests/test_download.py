@@ -277,3 +277,12 @@ def test_models_command_with_an_empty_cache(capsys):
     assert {r["verdict"] for r in rows} <= {"fits", "paged", "too_large"} and len(rows) >= 6
     assert cached_models() == []
     assert os.environ["HF_HUB_CACHE"].startswith(str(os.path.dirname(os.environ["HF_HOME"])))
+
+
+def test_a_hand_written_catalogue_still_lists(tmp_path):
+    path = tmp_path / "catalogue.json"
+    path.write_text(json.dumps({"models": [{"repo_id": "org/m", "size_bytes": 5}]}))
+    (entry,) = load_catalogue(path)
+    assert (entry.id, entry.name, entry.sizes.total_bytes) == ("org/m", "org/m", 5)
+    with pytest.raises(ValueError, match="unknown"):
+        verdict(entry.sizes, GB, 4096)
