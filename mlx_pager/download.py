@@ -489,6 +489,8 @@ def plan_download(
             continue
         etag = s.lfs.sha256 if s.lfs else s.blob_id or ""
         size = int(s.size or 0)
+        if not etag:  # a Hub that lists no blob ids: ask the file itself
+            etag, size = _head(repo_id, s.rfilename, info.sha or revision, endpoint, token)
         have = 0
         if etag and (blobs / etag).exists():
             have = size
@@ -509,25 +511,46 @@ def plan_download(
     if not read_sizes:
         return plan
     try:
-        return replace(plan, sizes=_remote_sizes(api, repo_id, plan.commit, token))
+        names = [f.name for f in files]
+        return replace(plan, sizes=_remote_sizes(api, repo_id, plan.commit, names, token))
     except Exception as e:  # noqa: BLE001 - sizes are a bonus; the plan stands without them
         return replace(plan, sizes_error=f"Could not read the safetensors headers: {e}")
 
 
-def _remote_sizes(api, repo_id: str, commit: str, token) -> ModelSizes:  # noqa: ANN001
+def _head(repo_id: str, name: str, revision: str, endpoint: str, token) -> tuple[str, int]:  # noqa: ANN001
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint)
+    meta = get_hf_file_metadata(url, token=token)
+    if not meta.etag:
+        raise DownloadError(f"{endpoint} gives no ETag for {name} of {repo_id}: cannot cache it.")
+    return meta.etag, int(meta.size or 0)
+
+
+def _remote_sizes(api, repo_id: str, commit: str, names: list[str], token) -> ModelSizes:  # noqa: ANN001
+    """Sizes from config.json and the safetensors headers, fetched into memory (Range
+    requests of about 100 KB per shard): nothing is written to the cache."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    url = hf_hub_url(repo_id, "config.json", revision=commit, endpoint=api.endpoint)
-    r = get_session().get(url, headers=build_hf_headers(token=token), follow_redirects=True)
-    hf_raise_for_status(r)
-    config = r.json()
-    meta = api.get_safetensors_metadata(repo_id, revision=commit)
-    tensors = {
-        name: (t.data_offsets[1] - t.data_offsets[0], list(t.shape))
-        for fm in meta.files_metadata.values()
-        for name, t in fm.tensors.items()
-    }
+    def get_json(name: str) -> dict:
+        url = hf_hub_url(repo_id, name, revision=commit, endpoint=api.endpoint)
+        r = get_session().get(
+            url, headers=build_hf_headers(token=token), follow_redirects=True, timeout=TIMEOUT_S
+        )
+        hf_raise_for_status(r)
+        return r.json()
+
+    config = get_json("config.json")
+    if "model.safetensors.index.json" in names:
+        shards = sorted(set(get_json("model.safetensors.index.json")["weight_map"].values()))
+    else:
+        shards = [n for n in names if n.endswith(".safetensors")]
+    tensors = {}
+    for shard in shards:
+        meta = api.parse_safetensors_file_metadata(repo_id, shard, revision=commit, token=token)
+        for name, t in meta.tensors.items():
+            tensors[name] = (t.data_offsets[1] - t.data_offsets[0], list(t.shape))
     return sizes_from_tensors(tensors, config)
 
 
@@ -572,7 +595,7 @@ def download(
         # Every blob is here: this only links snapshots/<commit>/ and writes refs/.
         path = snapshot_download(
             repo_id,
-            revision=plan.commit if plan.revision == plan.commit else plan.revision,
+            revision=plan.revision,
             cache_dir=plan.cache_dir,
             endpoint=plan.endpoint,
             token=token,

@@ -286,3 +286,25 @@ def test_a_hand_written_catalogue_still_lists(tmp_path):
     assert (entry.id, entry.name, entry.sizes.total_bytes) == ("org/m", "org/m", 5)
     with pytest.raises(ValueError, match="unknown"):
         verdict(entry.sizes, GB, 4096)
+
+
+def test_sharded_plan_reads_every_shard_header_and_writes_nothing(
+    hub_server, moe_folder, hf_cache, tmp_path
+):
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(moe_folder / "model.safetensors"))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    weight_map = {}
+    for i, part in enumerate((("embed", "layers.0."), ("layers.1.",)), start=1):
+        name = f"model-0000{i}-of-00002.safetensors"
+        chunk = {k: v for k, v in tensors.items() if any(p in k for p in part)}
+        save_file(chunk, str(sharded / name))
+        weight_map |= dict.fromkeys(chunk, name)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (sharded / "config.json").write_text((moe_folder / "config.json").read_text())
+    hub_server.add_repo("org/sharded", sharded)
+    plan = plan_download("org/sharded", endpoint=hub_server.endpoint)
+    assert plan.sizes == local_sizes(moe_folder) == local_sizes(sharded)
+    assert not hf_cache.exists() or not list(hf_cache.rglob("*.json"))
