@@ -308,3 +308,18 @@ def test_sharded_plan_reads_every_shard_header_and_writes_nothing(
     plan = plan_download("org/sharded", endpoint=hub_server.endpoint)
     assert plan.sizes == local_sizes(moe_folder) == local_sizes(sharded)
     assert not hf_cache.exists() or not list(hf_cache.rglob("*.json"))
+
+
+def test_ctrl_c_keeps_a_resumable_partial(hub_server, moe_folder, hf_cache, capsys, monkeypatch):
+    hub_server.add_repo("org/moe", moe_folder)
+    hub_server.throttle = 2_000_000
+
+    class Interrupt:
+        def __call__(self, done, total, file):
+            if file == "model.safetensors" and done > 600_000:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr("mlx_pager.download_cmd._Bar", Interrupt)
+    assert main(["download", "org/moe", "--endpoint", hub_server.endpoint]) == 130
+    assert "run `mlx-pager download org/moe` again to resume" in capsys.readouterr().err
+    assert list((hf_cache / "models--org--moe" / "blobs").glob("*.incomplete"))
