@@ -221,6 +221,7 @@ def test_hit_rate_curve():
     assert points == sorted(points)
     assert hit_rate_estimate(0.05) == pytest.approx(0.5)
     assert 0.85 <= hit_rate_estimate(0.3) <= 0.9
+    assert hit_rate_estimate(0.3, experts_per_layer=8) == 0.3  # Mixtral: no locality
 
 
 def test_catalogue_numbers_hold_together():
