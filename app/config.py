@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,12 @@ def open_engine(model: str | None, settings: Settings) -> object:
     from mlx_pager.engine import Engine
 
     return Engine.open(model, settings=settings)
+
+
+def disk_free(path: Path) -> int:
+    from mlx_pager.download import disk_free as free
+
+    return free(path)
 
 
 def default_model() -> str:
@@ -43,5 +48,5 @@ class AppConfig:
     hub_endpoint: str | None = None  # None: huggingface.co (tests: the local Hub server)
     hub_cache_dir: Path | None = None  # None: the default Hugging Face cache
     catalogue_path: Path | None = None  # None: assets/catalogue.json
-    disk_free: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free
+    disk_free: Callable[[Path], int] = disk_free  # free bytes where the HF cache lives
     extra: dict = field(default_factory=dict)

@@ -1,14 +1,10 @@
-"""What the models screen needs from the download layer, in one place.
-
-Rows (catalogue + Hugging Face cache), an estimate per model (download size, free disk,
-verdict for the budget), and ``download`` with progress and cancel. Nothing here touches
-widgets; the screen calls these on workers.
+"""What the models screen needs from the download layer (``mlx_pager.download`` and
+``mlx_pager.hub``), shaped for rows and a detail panel. No widgets here: the screen calls
+these on workers, since planning and downloading talk to the Hub.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import re
 import threading
 from collections.abc import Callable
@@ -19,22 +15,15 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from mlx_pager import download as dl
+from mlx_pager.hub import cached_models
 from mlx_pager.settings import Settings
 
 from .text import size
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# What mlx-lm needs from a repository (its own allow patterns).
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt",
-                  "*.jinja"]  # fmt: skip
-NETWORK_ERRORS = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "LocalEntryNotFoundError",
-                  "OfflineModeIsEnabled", "ConnectError", "TimeoutException", "DryRunError",
-                  "RemoteProtocolError", "HfHubHTTPError")  # fmt: skip
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class Cancelled(Exception):
-    """The user cancelled; what was downloaded stays, and the next download resumes."""
+Cancelled = dl.DownloadCancelled
+VERDICT_STYLE = {"fits": "green", "paged": "yellow", "too_large": "red"}
 
 
 @dataclass
@@ -42,37 +31,32 @@ class ModelRow:
     repo_id: str
     label: str
     description: str = ""
-    size_bytes: int = 0  # on disk when cached, else the catalogue's download size
-    cached: bool = False
-    partial: bool = False  # some files here, not all: a download will resume
+    size_bytes: int = 0  # on disk when cached, else the download size (catalogue estimate)
+    cached: bool = False  # runnable from the cache
+    partial: bool = False  # a download started and not finished: it resumes
     path: Path | None = None  # the snapshot folder when cached
-    custom: bool = False  # typed by the user, not from the catalogue or the cache
+    sizes: dl.ModelSizes | None = None  # from the catalogue or the cached headers
+    custom: bool = False  # typed by the user
 
     @property
     def open_name(self) -> str:
-        """What Engine.open takes: the Hub id (resolved in the cache)."""
+        """What Engine.open takes: the Hub id, found in the cache by mlx_pager.hub."""
         return self.repo_id
 
 
 @dataclass
 class Estimate:
-    size_bytes: int = 0  # the whole model
-    remaining_bytes: int = 0  # still to download (less when resuming)
-    free_bytes: int | None = None  # free disk where the cache lives
-    verdict: str = ""  # fits | paged | too_large | "" (unknown yet)
+    """Cost and verdict of one model: quick (no network) or from the Hub's plan."""
+
+    size_bytes: int = 0
+    remaining_bytes: int = 0
+    free_bytes: int | None = None
+    verdict: str = ""  # fits | paged | too_large | "" (unknown)
     explain: str = ""
     tokens_per_second: float | None = None
     error: str = ""
-
-    @property
-    def disk_problem(self) -> str:
-        if self.free_bytes is not None and self.remaining_bytes > self.free_bytes:
-            return (
-                f"The download needs {size(self.remaining_bytes)} but only "
-                f"{size(self.free_bytes)} is free on that disk: free some space (or set "
-                "HF_HUB_CACHE to a larger disk) and try again."
-            )
-        return ""
+    disk_problem: str = ""
+    planned: bool = False  # sizes and cached bytes asked of the Hub (not the catalogue's)
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -84,131 +68,76 @@ def check_repo_id(repo_id: str) -> str:
     return ""
 
 
-def cache_dir(config) -> Path:  # noqa: ANN001 - AppConfig
-    from huggingface_hub import constants
-
-    return Path(config.hub_cache_dir or constants.HF_HUB_CACHE)
-
-
-def catalogue(config) -> list[ModelRow]:  # noqa: ANN001
-    """The curated list in assets/catalogue.json (missing file: an empty list)."""
-    path = config.catalogue_path or ASSETS / "catalogue.json"
-    if not Path(path).exists():
-        return []
-    data = json.loads(Path(path).read_text())
-    entries = data.get("models", data) if isinstance(data, dict) else data
-    rows = []
-    for entry in entries:
-        repo_id = entry.get("repo_id") or entry.get("id")
-        if not repo_id:
-            continue
-        rows.append(ModelRow(
-            repo_id=repo_id,
-            label=entry.get("name") or repo_id,
-            description=entry.get("description", ""),
-            size_bytes=int(entry.get("size_bytes") or entry.get("download_bytes") or 0),
-        ))  # fmt: skip
-    return rows
-
-
-def cached(config) -> dict[str, ModelRow]:  # noqa: ANN001
-    """Models in the Hugging Face cache with a config and weights in their snapshot."""
-    from huggingface_hub import scan_cache_dir
-
-    root = cache_dir(config)
-    if not root.is_dir():
-        return {}
-    found = {}
-    for repo in scan_cache_dir(root).repos:
-        if repo.repo_type != "model":
-            continue
-        snapshots = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
-        complete = next((r for r in snapshots if _complete(Path(r.snapshot_path))), None)
-        found[repo.repo_id] = ModelRow(
-            repo_id=repo.repo_id, label=repo.repo_id, size_bytes=repo.size_on_disk,
-            cached=complete is not None, partial=complete is None,
-            path=Path(complete.snapshot_path) if complete else None,
-        )  # fmt: skip
-    return found
-
-
-def _complete(snapshot: Path) -> bool:
-    if not (snapshot / "config.json").exists():
-        return False
-    index = snapshot / "model.safetensors.index.json"
-    if index.exists():
-        files = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        return all((snapshot / f).exists() for f in files)
-    return any(snapshot.glob("*.safetensors"))
-
-
-def list_models(config) -> list[ModelRow]:  # noqa: ANN001
-    """Downloaded models first, then the rest of the catalogue."""
-    here = cached(config)
-    rows = []
-    for row in catalogue(config):
-        mine = here.pop(row.repo_id, None)
-        if mine is not None:
-            row.cached, row.partial, row.path = mine.cached, mine.partial, mine.path
-            row.size_bytes = mine.size_bytes if mine.cached else row.size_bytes
-        rows.append(row)
-    rows = list(here.values()) + rows
-    return sorted(rows, key=lambda r: not r.cached)
-
-
-def estimate(config, settings: Settings, repo_id: str, row: ModelRow | None) -> Estimate:  # noqa: ANN001
-    """Download size (from the Hub: a dry run), free disk and the verdict for the budget."""
-    from mlx_pager.engine import total_memory
-
-    result = Estimate()
-    budget = settings.budget_bytes(total_memory())
-    root = cache_dir(config)
-    probe = root if root.exists() else root.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    result.free_bytes = config.disk_free(probe)
-    if row is not None and row.cached and row.path is not None:
-        result.size_bytes = row.size_bytes
-        _local_verdict(result, row.path, budget, settings.context_length)
-        return result
+def list_models(config) -> list[ModelRow]:  # noqa: ANN001 - AppConfig
+    """Downloaded models first, then the rest of the curated catalogue."""
     try:
-        from huggingface_hub import snapshot_download
+        catalogue = dl.load_catalogue(config.catalogue_path)
+    except FileNotFoundError:
+        catalogue = []
+    here: dict[str, ModelRow] = {}
+    for model in cached_models(config.hub_cache_dir):  # newest revision first
+        if model.repo_id in here:
+            continue
+        row = ModelRow(model.repo_id, model.repo_id, size_bytes=model.size_bytes,
+                       cached=model.runnable, partial=bool(model.incomplete_bytes),
+                       path=model.path if model.runnable else None)  # fmt: skip
+        if row.cached:
+            try:
+                row.sizes = dl.local_sizes(model.path)
+            except (OSError, ValueError, KeyError):
+                row.sizes = None
+        here[model.repo_id] = row
+    rows = []
+    for entry in catalogue:
+        row = here.pop(entry.id, None) or ModelRow(entry.id, entry.name,
+                                                   size_bytes=entry.sizes.total_bytes)  # fmt: skip
+        row.label, row.description = entry.name, entry.description
+        row.sizes = row.sizes or entry.sizes
+        rows.append(row)
+    return sorted([*here.values(), *rows], key=lambda r: not r.cached)
 
-        files = snapshot_download(repo_id, cache_dir=root, endpoint=config.hub_endpoint,
-                                  allow_patterns=ALLOW_PATTERNS, dry_run=True)  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - the message is what the user sees
-        result.error = hub_error(repo_id, e)
-        return result
-    result.size_bytes = sum(f.file_size or 0 for f in files)
-    result.remaining_bytes = sum(f.file_size or 0 for f in files if f.will_download)
-    result.explain = "The verdict for your budget comes once the download is here."
+
+def quick_estimate(row: ModelRow, settings: Settings, total_memory: int) -> Estimate:
+    """The verdict from sizes already known (catalogue or local headers): no network."""
+    result = Estimate(size_bytes=row.size_bytes)
+    if row.sizes is not None:
+        _judge(result, row.sizes, settings, total_memory)
     return result
 
 
-def _local_verdict(result: Estimate, path: Path, budget: int, context: int) -> None:
-    from mlx_pager.loader import inspect_model
-
+def estimate(config, settings: Settings, row: ModelRow, total_memory: int) -> Estimate:  # noqa: ANN001
+    """Ask the Hub: files, sizes, what is cached (partial too), free disk; then the verdict."""
+    if row.cached:
+        result = quick_estimate(row, settings, total_memory)
+        result.free_bytes = config.disk_free(dl.hub_cache_dir(config.hub_cache_dir))
+        return result
     try:
-        plan = inspect_model(path, context).plan(budget)
-    except Exception as e:  # noqa: BLE001
+        plan = dl.plan_download(row.repo_id, endpoint=config.hub_endpoint,
+                                cache_dir=config.hub_cache_dir,
+                                free_space=config.disk_free)  # fmt: skip
+    except dl.DownloadError as e:
+        result = quick_estimate(row, settings, total_memory)
+        result.error = str(e)
+        return result
+    result = Estimate(size_bytes=plan.total_bytes, remaining_bytes=plan.remaining_bytes,
+                      free_bytes=plan.free_bytes, disk_problem=plan.disk_problem,
+                      planned=True)  # fmt: skip
+    sizes = plan.sizes or row.sizes
+    if sizes is not None:
+        _judge(result, sizes, settings, total_memory)
+    elif plan.sizes_error:
+        result.explain = plan.sizes_error
+    return result
+
+
+def _judge(result: Estimate, sizes: dl.ModelSizes, settings: Settings, total: int) -> None:
+    try:
+        verdict = dl.verdict(sizes, settings.budget_bytes(total), settings.context_length)
+    except ValueError as e:
         result.error = str(e)
         return
-    result.verdict, result.explain = plan.verdict, plan.explain()
-
-
-def hub_error(repo_id: str, error: Exception) -> str:
-    """Hub and network exceptions, said plainly with what to do."""
-    name = type(error).__name__
-    if name in ("RepositoryNotFoundError", "RevisionNotFoundError"):
-        return f"{repo_id} was not found on the Hub: check the id (org/name)."
-    if name in ("GatedRepoError",):
-        return f"{repo_id} is gated: accept its licence on huggingface.co and log in."
-    if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
-        return "The disk is full: free some space, then download again to resume."
-    if name in NETWORK_ERRORS:
-        return (f"Cannot reach the Hub ({error}). Check the network and try again; a "
-                "download resumes where it stopped.")  # fmt: skip
-    return f"{name}: {error}"
+    result.verdict, result.explain = verdict.verdict, verdict.reason
+    result.tokens_per_second = verdict.tokens_per_second
 
 
 def download(
@@ -217,69 +146,52 @@ def download(
     progress: Callable[[int, int], None],
     cancel: threading.Event,
 ) -> Path:
-    """Download into the Hugging Face cache; resumes partial files; raises Cancelled."""
-    from huggingface_hub import snapshot_download
-    from tqdm.auto import tqdm
-
-    class Progress(tqdm):
-        """Forwards the byte bar's counts; raising here is how a cancel stops the transfer."""
-
-        def __init__(self, *args, **kwargs) -> None:
-            kwargs["file"] = io.StringIO()
-            kwargs["disable"] = False
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            if cancel.is_set():
-                raise Cancelled()
-            shown = super().update(n)
-            if self.unit == "B" and str(self.desc).startswith("Reconstruct"):
-                progress(int(self.n), int(self.total or 0))
-            return shown
-
-    try:
-        path = snapshot_download(repo_id, cache_dir=cache_dir(config), endpoint=config.hub_endpoint,
-                                 allow_patterns=ALLOW_PATTERNS, tqdm_class=Progress)  # fmt: skip
-    except Cancelled:
-        raise
-    except Exception as e:  # noqa: BLE001
-        if cancel.is_set():
-            raise Cancelled() from e
-        raise RuntimeError(hub_error(repo_id, e)) from e
-    return Path(path)
+    """Into the Hugging Face cache, resuming partial files; raises Cancelled or a
+    DownloadError whose message says what to do."""
+    return dl.download(
+        repo_id, endpoint=config.hub_endpoint, cache_dir=config.hub_cache_dir,
+        progress=lambda done, total, _file: progress(done, total), cancel=cancel,
+        free_space=config.disk_free,
+    )  # fmt: skip
 
 
 def describe(row: ModelRow, estimate: Estimate | None) -> Group:
     """The detail panel for one model."""
-    title = Text(row.repo_id, style="bold")
-    lines: list = [title]
+    lines: list = [Text(row.repo_id, style="bold")]
+    if row.label != row.repo_id:
+        lines.append(Text(row.label))
     if row.description:
         lines.append(Text(row.description, style="dim"))
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim", no_wrap=True)
     table.add_column()
+    if row.sizes is not None and row.sizes.moe_layers:
+        s = row.sizes
+        table.add_row("experts", f"{s.moe_layers} layers × {s.experts}, top-{s.top_k}, "
+                                 f"{size(s.one_expert_bytes)} each")  # fmt: skip
+        table.add_row("resident", size(s.dense_bytes))
     if row.cached:
-        table.add_row("on disk", f"{size(row.size_bytes)} (downloaded)")
-    if estimate is None:
-        table.add_row("download", Text("checking…", style="dim"))
-    else:
+        table.add_row("on disk", f"{size(row.size_bytes)}, downloaded")
+    if estimate is not None:
         if not row.cached and estimate.size_bytes:
-            left = estimate.remaining_bytes
-            note = "" if left >= estimate.size_bytes else f" ({size(left)} left: resumes)"
-            table.add_row("download", f"{size(estimate.size_bytes)}{note}")
+            left = estimate.remaining_bytes if estimate.planned else estimate.size_bytes
+            note = ""
+            if estimate.planned and 0 < left < estimate.size_bytes:
+                note = f" ({size(left)} left: resumes)"
+            label = "download" if estimate.planned else "download ≈"
+            table.add_row(label, f"{size(estimate.size_bytes)}{note}")
         if estimate.free_bytes is not None:
             style = "red" if estimate.disk_problem else ""
             table.add_row("free disk", Text(size(estimate.free_bytes), style=style))
         if estimate.verdict:
-            style = {"fits": "green", "paged": "yellow", "too_large": "red"}[estimate.verdict]
-            table.add_row("your budget", Text(estimate.explain, style=style))
+            table.add_row("your budget", Text(estimate.explain,
+                                              style=VERDICT_STYLE[estimate.verdict]))  # fmt: skip
         elif estimate.explain:
             table.add_row("your budget", Text(estimate.explain, style="dim"))
-        if estimate.tokens_per_second:
-            table.add_row("speed", f"~{estimate.tokens_per_second:.0f} tok/s (estimate)")
-        if estimate.error:
-            table.add_row("problem", Text(estimate.error, style="red"))
-        if estimate.disk_problem:
-            table.add_row("problem", Text(estimate.disk_problem, style="red"))
+        if estimate.tokens_per_second and estimate.verdict != "fits":
+            table.add_row("speed", f"~{estimate.tokens_per_second:.1f} tok/s (estimate)")
+        for problem in (estimate.error, estimate.disk_problem):
+            if problem:
+                table.add_row("problem", Text(problem, style="red"))
     lines += [Text(""), table]
     return Group(*lines)

@@ -24,15 +24,15 @@ MACHINE = MachineMemory(total_bytes=16 * 10**9, available_bytes=9 * 10**9, gpu_l
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
+def app_model(tmp_path_factory) -> Path:
     """A random qwen3_moe checkpoint (2 MoE layers x 8 experts, top-2), with tokenizer."""
     return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny-moe", "qwen3_moe")
 
 
 @pytest.fixture(scope="session")
-def fixed_bytes(tiny_model) -> int:
+def fixed_bytes(app_model) -> int:
     """Core + KV + headroom at the test context: the budget that leaves no expert slot."""
-    return inspect_model(tiny_model, CONTEXT).plan(0).fixed_bytes
+    return inspect_model(app_model, CONTEXT).plan(0).fixed_bytes
 
 
 def open_engine(model: str | None, settings: Settings):
@@ -50,16 +50,16 @@ def settings_file(tmp_path) -> Path:
 
 
 @pytest.fixture
-def make_app(tmp_path, tiny_model, settings_file) -> Callable:
+def make_app(tmp_path, app_model, settings_file) -> Callable:
     """``make_app(**overrides)``: the app on the tiny model, with its files in tmp_path."""
 
     def make(**overrides):
         options = dict(
             settings_path=settings_file,
             data_dir=tmp_path / "data",
-            model=str(tiny_model),
+            model=str(app_model),
             open_engine=open_engine,
-            default_model=lambda: str(tiny_model),
+            default_model=lambda: str(app_model),
             machine=lambda: MACHINE,
             max_tokens=24,
         )

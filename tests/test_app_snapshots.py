@@ -111,25 +111,24 @@ def test_settings(snap_compare, make_app):
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
 
 
-def test_models(snap_compare, make_app, tiny_model, tmp_path):
-    import json
-
+def test_models(snap_compare, make_app, app_model, hf_cache, tmp_path):
     from app_fixtures import hf_cache_with
+    from hub_server import free_port_endpoint
+    from test_app_models import catalogue_entry, write_catalogue
 
     from app.screens.models import ModelsScreen
 
-    cache = tmp_path / "hf"
-    hf_cache_with(tiny_model, cache, "test/tiny-moe")
-    catalogue = tmp_path / "catalogue.json"
-    catalogue.write_text(json.dumps({"models": [
-        {"repo_id": "test/tiny-moe", "name": "Tiny MoE", "description": "2 layers x 8 experts"},
-        {"repo_id": "mlx-community/Qwen3-30B-A3B-4bit", "name": "Qwen3-30B-A3B 4-bit",
-         "size_bytes": 17_190_000_000},
-    ]}))  # fmt: skip
+    hf_cache_with(app_model, hf_cache, "test/tiny-moe")
+    catalogue = write_catalogue(
+        tmp_path / "catalogue.json",
+        catalogue_entry("mlx-community/Qwen3-30B-A3B-4bit", "Qwen3 30B-A3B (4-bit)", 17 * 10**9),
+        catalogue_entry(
+            "test/medium-moe", "Medium MoE", 20_000_000, dense_bytes=10**6, kv_bytes_per_token=1000
+        ),  # fmt: skip
+    )
     app = make_app(
-        hub_cache_dir=cache,
         catalogue_path=catalogue,
-        hub_endpoint="http://127.0.0.1:9",
+        hub_endpoint=free_port_endpoint(),
         disk_free=lambda path: 50 * 10**9,
     )
 
@@ -138,7 +137,7 @@ def test_models(snap_compare, make_app, tiny_model, tmp_path):
         await pilot.press("f2")
         screen = pilot.app.screen
         assert isinstance(screen, ModelsScreen)
-        await wait_for(pilot, lambda: "test/tiny-moe" in screen.estimates)
+        await wait_for(pilot, lambda: screen.loaded)
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

@@ -31,7 +31,6 @@ from .. import downloads
 from ..messages import DownloadFinished, DownloadProgress
 from ..text import size
 
-VERDICT_STYLE = {"fits": "green", "paged": "yellow", "too_large": "red"}
 VERDICT_WORD = {"fits": "fits fully", "paged": "runs paged", "too_large": "too large"}
 
 
@@ -52,6 +51,7 @@ class ModelsScreen(Screen):
         self.selected: str | None = None
         self.estimates: dict[str, downloads.Estimate] = {}
         self.downloading: str | None = None
+        self.loaded = False  # the first listing arrived
         self._cancel = threading.Event()
         self._progress_at = 0.0
 
@@ -91,21 +91,31 @@ class ModelsScreen(Screen):
 
     @work(thread=True, exclusive=True, group="rows", exit_on_error=False)
     def _load_rows(self) -> None:
+        """Rows and their quick verdicts (catalogue sizes, cached headers): no network."""
+        config, settings = self.app.config, self.app.settings
         try:
-            rows = downloads.list_models(self.app.config)
+            rows = downloads.list_models(config)
+            total = config.machine().total_bytes
+            quick = {r.repo_id: downloads.quick_estimate(r, settings, total) for r in rows}
         except Exception as e:  # noqa: BLE001 - shown, the screen stays usable
             self.app.call_from_thread(self._rows_failed, str(e) or type(e).__name__)
             return
-        self.app.call_from_thread(self._show_rows, rows)
+        self.app.call_from_thread(self._show_rows, rows, quick)
 
     def _rows_failed(self, error: str) -> None:
         self.notify(error, title="Could not list models", severity="error", timeout=10)
 
-    def _show_rows(self, rows: list[downloads.ModelRow]) -> None:
+    def _show_rows(
+        self, rows: list[downloads.ModelRow], quick: dict[str, downloads.Estimate]
+    ) -> None:
         for row in self.rows.values():  # keep ids the user typed in
             if row.custom and row.repo_id not in {r.repo_id for r in rows}:
                 rows.append(row)
         self.rows = {r.repo_id: r for r in rows}
+        self.loaded = True
+        for repo_id, estimate in quick.items():
+            if not self.estimates.get(repo_id, downloads.Estimate()).planned:
+                self.estimates[repo_id] = estimate
         table = self.query_one(DataTable)
         table.clear()
         for row in rows:
@@ -121,13 +131,15 @@ class ModelsScreen(Screen):
         verdict = Text("…", style="dim")
         if estimate is not None and estimate.verdict:
             verdict = Text(VERDICT_WORD.get(estimate.verdict, estimate.verdict),
-                           style=VERDICT_STYLE.get(estimate.verdict, ""))  # fmt: skip
-            if estimate.tokens_per_second:
+                           style=downloads.VERDICT_STYLE.get(estimate.verdict, ""))  # fmt: skip
+            if estimate.tokens_per_second and estimate.verdict == "paged":
                 verdict.append(f" ~{estimate.tokens_per_second:.0f} tok/s", style="dim")
         elif estimate is not None and estimate.error:
-            verdict = Text("?", style="red")
+            verdict = Text("unknown", style="red")
+        elif estimate is not None and (estimate.planned or row.cached):
+            verdict = Text("unknown", style="dim")
         mark = "✓" if row.cached else ("◐" if row.partial else "")
-        size_text = size(row.size_bytes) if row.size_bytes else "?"
+        size_text = size(row.size_bytes) if row.size_bytes else ""
         return (mark, row.label, size_text, verdict)
 
     def _refresh_row(self, repo_id: str) -> None:
@@ -152,10 +164,13 @@ class ModelsScreen(Screen):
             self.action_download()
 
     def _select(self, repo_id: str) -> None:
+        """Show it; ask the Hub for exact sizes and what is cached, once per visit."""
         self.selected = repo_id
         self._update_detail()
-        if repo_id not in self.estimates:
-            self._estimate(repo_id)
+        estimate = self.estimates.get(repo_id)
+        row = self.rows.get(repo_id)
+        if row is not None and (estimate is None or not (estimate.planned or row.cached)):
+            self._estimate(row)
 
     @on(Input.Submitted, "#repo-id")
     @on(Button.Pressed, "#check")
@@ -170,16 +185,21 @@ class ModelsScreen(Screen):
             self.query_one(DataTable).add_row(*self._cells(self.rows[repo_id]), key=repo_id)
         table = self.query_one(DataTable)
         table.move_cursor(row=table.get_row_index(repo_id))
+        table.focus()  # Ctrl+D and friends act on the list (in the Input they edit text)
         self.estimates.pop(repo_id, None)
         self._select(repo_id)
 
     # -- size, free disk and verdict (worker) -------------------------------------------
 
     @work(thread=True, group="estimate", exit_on_error=False)
-    def _estimate(self, repo_id: str) -> None:
-        row = self.rows.get(repo_id)
-        estimate = downloads.estimate(self.app.config, self.app.settings, repo_id, row)
-        self.app.call_from_thread(self._estimate_ready, repo_id, estimate)
+    def _estimate(self, row: downloads.ModelRow) -> None:
+        config = self.app.config
+        total = config.machine().total_bytes
+        try:
+            estimate = downloads.estimate(config, self.app.settings, row, total)
+        except Exception as e:  # noqa: BLE001 - shown in the panel
+            estimate = downloads.Estimate(error=str(e) or type(e).__name__)
+        self.app.call_from_thread(self._estimate_ready, row.repo_id, estimate)
 
     def _estimate_ready(self, repo_id: str, estimate: downloads.Estimate) -> None:
         self.estimates[repo_id] = estimate
@@ -218,7 +238,7 @@ class ModelsScreen(Screen):
             self.notify(f"{row.repo_id} is already here: Ctrl+O opens it.")
             return
         estimate = self.estimates.get(row.repo_id)
-        if estimate is not None and estimate.error and not estimate.size_bytes:
+        if estimate is not None and estimate.error and not estimate.planned:
             self.notify(estimate.error, title="Cannot download", severity="error", timeout=10)
             return
         if estimate is not None and estimate.disk_problem:
@@ -228,7 +248,7 @@ class ModelsScreen(Screen):
         self.downloading = row.repo_id
         self._cancel = threading.Event()
         bar = self.query_one("#download-bar", ProgressBar)
-        bar.update(total=estimate.remaining_bytes or None if estimate else None, progress=0)
+        bar.update(total=(estimate.size_bytes or None) if estimate else None, progress=0)
         self.query_one("#download-status", Label).update(f"Starting {row.repo_id}…")
         self._update_detail()
         self._download(row.repo_id, self._cancel)
@@ -245,6 +265,8 @@ class ModelsScreen(Screen):
             downloads.download(self.app.config, repo_id, progress, cancel)
         except downloads.Cancelled:
             self.post_message(DownloadFinished(repo_id, "cancelled"))
+        except downloads.dl.DownloadError as e:
+            self.post_message(DownloadFinished(repo_id, "failed", str(e)))
         except Exception as e:  # noqa: BLE001 - network, disk: the message says which
             self.post_message(DownloadFinished(repo_id, "failed", str(e) or type(e).__name__))
         else:
