@@ -143,3 +143,22 @@ async def test_download_failure_is_shown_and_screen_stays_usable(
         assert any(n.severity == "error" for n in app._notifications)
         await pilot.press("escape")
         assert not isinstance(app.screen, ModelsScreen)
+
+
+async def test_not_enough_disk_is_refused_with_what_to_do(
+    make_app, app_model, hub_server, hf_cache, tmp_path
+):
+    hub_server.add_repo("test/tiny-moe", app_model)
+    app = make_app(hub_endpoint=hub_server.endpoint, catalogue_path=tmp_path / "none.json",
+                   disk_free=lambda path: 1000)  # fmt: skip
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        await pilot.click("#repo-id")
+        await pilot.press(*"test/tiny-moe", "enter")
+        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
+                       and screen.estimates["test/tiny-moe"].planned)  # fmt: skip
+        assert "free some space" in screen.estimates["test/tiny-moe"].disk_problem
+        await pilot.press("ctrl+d")
+        assert screen.downloading is None
+        assert any(n.title == "Not enough disk" for n in app._notifications)
+        assert not list(hf_cache.rglob("*.incomplete"))  # not a byte of weights fetched
