@@ -59,6 +59,11 @@ class Estimate:
     planned: bool = False  # sizes and cached bytes asked of the Hub (not the catalogue's)
 
 
+def speed(tokens_per_second: float) -> str:
+    return f"{tokens_per_second:.1f} tok/s" if tokens_per_second < 10 else (
+        f"{tokens_per_second:.0f} tok/s")  # fmt: skip
+
+
 def check_repo_id(repo_id: str) -> str:
     """'' when it looks like a Hub id, else what is wrong with it."""
     if not repo_id:
@@ -189,7 +194,7 @@ def describe(row: ModelRow, estimate: Estimate | None) -> Group:
         elif estimate.explain:
             table.add_row("your budget", Text(estimate.explain, style="dim"))
         if estimate.tokens_per_second and estimate.verdict != "fits":
-            table.add_row("speed", f"~{estimate.tokens_per_second:.1f} tok/s (estimate)")
+            table.add_row("speed", f"~{speed(estimate.tokens_per_second)} (estimate)")
         for problem in (estimate.error, estimate.disk_problem):
             if problem:
                 table.add_row("problem", Text(problem, style="red"))

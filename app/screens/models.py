@@ -71,7 +71,7 @@ class ModelsScreen(Screen):
                 with Horizontal(id="model-actions"):
                     yield Button("Download", id="download", variant="primary")
                     yield Button("Cancel", id="cancel", variant="error")
-                    yield Button("Open in chat", id="open", variant="success")
+                    yield Button("Open", id="open", variant="success")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -133,7 +133,7 @@ class ModelsScreen(Screen):
             verdict = Text(VERDICT_WORD.get(estimate.verdict, estimate.verdict),
                            style=downloads.VERDICT_STYLE.get(estimate.verdict, ""))  # fmt: skip
             if estimate.tokens_per_second and estimate.verdict == "paged":
-                verdict.append(f" ~{estimate.tokens_per_second:.0f} tok/s", style="dim")
+                verdict.append(f" ~{downloads.speed(estimate.tokens_per_second)}", style="dim")
         elif estimate is not None and estimate.error:
             verdict = Text("unknown", style="red")
         elif estimate is not None and (estimate.planned or row.cached):
