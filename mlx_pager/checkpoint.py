@@ -37,6 +37,25 @@ class TensorInfo:
     nbytes: int
 
 
+def text_config(config: dict) -> dict:
+    """The language model's config, also for multimodal configs that nest it."""
+    return {**config, **(config.get("text_config") or {})}
+
+
+def kv_bytes_per_layer_token(config: dict, itemsize: int) -> int:
+    """Keys and values of one token in one full-attention layer, as mlx-lm caches them."""
+    cfg = text_config(config)
+    heads = cfg.get("num_attention_heads")
+    if not heads:
+        return 0
+    if cfg.get("kv_lora_rank"):  # MLA (DeepSeek-V2): mlx-lm caches full keys and values
+        k = heads * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+        return (k + heads * cfg["v_head_dim"]) * itemsize
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * kv_heads * head_dim * itemsize
+
+
 def _broken(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"{path.name} is not a valid safetensors file ({what}). The download is probably "

@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .budget import BudgetPlan, plan_budget
+from .checkpoint import index_checkpoint, kv_bytes_per_layer_token, text_config
 from .units import format_bytes
 
 # mlx-lm's own allow patterns (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS), copied so that
@@ -102,10 +102,6 @@ def is_expert_tensor(name: str) -> bool:
     return ".experts." in name or "switch_mlp" in name
 
 
-def _text_config(config: dict) -> dict:
-    return {**config, **(config.get("text_config") or {})}
-
-
 def _first(cfg: dict, *keys: str) -> int:
     for key in keys:
         if cfg.get(key):
@@ -116,27 +112,18 @@ def _first(cfg: dict, *keys: str) -> int:
 def kv_bytes_per_token(config: dict, itemsize: int = 2) -> int:
     """KV cache per token over the full-attention layers (sliding windows and linear
     attention layers are bounded, so they are left out: an estimate)."""
-    cfg = _text_config(config)
-    heads = cfg.get("num_attention_heads")
-    if not heads:
-        return 0
-    if cfg.get("kv_lora_rank"):  # MLA: mlx-lm caches full keys and values
-        per_layer = heads * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
-    else:
-        kv_heads = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        per_layer = 2 * kv_heads * head_dim
+    cfg = text_config(config)
     layers = int(cfg.get("num_hidden_layers") or 0)
     if cfg.get("layer_types"):
         layers = sum(t == "full_attention" for t in cfg["layer_types"])
     elif cfg.get("full_attention_interval"):
         layers = layers // int(cfg["full_attention_interval"])
-    return per_layer * layers * itemsize
+    return kv_bytes_per_layer_token(config, itemsize) * layers
 
 
 def sizes_from_tensors(tensors: dict[str, tuple[int, list[int]]], config: dict) -> ModelSizes:
     """ModelSizes from ``{name: (nbytes, shape)}`` of every tensor and the config."""
-    cfg = _text_config(config)
+    cfg = text_config(config)
     expert = {n: v for n, v in tensors.items() if is_expert_tensor(n)}
     expert_bytes = sum(nbytes for nbytes, _ in expert.values())
     total = sum(nbytes for nbytes, _ in tensors.values())
@@ -170,27 +157,12 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[int, list[int]]]:
-    """``{name: (nbytes, shape)}`` from a local safetensors file's header (no weights read)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {
-        name: (t["data_offsets"][1] - t["data_offsets"][0], t["shape"])
-        for name, t in header.items()
-        if name != "__metadata__"
-    }
-
-
 def local_sizes(folder: str | Path) -> ModelSizes:
     """ModelSizes of a model folder (a cached snapshot or any local folder)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    tensors: dict[str, tuple[int, list[int]]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors |= read_safetensors_header(file)
-    if not tensors:
-        raise FileNotFoundError(f"{folder} has no *.safetensors weights.")
+    headers = index_checkpoint(folder)  # validated, shards included, no weights read
+    tensors = {name: (t.nbytes, list(t.shape)) for name, t in headers.items()}
     return sizes_from_tensors(tensors, config)
 
 

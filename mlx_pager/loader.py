@@ -20,7 +20,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from .budget import BudgetPlan, check_budget, plan_budget
-from .checkpoint import index_checkpoint
+from .checkpoint import index_checkpoint, kv_bytes_per_layer_token, text_config
 from .cold_cache import LowBitCache, cold_eligible, low_bit_layout, slot_bytes
 from .disk import make_reader
 from .expert_cache import ExpertCache
@@ -95,35 +95,18 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(owner, last, module)
 
 
-def _text_config(config: dict) -> dict:
-    return {**config, **config.get("text_config", {})}
-
-
 def routed_top_k(config: dict) -> int:
-    cfg = _text_config(config)
+    cfg = text_config(config)
     for key in ("num_experts_per_tok", "moe_top_k", "top_k", "experts_per_token"):
         if cfg.get(key):
             return int(cfg[key])
     return 1
 
 
-def kv_bytes_per_token(config: dict, itemsize: int) -> int:
-    """Keys and values of one token in one full-attention layer."""
-    cfg = _text_config(config)
-    if cfg.get("kv_lora_rank"):  # MLA (DeepSeek-V2): mlx-lm caches full keys and values
-        heads = cfg["num_attention_heads"]
-        k = heads * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
-        return (k + heads * cfg["v_head_dim"]) * itemsize
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * kv_heads * head_dim * itemsize
-
-
 def estimate_kv_bytes(model: nn.Module, config: dict, context: int, itemsize: int) -> int:
     """KV cache at ``context`` tokens: full-attention layers grow, windows and states don't."""
     caches = model.make_cache() if hasattr(model, "make_cache") else None
-    per_token = kv_bytes_per_token(config, itemsize)
+    per_token = kv_bytes_per_layer_token(config, itemsize)
     if caches is None:
         return len(model.layers) * context * per_token
     total = 0
@@ -212,7 +195,7 @@ def inspect_model(
     dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
 
     switches = find_switch_layers(model)
-    if not switches and any(_text_config(config).get(k) for k in EXPERT_COUNT_KEYS):
+    if not switches and any(text_config(config).get(k) for k in EXPERT_COUNT_KEYS):
         raise ValueError(
             f"Model type {config.get('model_type')!r} has routed experts, but its MoE layer "
             "is not mlx-lm's SwitchGLU/SwitchMLP, so mlx-pager cannot page it. Tested MoE "
