@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mlx_pager.atomic import write_atomic
 from mlx_pager.settings import data_dir
 
 
@@ -48,19 +47,8 @@ class Conversation:
 
 def save_conversation(conversation: Conversation, folder: Path) -> Path:
     """Write via a temporary file and rename, so a crash never leaves half a JSON file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{conversation.id}.json"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".conv-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(conversation), f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    text = json.dumps(asdict(conversation), ensure_ascii=False, indent=1)
+    return write_atomic(folder / f"{conversation.id}.json", text.encode("utf-8"))
 
 
 def load_conversation(path: Path) -> Conversation:

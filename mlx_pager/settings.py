@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import platformdirs
 import tomli_w
 
+from .atomic import write_atomic
 from .units import parse_bytes
 
 APP_NAME = "mlx-pager"
@@ -111,16 +111,6 @@ def load_settings(path: Path | None = None) -> Settings:
 def save_settings(settings: Settings, path: Path | None = None) -> Path:
     """Write atomically: a crash mid-write leaves the old file whole."""
     settings.validate()
-    path = path or settings_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".settings-", suffix=".toml")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            tomli_w.dump(dataclasses.asdict(settings), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(
+        path or settings_path(), tomli_w.dumps(dataclasses.asdict(settings)).encode()
+    )

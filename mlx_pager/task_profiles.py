@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic
 from .settings import data_dir
 
 
@@ -72,15 +71,7 @@ class TaskProfiles:
 
     def save(self) -> None:
         """Atomically: a crash leaves the previous profile whole."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         arrays = {f"counts_{t}": c for t, c in self.counts.items()}
         np.savez(buffer, meta=json.dumps({"preload_hit": self.preload_hit}), **arrays)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getvalue())
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(self.path, buffer.getvalue())

@@ -39,7 +39,10 @@ def test_broken_file_says_what_to_do(tmp_path):
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "s.toml"
     save_settings(Settings(budget="4GB"), path)
-    monkeypatch.setattr("tomli_w.dump", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mlx_pager.atomic.os.fsync", disk_full)
     with pytest.raises(OSError):
         save_settings(Settings(budget="8GB"), path)
     assert load_settings(path).budget == "4GB"
