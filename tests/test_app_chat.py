@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from app_fixtures import *  # noqa: F403
 from app_fixtures import wait_for, wait_ready
 
@@ -188,3 +189,16 @@ async def test_delete_a_saved_chat(make_app, tmp_path):
         assert list_conversations(folder) == []
         await pilot.press("escape")
         assert app.screen is screen
+
+
+async def test_task_detected_while_typing(make_app):
+    app = make_app()
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        if not app.engine.classify("def fibonacci(n): return n"):
+            pytest.skip("no task classifier data (assets/prompts) in this checkout")
+        screen = app.screen
+        screen.query_one(PromptInput).value = "def fibonacci(n):\n    return n if n < 2 else"
+        await wait_for(pilot, lambda: app.engine.stats.task, timeout=10)
+        await wait_for(pilot, lambda: screen.query_one(StatsPanel).state.stats.task)
+        assert not screen.generating  # nothing was sent: the engine only got ready
