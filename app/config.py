@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_pager.settings import Settings
@@ -49,4 +49,3 @@ class AppConfig:
     hub_cache_dir: Path | None = None  # None: the default Hugging Face cache
     catalogue_path: Path | None = None  # None: assets/catalogue.json
     disk_free: Callable[[Path], int] = disk_free  # free bytes where the HF cache lives
-    extra: dict = field(default_factory=dict)

@@ -1,0 +1,61 @@
+"""The app's pure parts: conversations on disk, heatmap binning, reply coalescing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from app.conversations import (
+    Conversation,
+    delete_conversation,
+    list_conversations,
+    save_conversation,
+)
+from app.screens.chat import ReplyBuffer
+from app.text import clean, model_label
+from app.widgets.heatmap import levels, render_heatmap
+
+
+def test_conversations_roundtrip_newest_first_and_broken_files_skipped(tmp_path):
+    old, new = Conversation(id="a", updated="2026-01-01"), Conversation(id="b")
+    old.add("user", "first [not markup]")
+    new.add("user", "second")
+    new.add("assistant", "reply")
+    for c in (old, new):
+        save_conversation(c, tmp_path)
+    (tmp_path / "broken.json").write_text("{not json")
+    found = list_conversations(tmp_path)
+    assert [c.id for c in found] == ["b", "a"]
+    assert found[0].messages == new.messages and found[1].title == "first [not markup]"
+    assert not list(tmp_path.glob(".conv-*"))  # no temporary files left behind
+    assert json.loads((tmp_path / "b.json").read_text())["messages"][1]["role"] == "assistant"
+    delete_conversation(old, tmp_path)
+    assert [c.id for c in list_conversations(tmp_path)] == ["b"]
+
+
+def test_heatmap_bins_wide_models_and_scales_per_layer():
+    counts = np.zeros((48, 128), np.int64)
+    counts[0, 0] = 10
+    counts[1, 127] = 1000
+    grid = levels(counts, 32)
+    assert grid.shape == (48, 32)  # 4 experts per column
+    assert grid[0, 0] == grid[1, 31] == 8  # each layer against its own busiest expert
+    assert (grid[2:] == -1).all()  # nothing fired: its own colour, not the coldest
+    text = render_heatmap(counts, 40).plain
+    assert "4 experts per cell" in text and "1,010 activations" in text
+    assert len(text.splitlines()) == 1 + 24 + 2  # two layers per text row
+
+
+def test_reply_buffer_posts_once_until_drained():
+    buffer = ReplyBuffer()
+    assert buffer.push("a") is True
+    assert buffer.push("b") is False  # a notice is pending: no second message
+    assert buffer.drain() == "ab"
+    assert buffer.push("c") is True
+
+
+def test_text_helpers():
+    assert clean("ok\x1b[31m\x07 fine\n") == "ok[31m fine\n"
+    assert model_label("mlx-community/Qwen3-30B-A3B-4bit") == "mlx-community/Qwen3-30B-A3B-4bit"
+    assert model_label("/tmp/x/tiny-moe/") == "tiny-moe"
