@@ -58,7 +58,14 @@ async def settle(pilot) -> None:
 
 
 def test_chat_empty(snap_compare, make_app):
-    assert snap_compare(make_app(), terminal_size=SIZE, run_before=settle)
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        # The engine's live numbers, with the engine's preload wording fixed.
+        stats = pilot.app.engine.stats.snapshot()
+        pilot.app.screen.query_one(StatsPanel).pin(PanelState(stats, False, "off: no profile"))
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
 
 
 def test_chat_with_reply_and_stats(snap_compare, make_app):
