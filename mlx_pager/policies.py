@@ -9,8 +9,11 @@ boundaries for policies that age by tokens rather than by requests.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
+
+import numpy as np
 
 Key = Hashable
 
@@ -53,7 +56,311 @@ class LRU(Policy):
         raise LookupError("every resident expert is pinned; the cache is too small")
 
 
-POLICIES: dict[str, type[Policy]] = {"lru": LRU}
+class _Ranked(Policy):
+    """A policy that evicts the resident key of lowest score, through a lazy min-heap.
+
+    Scores only grow while a key is resident, so a key's newest heap entry is its true
+    one and older entries are skipped when popped: O(log n) per access and eviction.
+    """
+
+    def __init__(self) -> None:
+        self._score: dict[Key, tuple] = {}  # resident key -> its current heap entry
+        self._heap: list[tuple] = []
+
+    def _push(self, key: Key, entry: tuple) -> None:
+        self._score[key] = entry
+        heapq.heappush(self._heap, entry)
+        if len(self._heap) > 4 * len(self._score) + 64:  # drop stale entries
+            self._heap = list(self._score.values())
+            heapq.heapify(self._heap)
+
+    def remove(self, key: Key) -> None:
+        self._score.pop(key, None)
+
+    def victim(self, pinned: Collection[Key] = ()) -> Key:
+        heap, kept = self._heap, []
+        try:
+            while heap:
+                entry = heapq.heappop(heap)
+                key = entry[-1]
+                if self._score.get(key) is not entry:
+                    continue
+                kept.append(entry)
+                if key not in pinned:
+                    return key
+        finally:
+            for entry in kept:
+                heapq.heappush(heap, entry)
+        raise LookupError("every resident expert is pinned; the cache is too small")
+
+
+class LFU(_Ranked):
+    """Least frequently used since loaded; ties go to the least recently used."""
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = 0
+
+    def access(self, key: Key, weight: float = 1.0) -> None:
+        self._clock += 1
+        old = self._score.get(key)
+        self._push(key, (old[0] + 1 if old else 1, self._clock, key))
+
+
+class DecayedLFU(_Ranked):
+    """Frequency that fades: each request adds its router weight, halved every
+    ``half_life`` tokens, and the count survives eviction (a returning expert keeps its
+    history). Recency and frequency in one number; LRU and LFU are its two limits."""
+
+    name = "lfu-decay"
+
+    def __init__(self, half_life: float = 32.0) -> None:
+        super().__init__()
+        self._growth = 2.0 ** (1.0 / half_life)
+        self._unit = 1.0  # what a request adds now: grows instead of decaying every count
+        self._history: dict[Key, float] = {}
+
+    def access(self, key: Key, weight: float = 1.0) -> None:
+        value = self._history.get(key, 0.0) + weight * self._unit
+        self._history[key] = value
+        self._push(key, (value, key))
+
+    def next_token(self) -> None:
+        self._unit *= self._growth
+        if self._unit > 1e100:  # rescale everything; the order is unchanged
+            scale = 1.0 / self._unit
+            self._unit = 1.0
+            self._history = {k: v * scale for k, v in self._history.items()}
+            self._score = {k: (self._history[k], k) for k in self._score}
+            self._heap = list(self._score.values())
+            heapq.heapify(self._heap)
+
+
+class SLRU(Policy):
+    """Segmented LRU: a second request promotes a key into a protected segment (80% of
+    the residents) that one-off requests cannot flush."""
+
+    name = "slru"
+
+    def __init__(self, protected_share: float = 0.8) -> None:
+        self._probation: OrderedDict[Key, None] = OrderedDict()
+        self._protected: OrderedDict[Key, None] = OrderedDict()
+        self.protected_share = protected_share
+
+    def access(self, key: Key, weight: float = 1.0) -> None:
+        if key in self._protected:
+            self._protected.move_to_end(key)
+            return
+        if key not in self._probation:
+            self._probation[key] = None
+            return
+        del self._probation[key]
+        self._protected[key] = None
+        room = max(1, int(self.protected_share * (len(self._probation) + len(self._protected))))
+        while len(self._protected) > room:
+            demoted, _ = self._protected.popitem(last=False)
+            self._probation[demoted] = None
+
+    def remove(self, key: Key) -> None:
+        self._probation.pop(key, None)
+        self._protected.pop(key, None)
+
+    def victim(self, pinned: Collection[Key] = ()) -> Key:
+        for segment in (self._probation, self._protected):
+            for key in segment:
+                if key not in pinned:
+                    return key
+        raise LookupError("every resident expert is pinned; the cache is too small")
+
+
+class _LayerModel:
+    """What ``PredictedUse`` learns about one MoE layer."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.follows = np.zeros((size, size))  # [a, b]: times b came one token after a
+        self.seen = np.zeros(size)  # times a had a next token
+        self.chance = np.zeros((size, size))  # follows / seen: P(b next | a now)
+        self.decayed = np.zeros(size)  # router weight, fading (see DecayedLFU)
+        self.decayed_total = 0.0
+        self.resident: set[int] = set()
+        self.current: list[int] = []  # this token's experts so far
+        self.previous: list[int] = []  # the last finished token's experts
+        self.forecast: list[float] | None = None  # from ``previous``
+        self.cheapest: tuple[float, int] | None = None  # (score, expert) among residents
+
+    def grow(self, expert: int) -> None:
+        pad = max(self.size, expert + 1 - self.size)
+        self.follows = np.pad(self.follows, ((0, pad), (0, pad)))
+        self.chance = np.pad(self.chance, ((0, pad), (0, pad)))
+        self.seen = np.pad(self.seen, (0, pad))
+        self.decayed = np.pad(self.decayed, (0, pad))
+        self.size += pad
+
+    def finish_token(self) -> None:
+        if not self.current:
+            return
+        current = list(dict.fromkeys(self.current))
+        previous = self.previous
+        if previous:
+            pairs = np.add.outer(np.multiply(previous, self.size), current).ravel()
+            self.follows.reshape(-1)[pairs] += 1
+            self.seen[previous] += 1
+            self.chance[previous] = self.follows[previous] / self.seen[previous, None]
+        self.previous, self.current = current, []
+        self.forecast = self.cheapest = None
+
+    def predict(self, basis: list[int], mix: float) -> list[float]:
+        """Chance of each expert at this layer's next token, given this token's ``basis``."""
+        n = max(len(basis), 1)
+        if self.decayed_total <= 0:
+            return (self.chance[basis].sum(0) / n).tolist()
+        popular = self.decayed * ((1.0 - mix) * n / self.decayed_total)
+        if not basis:
+            return popular.tolist()
+        return (self.chance[basis].sum(0) * (mix / n) + popular).tolist()
+
+
+class PredictedUse(Policy):
+    """Evict the expert least likely to be needed at its layer's next token.
+
+    Per layer, it learns online how often expert b is chosen one token after expert a
+    (routing is sticky within a text, and not only for the same expert) and mixes that
+    forecast with a fading, router-weighted frequency (``DecayedLFU``). With one cache for
+    every layer, scores are chances, so they compare across layers: a skewed layer keeps
+    more experts than a flat one. Keys are ``(layer, expert)``. A miss that the forecast
+    rates lowest is the next victim, which is admission control without refusing a load.
+    """
+
+    name = "predict"
+
+    def __init__(self, mix: float = 0.7, half_life: float = 8.0) -> None:
+        self.mix = mix
+        self._growth = 2.0 ** (1.0 / half_life)
+        self._unit = 1.0
+        self._layers: dict[int, _LayerModel] = {}
+        self._open: int | None = None  # the layer whose token set is being gathered
+        self._plain_keys = False
+        self._accesses = 0  # a victim order stays valid until the next access
+        self._queue: tuple | None = None  # (pinned, accesses, layer, order): the order
+
+    def _split(self, key: Key) -> tuple[int, int]:
+        if isinstance(key, tuple):
+            return key
+        self._plain_keys = True  # bare expert ids: one layer
+        return 0, key
+
+    def _layer(self, layer: int) -> _LayerModel:
+        model = self._layers.get(layer)
+        if model is None:
+            model = self._layers[layer] = _LayerModel()
+        return model
+
+    def _close(self) -> None:
+        if self._open is not None:
+            self._layers[self._open].finish_token()
+            self._open = None
+
+    def access(self, key: Key, weight: float = 1.0) -> None:
+        self._accesses += 1
+        layer, expert = self._split(key)
+        if layer != self._open:
+            self._close()
+            self._open = layer
+        model = self._layer(layer)
+        if expert >= model.size:
+            model.grow(expert)
+        model.current.append(expert)
+        model.decayed[expert] += weight * self._unit
+        model.decayed_total += weight * self._unit
+        if expert not in model.resident:
+            model.resident.add(expert)
+            model.cheapest = None
+
+    def remove(self, key: Key) -> None:
+        layer, expert = self._split(key)
+        model = self._layers.get(layer)
+        if model is not None and expert in model.resident:
+            model.resident.discard(expert)
+            model.cheapest = None
+
+    def next_token(self) -> None:
+        self._close()
+        self._unit *= self._growth
+        if self._unit > 1e100:
+            for model in self._layers.values():
+                model.decayed /= self._unit
+                model.decayed_total /= self._unit
+            self._unit = 1.0
+
+    def victim(self, pinned: Collection[Key] = ()) -> Key:
+        if self._queue and self._queue[0] is pinned and self._queue[1] == self._accesses:
+            # another victim for the same request group: next in the order found before
+            layer, order = self._queue[2], self._queue[3]
+            resident = self._layers[layer].resident
+            while order and order[-1][1] not in resident:
+                order.pop()
+            if order and all(
+                n == layer
+                or (m.cheapest is not None and m.cheapest[0] >= order[-1][0])
+                or not m.resident
+                for n, m in self._layers.items()
+            ):
+                return self._key(layer, order.pop()[1])
+        by_layer: dict[int, list[int]] = {}
+        for key in pinned:
+            layer, expert = self._split(key)
+            by_layer.setdefault(layer, []).append(expert)
+        best: tuple[float, int, int] | None = None
+        self._queue = None
+        for layer, model in self._layers.items():
+            held = by_layer.get(layer)
+            if held is None:  # cached: changes only when this layer does
+                if model.cheapest is None:
+                    if model.forecast is None:
+                        model.forecast = model.predict(model.previous, self.mix)
+                    model.cheapest = _cheapest(model.resident, model.forecast, ())
+                found = model.cheapest
+            else:  # the layer being served: forecast from the token it serves now
+                forecast = model.predict(held, self.mix)
+                order = sorted(
+                    ((forecast[e], e) for e in model.resident if e not in held), reverse=True
+                )
+                self._queue = (pinned, self._accesses, layer, order)
+                found = order[-1] if order else None
+            if found is not None and (best is None or found[0] < best[0]):
+                best = (found[0], layer, found[1])
+        if best is None:
+            raise LookupError("every resident expert is pinned; the cache is too small")
+        if self._queue and best[1] == self._queue[2]:
+            self._queue[3].pop()
+        return self._key(best[1], best[2])
+
+    def _key(self, layer: int, expert: int) -> Key:
+        return expert if self._plain_keys else (layer, expert)
+
+
+def _cheapest(
+    resident: set[int], forecast: list[float], pinned: Collection[int]
+) -> tuple[float, int] | None:
+    best = None
+    for expert in resident:
+        if expert not in pinned and (best is None or forecast[expert] < best[0]):
+            best = (forecast[expert], expert)
+    return best
+
+
+POLICIES: dict[str, type[Policy]] = {
+    "lru": LRU,
+    "lfu": LFU,
+    "slru": SLRU,
+    "lfu-decay": DecayedLFU,
+    "predict": PredictedUse,
+}
+# The best measured on replayed traces (scripts/bench_policies.py).
+DEFAULT_POLICY = "predict"
 
 
 def make_policy(name: str) -> Policy:

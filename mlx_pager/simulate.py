@@ -1,0 +1,191 @@
+"""`mlx-pager simulate`: replay a routing trace against the cache policies, and Belady.
+
+Semantics (those of the reference figures in ``traces/FORMAT.md``): a token's requests
+at one layer are served together: every one of them is pinned while the misses are
+loaded, a request already resident is a hit, ``-1`` is skipped. A miss is always loaded
+into a slot; a policy can only choose what to evict. Two modes: one cache of
+``capacity`` experts per layer, or one global budget of ``capacity * layers`` experts
+shared by all layers (hot layers may hold more). Belady's offline optimum (evict the
+resident expert whose next use is furthest away) bounds every policy in both modes.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from .policies import make_policy
+from .trace import Trace
+
+
+@dataclass
+class Result:
+    policy: str
+    hits: int
+    misses: int
+    tokens: int
+    held_out: tuple[int, int] | None = None  # (hits, misses) from ``split`` on
+
+    @property
+    def held_out_hit_rate(self) -> float | None:
+        if not self.held_out or not sum(self.held_out):
+            return None
+        return self.held_out[0] / sum(self.held_out)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def misses_per_token(self) -> float:
+        return self.misses / self.tokens if self.tokens else 0.0
+
+
+def parse_capacity(text: str | float, num_experts: int) -> int:
+    """``16`` experts per layer, or ``0.25`` of them."""
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"capacity must be positive, got {text}")
+    if value < 1 or (isinstance(text, str) and "." in text and value <= 1):
+        value = round(value * num_experts)
+    if value != int(value):
+        raise ValueError(f"capacity {text} is neither a whole number of experts nor a fraction")
+    return min(int(value), num_experts)
+
+
+def _requests(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """Keys ``layer * E + expert`` per [T, L, K] (-1 kept) and weights (1.0 when unknown)."""
+    ids = trace.expert_ids.astype(np.int64)
+    keys = np.where(ids >= 0, ids + trace.num_experts * np.arange(trace.num_layers)[:, None], -1)
+    weights = trace.weights if trace.weights is not None else np.ones(ids.shape, np.float32)
+    return keys, weights
+
+
+def _check_capacity(trace: Trace, capacity: int) -> None:
+    per_token = (trace.expert_ids >= 0).sum(-1).max(initial=0)
+    if capacity < per_token:
+        raise ValueError(
+            f"capacity {capacity} is below the {per_token} experts one token needs at a layer"
+        )
+
+
+def replay(
+    trace: Trace, capacity: int, policy: str, shared: bool = False, split: int | None = None
+) -> Result:
+    """Hits and misses of ``policy`` with ``capacity`` experts per layer.
+
+    ``shared``: one cache of ``capacity * layers`` experts for all layers, one policy
+    instance ranking every (layer, expert), as the live engine runs it. ``split``: also
+    count hits and misses from that token on (a held-out part, with a warm cache).
+    """
+    _check_capacity(trace, capacity)
+    n_layers = trace.num_layers
+    groups = 1 if shared else n_layers
+    policies = [make_policy(policy) for _ in range(groups)]
+    residents: list[set[tuple[int, int]]] = [set() for _ in range(groups)]
+    limit = capacity * n_layers if shared else capacity
+    ones = [[1.0] * trace.top_k] * n_layers
+    hits = misses = 0
+    before = None
+    for t in range(trace.num_tokens):
+        if t == split:
+            before = (hits, misses)
+        id_rows = trace.expert_ids[t].tolist()
+        weight_rows = ones if trace.weights is None else trace.weights[t].tolist()
+        for layer in range(n_layers):
+            g = 0 if shared else layer
+            pol, resident = policies[g], residents[g]
+            want = [(layer, e) for e in id_rows[layer] if e >= 0]
+            missed = [k for k in want if k not in resident]
+            if missed:
+                missed = list(dict.fromkeys(missed))
+                misses += len(missed)
+                over = len(resident) + len(missed) - limit
+                if over > 0:
+                    pinned = set(want)
+                    for _ in range(over):
+                        victim = pol.victim(pinned)
+                        pol.remove(victim)
+                        resident.remove(victim)
+                resident.update(missed)
+            hits += len(want) - len(missed)
+            for e, w in zip(id_rows[layer], weight_rows[layer], strict=True):
+                if e >= 0:
+                    pol.access((layer, e), w)
+        for pol in policies:
+            pol.next_token()
+    held = None if before is None else (hits - before[0], misses - before[1])
+    return Result(policy, hits, misses, trace.num_tokens, held)
+
+
+def next_uses(keys: np.ndarray) -> np.ndarray:
+    """For each request [T, L, K], the step (t * L + l) of the next request of its key."""
+    T, L, K = keys.shape
+    flat = keys.reshape(-1)
+    step = np.repeat(np.arange(T * L, dtype=np.int64), K)
+    order = np.argsort(flat, kind="stable")  # by key, then by step
+    k_sorted, s_sorted = flat[order], step[order]
+    nxt_sorted = np.full(len(flat), T * L, np.int64)
+    same = k_sorted[1:] == k_sorted[:-1]
+    nxt_sorted[:-1][same] = s_sorted[1:][same]
+    for _ in range(K):  # a key twice in one request group: take the later copy's next use
+        dup = nxt_sorted[:-1] == s_sorted[:-1]
+        if not dup.any():
+            break
+        nxt_sorted[:-1][dup] = nxt_sorted[1:][dup]
+    nxt = np.empty_like(nxt_sorted)
+    nxt[order] = nxt_sorted
+    return nxt.reshape(T, L, K)
+
+
+def belady(trace: Trace, capacity: int, shared: bool = False, split: int | None = None) -> Result:
+    """Belady's offline optimum under the same rules (misses loaded, a token's set pinned)."""
+    _check_capacity(trace, capacity)
+    keys, _ = _requests(trace)
+    nxt = next_uses(keys)
+    n_layers = trace.num_layers
+    groups = 1 if shared else n_layers
+    limit = capacity * n_layers if shared else capacity
+    next_of: list[dict[int, int]] = [{} for _ in range(groups)]
+    heaps: list[list[tuple[int, int]]] = [[] for _ in range(groups)]
+    hits = misses = 0
+    before = None
+    for t in range(trace.num_tokens):
+        if t == split:
+            before = (hits, misses)
+        key_rows = keys[t].tolist()
+        next_rows = nxt[t].tolist()
+        for layer in range(n_layers):
+            g = 0 if shared else layer
+            resident, heap = next_of[g], heaps[g]
+            want = [k for k in key_rows[layer] if k >= 0]
+            missed = list(dict.fromkeys(k for k in want if k not in resident))
+            misses += len(missed)
+            hits += len(want) - len(missed)
+            over = len(resident) + len(missed) - limit
+            if over > 0:
+                pinned = set(want)
+                kept = []
+                while over > 0:
+                    neg, k = heapq.heappop(heap)
+                    if resident.get(k) != -neg:
+                        continue  # stale entry
+                    if k in pinned:
+                        kept.append((neg, k))
+                        continue
+                    del resident[k]
+                    over -= 1
+                for item in kept:
+                    heapq.heappush(heap, item)
+            for k, n in zip(key_rows[layer], next_rows[layer], strict=True):
+                if k >= 0:
+                    resident[k] = n
+                    heapq.heappush(heap, (-n, k))
+            if len(heap) > 4 * limit + 64:  # drop stale entries
+                heap[:] = [(-n, k) for k, n in resident.items()]
+                heapq.heapify(heap)
+    held = None if before is None else (hits - before[0], misses - before[1])
+    return Result("belady", hits, misses, trace.num_tokens, held)
