@@ -112,7 +112,8 @@ def test_settings(snap_compare, make_app):
     async def run_before(pilot) -> None:
         await settle(pilot)
         await pilot.press("f3")
-        await pilot.pause(0.3)
+        screen = pilot.app.screen
+        await wait_for(pilot, lambda: screen._plan is not None)  # the layout worker is done
         await pilot.pause()
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
