@@ -83,9 +83,16 @@ class PagerApp(App[int]):
         self.open_model(self.config.model)
 
     async def action_quit(self) -> None:
+        """Stop generating and downloading first: their threads must end for us to exit."""
         if self.engine is not None:
             self.engine.stop()
+        self.cancel_downloads()
         self.exit(0)
+
+    def cancel_downloads(self) -> None:
+        """A download in flight stops within a chunk; its partial files resume next time."""
+        if self.is_screen_installed("models"):
+            self.get_screen("models").cancel_download()  # type: ignore[attr-defined]
 
     def shutdown_engine(self, timeout: float = 30.0) -> None:
         """Close the model once generation has let go of it (called after the app exits)."""

@@ -19,5 +19,6 @@ def run_app(**options: Any) -> int:
     try:
         result = app.run()
     finally:
+        app.cancel_downloads()
         app.shutdown_engine()
     return int(result or 0)

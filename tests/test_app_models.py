@@ -162,3 +162,22 @@ async def test_not_enough_disk_is_refused_with_what_to_do(
         assert screen.downloading is None
         assert any(n.title == "Not enough disk" for n in app._notifications)
         assert not list(hf_cache.rglob("*.incomplete"))  # not a byte of weights fetched
+
+
+async def test_quit_during_a_download_cancels_it(
+    make_app, app_model, hub_server, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(dl, "CHUNK_BYTES", 32 * 1024)
+    hub_server.throttle = 100_000
+    hub_server.add_repo("test/tiny-moe", app_model)
+    app = make_app(hub_endpoint=hub_server.endpoint, catalogue_path=tmp_path / "none.json")
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        await pilot.click("#repo-id")
+        await pilot.press(*"test/tiny-moe", "enter")
+        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
+                       and screen.estimates["test/tiny-moe"].planned)  # fmt: skip
+        await pilot.press("ctrl+d")
+        await wait_for(pilot, lambda: screen.downloading)
+        await pilot.press("ctrl+q")
+    assert screen._cancel.is_set()  # the worker thread ends within a chunk: exit is prompt

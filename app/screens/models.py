@@ -302,8 +302,12 @@ class ModelsScreen(Screen):
 
     def action_cancel(self) -> None:
         if self.downloading is not None:
-            self._cancel.set()
+            self.cancel_download()
             self.query_one("#download-status", Label).update("Cancelling…")
+
+    def cancel_download(self) -> None:
+        """Safe from anywhere, even once the app has exited (touches no widget)."""
+        self._cancel.set()
 
     @on(Button.Pressed, "#download")
     def _download_pressed(self) -> None:
