@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "settings": ("mlx_pager.settings_cmd", "show or change the settings"),
     "download": ("mlx_pager.download_cmd", "download a model into the Hugging Face cache"),
     "models": ("mlx_pager.models_cmd", "list cached models with their verdicts for the budget"),
+    "simulate": ("mlx_pager.simulate", "replay a routing trace against cache policies"),
 }
 
 
