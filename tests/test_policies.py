@@ -1,0 +1,130 @@
+"""Cache policies: hand-computed orders for each, and the contract the live cache relies on."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mlx_pager.policies import (
+    DEFAULT_POLICY,
+    LFU,
+    LRU,
+    POLICIES,
+    SLRU,
+    DecayedLFU,
+    PredictedUse,
+    make_policy,
+)
+
+
+def feed(policy, tokens):
+    """Access each token's keys, then mark the token boundary."""
+    for keys in tokens:
+        for key in keys:
+            policy.access(key)
+        policy.next_token()
+
+
+def test_lru_order_and_pinning():
+    p = LRU()
+    feed(p, [["a"], ["b"], ["c"], ["a"]])
+    assert p.victim() == "b"
+    assert p.victim({"b"}) == "c"
+
+
+def test_lfu_counts_since_loaded_ties_to_oldest():
+    p = LFU()
+    feed(p, [["a"], ["a"], ["b"], ["c"], ["c"]])
+    assert p.victim() == "b"
+    p.remove("b")
+    p.access("d")
+    assert p.victim() == "d"  # one request: below a and c
+    assert p.victim({"d"}) == "a"  # a and c tie at 2; a is older
+    p.remove("a")
+    p.access("a")  # evicted and back: its count starts again
+    assert p.victim({"d"}) == "a"
+
+
+def test_slru_protects_keys_asked_for_twice():
+    p = SLRU()
+    feed(p, [["a"], ["b"], ["a"], ["c"], ["d"]])
+    # a is protected; b, c, d are on probation, oldest first
+    assert p.victim() == "b"
+    assert p.victim({"b", "c", "d"}) == "a"
+    p.remove("b")
+    p.remove("c")
+    p.remove("d")
+    assert p.victim() == "a"
+
+
+def test_decayed_lfu_mixes_recency_frequency_and_weight():
+    p = DecayedLFU(half_life=1.0)
+    feed(p, [["a", "a", "a"], ["b", "b"], [], ["c"]])
+    # a: 3 * 1/8 = 0.375, b: 2 * 1/4 = 0.5, c: 1 * 1/2 after the last boundary
+    assert p.victim() == "a"
+    q = DecayedLFU(half_life=1000.0)
+    q.access("light", weight=0.1)
+    q.access("heavy", weight=0.9)
+    assert q.victim() == "light"
+    q.remove("heavy")
+    q.access("heavy", weight=0.05)  # its history survived the eviction
+    assert q.victim() == "light"
+
+
+def test_predicted_use_learns_what_follows():
+    p = PredictedUse()
+    feed(p, [[(0, 1)], [(0, 2)]] * 20)  # at this layer, 2 always follows 1
+    feed(p, [[(0, 3)]])  # 3 is the most recent, seen once
+    # serving a token that needs expert 1: keep 2, which comes next
+    assert p.victim({(0, 1)}) == (0, 3)
+    assert lru_victim([[1], [2]] * 20 + [[3]], pinned={1}) == 2  # LRU would drop 2
+
+
+def lru_victim(tokens, pinned):
+    p = LRU()
+    feed(p, tokens)
+    return p.victim(pinned)
+
+
+def test_predicted_use_plain_ids_and_global_layers():
+    p = PredictedUse()
+    feed(p, [[5, 6], [5, 7]])
+    assert p.victim({5, 7}) == 6  # bare expert ids in, bare ids out
+    g = PredictedUse()
+    # layer 0 is skewed (always expert 0), layer 1 spreads over many experts
+    feed(g, [[(0, 0), (1, t % 8)] for t in range(40)])
+    assert g.victim({(1, 3)})[0] == 1  # a flat layer's expert goes before the hot one
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_contract_as_the_live_cache_uses_it(name):
+    """Random requests through a global cache of (layer, expert) keys, evicting before
+    accessing as ExpertCache._fetch does: a victim is always resident and never pinned."""
+    rng = random.Random(name)
+    policy = make_policy(name)
+    resident: set = set()
+    slots = 12
+    for _ in range(300):
+        for layer in range(3):
+            keys = [(layer, e) for e in rng.sample(range(10), 3)]
+            pinned = set(keys)
+            for _ in [k for k in keys if k not in resident]:
+                if len(resident) >= slots:
+                    victim = policy.victim(pinned)
+                    assert victim in resident and victim not in pinned
+                    policy.remove(victim)
+                    resident.remove(victim)
+            resident.update(keys)
+            for key in keys:
+                policy.access(key, rng.random())
+        policy.next_token()
+    with pytest.raises(LookupError):
+        policy.victim(resident)
+
+
+def test_registry():
+    assert DEFAULT_POLICY in POLICIES
+    assert all(make_policy(n).name == n for n in POLICIES)
+    with pytest.raises(ValueError, match="Unknown cache policy 'mru'"):
+        make_policy("mru")
