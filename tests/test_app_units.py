@@ -14,7 +14,7 @@ from app.conversations import (
 )
 from app.screens.chat import ReplyBuffer
 from app.text import clean, model_label
-from app.widgets.heatmap import levels, render_heatmap
+from app.widgets.heatmap import cell_info, levels, render_heatmap
 
 
 def test_conversations_roundtrip_newest_first_and_broken_files_skipped(tmp_path):
@@ -59,3 +59,16 @@ def test_text_helpers():
     assert clean("ok\x1b[31m\x07 fine\n") == "ok[31m fine\n"
     assert model_label("mlx-community/Qwen3-30B-A3B-4bit") == "mlx-community/Qwen3-30B-A3B-4bit"
     assert model_label("/tmp/x/tiny-moe/") == "tiny-moe"
+
+
+def test_heatmap_tooltip_names_the_cell():
+    counts = np.zeros((2, 8), np.int64)
+    counts[1, 5] = 30
+    counts[1, 0] = 10
+    # 2 layers x 8 experts at width 28: one row per layer, 3 cells per expert.
+    assert (
+        cell_info(counts, 28, x=4 + 5 * 3 + 1, y=2)
+        == "layer 1, expert 5: 30 tokens (75.0% of the layer)"
+    )
+    assert cell_info(counts, 28, x=4, y=1) == "layer 0, expert 0: 0 tokens"
+    assert cell_info(counts, 28, x=1, y=1) is None  # the gutter

@@ -14,6 +14,7 @@ import numpy as np
 from rich.color import Color
 from rich.style import Style
 from rich.text import Text
+from textual import events
 from textual.widget import Widget
 
 from mlx_pager.profile import top_share
@@ -126,3 +127,29 @@ class ExpertHeatmap(Widget):
 
     def render(self) -> Text:
         return render_heatmap(self.counts, self.content_size.width, self.empty_text)
+
+    def on_mouse_move(self, event: events.MouseMove) -> None:
+        """Which layer and experts a cell is, and how busy: the tooltip under the mouse."""
+        self.tooltip = cell_info(self.counts, self.content_size.width, event.x, event.y)
+
+
+def cell_info(counts: np.ndarray, width: int, x: int, y: int) -> str | None:
+    """The tooltip for text cell (x, y) of ``render_heatmap``'s picture, or None."""
+    if counts.ndim != 2 or counts.size == 0:
+        return None
+    layers, experts = counts.shape
+    per_row, cell, columns = layout_for(layers, experts, width)
+    per_bin = math.ceil(experts / columns)
+    column = (x - GUTTER) // cell
+    row = y - 1
+    if row < 0 or column < 0 or row * per_row >= layers or column * per_bin >= experts:
+        return None
+    first, last = column * per_bin, min(experts, (column + 1) * per_bin) - 1
+    lines = []
+    for layer in range(row * per_row, min(layers, (row + 1) * per_row)):
+        fired = int(counts[layer, first : last + 1].sum())
+        total = int(counts[layer].sum())
+        share = f" ({fired / total:.1%} of the layer)" if total else ""
+        which = f"expert {first}" if first == last else f"experts {first}–{last}"
+        lines.append(f"layer {layer}, {which}: {fired:,} tokens{share}")
+    return "\n".join(lines)
