@@ -6,6 +6,7 @@ import itertools
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -16,6 +17,9 @@ from textual.screen import ModalScreen, Screen
 from mlx_pager.settings import Settings, data_dir, load_settings, save_settings
 
 from .config import AppConfig
+
+if TYPE_CHECKING:
+    from mlx_pager.engine import Engine
 from .messages import EngineFailed, EngineOpened
 from .text import model_label
 
@@ -41,7 +45,7 @@ class PagerApp(App[int]):
     def __init__(self, config: AppConfig) -> None:
         super().__init__()
         self.config = config
-        self.engine = None  # mlx_pager.engine.Engine once open
+        self.engine: Engine | None = None
         self.engine_lock = threading.Lock()  # held while generating, opening or closing
         self.engine_status = "none"  # none | opening | ready | error
         self.engine_error = ""
@@ -70,7 +74,7 @@ class PagerApp(App[int]):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def get_default_screen(self):  # noqa: ANN201 - a Screen
+    def get_default_screen(self) -> Screen:
         from .screens.chat import ChatScreen
 
         return ChatScreen()
@@ -186,6 +190,9 @@ class PagerApp(App[int]):
             return False
         if self.engine is None or any(getattr(old, f) != getattr(new, f) for f in ENGINE_FIELDS):
             self.open_model(self.model_name or None, remember=False)
+        elif hasattr(self.engine, "task_preload"):
+            self.engine.task_preload = new.task_preload  # read per prompt: no reopen
+            self.engine_version += 1
         return True
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

@@ -109,3 +109,15 @@ def test_parse_budget():
         except ValueError:
             continue
         raise AssertionError(bad)
+
+
+async def test_task_preload_applies_without_reopening(make_app, settings_file):
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_settings(pilot)
+        engine = app.engine
+        screen.query_one("#task_preload").value = False
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        assert app.engine is engine and engine.task_preload is False
+        assert load_settings(settings_file).task_preload is False
