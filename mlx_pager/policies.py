@@ -95,18 +95,21 @@ class _Ranked(Policy):
 
 
 class LFU(_Ranked):
-    """Least frequently used since loaded; ties go to the least recently used."""
+    """Least frequently used: requests counted since the start, kept across evictions
+    (the reference figures' LFU); ties go to the least recently used."""
 
     name = "lfu"
 
     def __init__(self) -> None:
         super().__init__()
         self._clock = 0
+        self._counts: dict[Key, int] = {}
 
     def access(self, key: Key, weight: float = 1.0) -> None:
         self._clock += 1
-        old = self._score.get(key)
-        self._push(key, (old[0] + 1 if old else 1, self._clock, key))
+        count = self._counts.get(key, 0) + 1
+        self._counts[key] = count
+        self._push(key, (count, self._clock, key))
 
 
 class DecayedLFU(_Ranked):
