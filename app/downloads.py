@@ -103,10 +103,27 @@ def list_models(config) -> list[ModelRow]:  # noqa: ANN001 - AppConfig
 
 
 def quick_estimate(row: ModelRow, settings: Settings, total_memory: int) -> Estimate:
-    """The verdict from sizes already known (catalogue or local headers): no network."""
+    """The verdict from sizes already known (catalogue or local headers): no network.
+
+    A downloaded model is planned the way the engine will open it (``inspect_model``:
+    compute dtype, real KV cache), so this screen, the settings and the chat agree.
+    """
     result = Estimate(size_bytes=row.size_bytes)
     if row.sizes is not None:
         _judge(result, row.sizes, settings, total_memory)
+    if row.cached and row.path is not None:
+        from mlx_pager.loader import inspect_model
+
+        try:
+            plan = inspect_model(row.path, settings.context_length).plan(
+                settings.budget_bytes(total_memory)
+            )
+        except Exception as e:  # noqa: BLE001 - shown as the row's problem
+            result.error = str(e) or type(e).__name__
+            return result
+        result.verdict, result.explain = plan.verdict, plan.explain()
+        if plan.verdict != "paged":
+            result.tokens_per_second = None
     return result
 
 
