@@ -73,6 +73,7 @@ class SettingsScreen(Screen):
         self._layout = None  # the ModelLayout being planned for
         self._model_path: Path | None = None
         self._plan: BudgetPlan | None = None
+        self._sizes = None  # mlx_pager.download.ModelSizes of the model, for the speed
 
     def compose(self) -> ComposeResult:
         s = self.app.settings
@@ -161,6 +162,7 @@ class SettingsScreen(Screen):
 
     @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
     def _inspect_worker(self, path: Path | None, name: str, context: int, key: tuple) -> None:
+        from mlx_pager.download import local_sizes
         from mlx_pager.loader import inspect_model
 
         try:
@@ -170,10 +172,15 @@ class SettingsScreen(Screen):
         except Exception as e:  # noqa: BLE001 - shown in the panel
             self.app.call_from_thread(self._layout_failed, str(e) or type(e).__name__)
             return
-        self.app.call_from_thread(self._layout_ready, key, layout)
+        try:
+            sizes = local_sizes(path)  # for the speed estimate only
+        except (OSError, ValueError, KeyError):
+            sizes = None
+        self.app.call_from_thread(self._layout_ready, key, layout, sizes)
 
-    def _layout_ready(self, key: tuple, layout: object) -> None:
+    def _layout_ready(self, key: tuple, layout: object, sizes: object = None) -> None:
         self._layouts[key] = self._layout = layout
+        self._sizes = sizes if sizes is not None else self._sizes
         self._show_plan()
 
     def _layout_failed(self, error: str) -> None:
@@ -238,6 +245,14 @@ class SettingsScreen(Screen):
 
     def _verdict_text(self, plan: BudgetPlan) -> Text:
         text = Text(plan.explain())
+        if plan.verdict == "paged" and self._sizes is not None:
+            from mlx_pager.download import verdict
+
+            context = self._context_length() or 4096
+            estimate = verdict(self._sizes, plan.budget_bytes, context).tokens_per_second
+            if estimate:
+                text.append(f"\nAbout {estimate:.1f} tokens/s (an estimate; the chat measures "
+                            "it).", style="dim")  # fmt: skip
         machine = self.app.config.machine()
         if plan.budget_bytes > 0.75 * machine.total_bytes:
             text.append(
