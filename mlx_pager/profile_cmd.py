@@ -55,16 +55,16 @@ def interleave(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [p for group in rounds for p in group if p is not None]
 
 
-def run_prompts(engine, pairs, max_tokens, preload=False) -> dict[str, np.ndarray]:
+def run_prompts(engine, pairs, max_tokens, recorder=None) -> dict[str, np.ndarray]:
     """Generate for each prompt; the expert counts each task used."""
     by_task: dict[str, np.ndarray] = {}
     for task, text in pairs:
         before = engine.stats.expert_counts.copy()
-        for _ in engine.generate(
-            text, max_tokens=max_tokens, chat_template=False, preload=preload, task=task
-        ):
+        for _ in engine.generate(text, max_tokens=max_tokens, chat_template=False, task=task):
             pass
         by_task[task] = by_task.get(task, 0) + engine.stats.expert_counts - before
+        if recorder is not None:
+            recorder.end_sequence(label=task, text=text)
     return by_task
 
 
@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         pairs = read_prompts(Path(args.prompts), engine.classify)
         train, held = split_held_out(pairs) if args.measure_preload else (pairs, [])
-        by_task = run_prompts(engine, train, args.max_tokens)
+        by_task = run_prompts(engine, train, args.max_tokens, recorder)
+        if recorder is not None:
+            engine.paged.cache.on_tokens = None  # the trace holds the profiled prompts only
         preload = measure_preload(engine, held, args.decode_tokens) if held else None
         if preload is not None:
             engine.profiles.preload_hit = preload

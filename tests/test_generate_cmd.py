@@ -88,3 +88,33 @@ def test_errors_are_one_line_with_exit_code_2(model, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mlx-pager: error:") and "below the minimum" in err
     assert "Traceback" not in err
+
+
+def test_record_trace_replays_in_the_simulator(model, tmp_path, capsys):
+    from mlx_pager.trace import load_trace
+
+    trace_path = tmp_path / "run.npz"
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model),
+                "--prompt",
+                "Hi there",
+                "--max-tokens",
+                "6",
+                "--budget",
+                "1GB",
+                "--record-trace",
+                str(trace_path),
+            ]
+        )
+        == 0
+    )
+    trace = load_trace(trace_path)
+    capsys.readouterr()
+    assert trace.num_layers == 2 and trace.top_k == 2 and trace.num_experts == 16
+    assert main(["simulate", "--trace", str(trace_path), "--capacity", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 <= report["policies"]["lru"] <= report["belady"] <= 1

@@ -10,6 +10,7 @@ from mlx_pager.cli import main
 from mlx_pager.profile import coverage_curve, layer_skew, predicted_hit_rate, task_coverage
 from mlx_pager.synthetic import make_checkpoint
 from mlx_pager.task_profiles import TaskProfiles
+from mlx_pager.trace import load_trace
 
 
 def test_coverage_curve_and_skew():
@@ -40,8 +41,10 @@ def test_profile_command_learns_and_measures(tmp_path, capsys):
     lines = [{"task": t, "text": f"{t} prompt number {i} " * 3} for i in range(5)
              for t in ("code", "prose")]  # fmt: skip
     prompts.write_text("\n".join(json.dumps(x) for x in lines))
+    trace_path = tmp_path / "profile.npz"
     args = ["profile", "--model", str(path), "--prompts", str(prompts), "--max-tokens", "4",
-            "--measure-preload", "--decode-tokens", "4", "--budget", "1GB", "--json"]  # fmt: skip
+            "--measure-preload", "--decode-tokens", "4", "--budget", "1GB", "--json",
+            "--export-trace", str(trace_path)]  # fmt: skip
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tasks"] == ["code", "prose"] and report["prompts"] == 10
@@ -50,3 +53,7 @@ def test_profile_command_learns_and_measures(tmp_path, capsys):
     saved = TaskProfiles.load(path, 2, 16)
     assert saved.counts["code"].sum() > 0 and saved.preload_hit == report["preload_hit"]
     assert report["preload"].startswith(("on:", "off: measured"))
+    trace = load_trace(trace_path)  # the 8 training prompts, one sequence each, labelled
+    assert trace.num_sequences == 8 and trace.num_layers == 2 and trace.top_k == 2
+    assert sorted(set(trace.labels)) == ["code", "prose"]
+    assert trace.num_tokens == int(saved.counts["code"].sum() + saved.counts["prose"].sum()) // 4
