@@ -39,6 +39,7 @@ def test_broken_file_says_what_to_do(tmp_path):
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "s.toml"
     save_settings(Settings(budget="4GB"), path)
+
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
