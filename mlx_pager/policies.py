@@ -191,12 +191,17 @@ class _LayerModel:
         self.resident: set[int] = set()
         self.current: list[int] = []  # this token's experts so far
         self.previous: list[int] = []  # the last finished token's experts
-        self.forecast: list[float] | None = None  # from ``previous``
-        self.cheapest: tuple[float, int] | None = None  # (score, expert) among residents
+        self.forecast: list[float] | None = None  # from ``previous`` (or ``upcoming``)
+        # One cache for all layers: how this layer follows the one before, same token.
+        self.below = np.zeros((size, size))  # [a, b]: b here when a was one layer down
+        self.below_seen = np.zeros(size)
+        self.upcoming: list[int] = []  # the layer below's experts for the token on its way
 
     def grow(self, expert: int) -> None:
         pad = max(self.size, expert + 1 - self.size)
         self.follows = np.pad(self.follows, ((0, pad), (0, pad)))
+        self.below = np.pad(self.below, ((0, pad), (0, pad)))
+        self.below_seen = np.pad(self.below_seen, (0, pad))
         self.chance = np.pad(self.chance, ((0, pad), (0, pad)))
         self.seen = np.pad(self.seen, (0, pad))
         self.decayed = np.pad(self.decayed, (0, pad))
@@ -213,7 +218,8 @@ class _LayerModel:
             self.seen[previous] += 1
             self.chance[previous] = self.follows[previous] / self.seen[previous, None]
         self.previous, self.current = current, []
-        self.forecast = self.cheapest = None
+        self.forecast = None
+        self.upcoming = []
 
     def predict(self, basis: list[int], mix: float) -> list[float]:
         """Chance of each expert at this layer's next token, given this token's ``basis``."""
@@ -224,6 +230,14 @@ class _LayerModel:
         if not basis:
             return popular.tolist()
         return (self.chance[basis].sum(0) * (mix / n) + popular).tolist()
+
+    def predict_upcoming(self, mix: float) -> list[float]:
+        """Chance of each expert for the token the layer below has just served."""
+        ahead = self.predict(self.previous, mix)
+        basis = self.upcoming
+        size = min(len(self.below_seen), len(ahead))
+        rows = self.below[basis, :size] / np.maximum(self.below_seen[basis], 1.0)[:, None]
+        return (0.5 * np.asarray(ahead[:size]) + 0.5 * rows.mean(0)).tolist()
 
 
 class PredictedUse(Policy):
@@ -239,15 +253,19 @@ class PredictedUse(Policy):
 
     name = "predict"
 
-    def __init__(self, mix: float = 0.7, half_life: float = 8.0) -> None:
+    def __init__(self, mix: float = 0.7, half_life: float = 8.0, cross_layer: bool = True) -> None:
         self.mix = mix
+        self.cross_layer = cross_layer
+        self._served: dict[int, list[int]] = {}  # this token's experts, layers done
         self._growth = 2.0 ** (1.0 / half_life)
         self._unit = 1.0
         self._layers: dict[int, _LayerModel] = {}
         self._open: int | None = None  # the layer whose token set is being gathered
         self._plain_keys = False
-        self._accesses = 0  # a victim order stays valid until the next access
-        self._queue: tuple | None = None  # (pinned, accesses, layer, order): the order
+        self._accesses = 0  # victim orders stay valid until the next access
+        self._group: tuple | None = None  # (pinned, accesses, {layer: order}) being served
+        self._cheapest: dict[int, tuple[float, int]] = {}  # layer -> (chance, expert)
+        self._dirty: set[int] = set()  # layers whose cheapest must be found again
 
     def _split(self, key: Key) -> tuple[int, int]:
         if isinstance(key, tuple):
@@ -262,9 +280,28 @@ class PredictedUse(Policy):
         return model
 
     def _close(self) -> None:
-        if self._open is not None:
-            self._layers[self._open].finish_token()
-            self._open = None
+        if self._open is None:
+            return
+        layer, self._open = self._open, None
+        model = self._layers[layer]
+        current = list(dict.fromkeys(model.current))
+        model.finish_token()
+        self._dirty.add(layer)
+        if not self.cross_layer:
+            return
+        self._served[layer] = current
+        down = self._served.get(layer - 1)
+        if down and current:
+            if max(down) >= len(model.below_seen):
+                model.grow(max(down))
+            pairs = np.add.outer(np.multiply(down, model.size), current).ravel()
+            model.below.reshape(-1)[pairs] += 1
+            model.below_seen[down] += 1
+        up = self._layers.get(layer + 1)
+        if up is not None and current and layer + 1 not in self._served:
+            up.upcoming = current
+            up.forecast = None
+            self._dirty.add(layer + 1)
 
     def access(self, key: Key, weight: float = 1.0) -> None:
         self._accesses += 1
@@ -280,17 +317,18 @@ class PredictedUse(Policy):
         model.decayed_total += weight * self._unit
         if expert not in model.resident:
             model.resident.add(expert)
-            model.cheapest = None
+            self._dirty.add(layer)
 
     def remove(self, key: Key) -> None:
         layer, expert = self._split(key)
         model = self._layers.get(layer)
         if model is not None and expert in model.resident:
             model.resident.discard(expert)
-            model.cheapest = None
+            self._dirty.add(layer)
 
     def next_token(self) -> None:
         self._close()
+        self._served = {}
         self._unit *= self._growth
         if self._unit > 1e100:
             for model in self._layers.values():
@@ -299,47 +337,55 @@ class PredictedUse(Policy):
             self._unit = 1.0
 
     def victim(self, pinned: Collection[Key] = ()) -> Key:
-        if self._queue and self._queue[0] is pinned and self._queue[1] == self._accesses:
-            # another victim for the same request group: next in the order found before
-            layer, order = self._queue[2], self._queue[3]
+        group = self._group
+        if group is None or group[0] is not pinned or group[1] != self._accesses:
+            group = self._group = (pinned, self._accesses, self._orders(pinned))
+        orders: dict[int, list[tuple[float, int]]] = group[2]
+        for layer in self._dirty:  # other layers: cached until they change
+            model = self._layers[layer]
+            if model.forecast is None:
+                if model.upcoming:
+                    model.forecast = model.predict_upcoming(self.mix)
+                else:
+                    model.forecast = model.predict(model.previous, self.mix)
+            found = _cheapest(model.resident, model.forecast, ())
+            if found is None:
+                self._cheapest.pop(layer, None)
+            else:
+                self._cheapest[layer] = found
+        self._dirty.clear()
+        best: tuple[float, int, int] | None = None
+        for layer, (chance, expert) in self._cheapest.items():
+            if layer not in orders and (best is None or chance < best[0]):
+                best = (chance, layer, expert)
+        for layer, order in orders.items():
             resident = self._layers[layer].resident
             while order and order[-1][1] not in resident:
                 order.pop()
-            if order and all(
-                n == layer
-                or (m.cheapest is not None and m.cheapest[0] >= order[-1][0])
-                or not m.resident
-                for n, m in self._layers.items()
-            ):
-                return self._key(layer, order.pop()[1])
+            if order and (best is None or order[-1][0] < best[0]):
+                best = (order[-1][0], layer, order[-1][1])
+        if best is None:
+            raise LookupError("every resident expert is pinned; the cache is too small")
+        if best[1] in orders:
+            orders[best[1]].pop()
+        return self._key(best[1], best[2])
+
+    def _orders(self, pinned: Collection[Key]) -> dict[int, list[tuple[float, int]]]:
+        """For each layer being served, its other residents, likeliest first: the forecast
+        comes from the token it serves now."""
         by_layer: dict[int, list[int]] = {}
         for key in pinned:
             layer, expert = self._split(key)
             by_layer.setdefault(layer, []).append(expert)
-        best: tuple[float, int, int] | None = None
-        self._queue = None
-        for layer, model in self._layers.items():
-            held = by_layer.get(layer)
-            if held is None:  # cached: changes only when this layer does
-                if model.cheapest is None:
-                    if model.forecast is None:
-                        model.forecast = model.predict(model.previous, self.mix)
-                    model.cheapest = _cheapest(model.resident, model.forecast, ())
-                found = model.cheapest
-            else:  # the layer being served: forecast from the token it serves now
+        orders = {}
+        for layer, held in by_layer.items():
+            model = self._layers.get(layer)
+            if model is not None:
                 forecast = model.predict(held, self.mix)
-                order = sorted(
+                orders[layer] = sorted(
                     ((forecast[e], e) for e in model.resident if e not in held), reverse=True
                 )
-                self._queue = (pinned, self._accesses, layer, order)
-                found = order[-1] if order else None
-            if found is not None and (best is None or found[0] < best[0]):
-                best = (found[0], layer, found[1])
-        if best is None:
-            raise LookupError("every resident expert is pinned; the cache is too small")
-        if self._queue and best[1] == self._queue[2]:
-            self._queue[3].pop()
-        return self._key(best[1], best[2])
+        return orders
 
     def _key(self, layer: int, expert: int) -> Key:
         return expert if self._plain_keys else (layer, expert)
