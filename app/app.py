@@ -135,7 +135,7 @@ class PagerApp(App[int]):
             if old is not None:
                 old.close()  # type: ignore[attr-defined]
             try:
-                engine = self.config.open_engine(name, settings)
+                engine = self.config.open_engine(name, settings, self.config.hub_cache_dir)
             except Exception as e:  # noqa: BLE001 - every failure becomes a message
                 text = str(e) or type(e).__name__
                 self.post_message(EngineFailed(name, text, token=token))

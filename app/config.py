@@ -10,15 +10,15 @@ from mlx_pager.settings import Settings
 
 from .machine import MachineMemory, machine_memory
 
-# (model name or None, settings) -> an open mlx_pager.engine.Engine
-OpenEngine = Callable[[str | None, Settings], object]
+# (model name or None, settings, Hugging Face cache folder) -> an open Engine
+OpenEngine = Callable[[str | None, Settings, Path | None], object]
 
 
-def open_engine(model: str | None, settings: Settings) -> object:
+def open_engine(model: str | None, settings: Settings, cache_dir: Path | None = None) -> object:
     """The real thing: mlx_pager's Engine, under the settings' budget."""
     from mlx_pager.engine import Engine
 
-    return Engine.open(model, settings=settings)
+    return Engine.open(model, settings=settings, cache_dir=cache_dir)
 
 
 def disk_free(path: Path) -> int:

@@ -97,9 +97,11 @@ class Engine:
         model: str | None = None,
         settings: Settings | None = None,
         budget: str | int | None = None,
+        cache_dir: str | Path | None = None,
         **overrides,
     ) -> Engine:
-        """Open a Hub id (from the local cache) or a folder, under the settings' budget.
+        """Open a Hub id (from the local cache, or ``cache_dir``) or a folder, under the
+        settings' budget.
 
         ``overrides`` are setting names (context_length, policy, read_path) for this run.
         """
@@ -107,7 +109,7 @@ class Engine:
 
         settings = (settings or load_settings()).replace(**overrides)
         name = model or settings.last_model or default_model()
-        path = resolve_model(name)
+        path = resolve_model(name, cache_dir=cache_dir)
         budget_bytes = parse_bytes(budget) if budget else settings.budget_bytes(total_memory())
         paged = load_paged(
             path,

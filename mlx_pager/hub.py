@@ -12,8 +12,11 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 from .download import ALLOW_PATTERNS
 
 
-def resolve_model(id_or_path: str, revision: str | None = None) -> Path:
-    """The folder to open: ``id_or_path`` itself, or the cached snapshot of a Hub id.
+def resolve_model(
+    id_or_path: str, revision: str | None = None, cache_dir: str | Path | None = None
+) -> Path:
+    """The folder to open: ``id_or_path`` itself, or the cached snapshot of a Hub id
+    (in ``cache_dir``, default: the Hugging Face cache).
 
     Never downloads (that is `mlx-pager download`): a model that is not cached is an
     error that says so.
@@ -33,6 +36,7 @@ def resolve_model(id_or_path: str, revision: str | None = None) -> Path:
             snapshot_download(
                 id_or_path,
                 revision=revision,
+                cache_dir=cache_dir,
                 local_files_only=True,
                 allow_patterns=ALLOW_PATTERNS,
             )

@@ -35,13 +35,6 @@ def fixed_bytes(app_model) -> int:
     return inspect_model(app_model, CONTEXT).plan(0).fixed_bytes
 
 
-def open_engine(model: str | None, settings: Settings):
-    """The real engine, as the CLI opens it."""
-    from mlx_pager.engine import Engine
-
-    return Engine.open(model, settings=settings)
-
-
 @pytest.fixture
 def settings_file(tmp_path) -> Path:
     path = tmp_path / "config" / "settings.toml"
@@ -58,7 +51,6 @@ def make_app(tmp_path, app_model, settings_file) -> Callable:
             settings_path=settings_file,
             data_dir=tmp_path / "data",
             model=str(app_model),
-            open_engine=open_engine,
             default_model=lambda: str(app_model),
             machine=lambda: MACHINE,
             max_tokens=24,

@@ -86,7 +86,7 @@ def test_chat_narrow_hides_panel(snap_compare, make_app):
 
 
 def test_chat_model_missing(snap_compare, make_app):
-    def missing(model, settings):
+    def missing(model, settings, cache_dir=None):
         raise FileNotFoundError(
             f"{model} is not in the Hugging Face cache: download it first (F2)."
         )

@@ -16,6 +16,9 @@ def test_folder_hub_id_and_missing(tmp_path, monkeypatch):
     snapshot = hf_cache_layout(src, hub, "org/tiny-moe")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
     assert resolve_model("org/tiny-moe") == snapshot
+    elsewhere = tmp_path / "elsewhere"
+    hf_cache_layout(src, elsewhere, "org/custom")
+    assert resolve_model("org/custom", cache_dir=elsewhere).is_relative_to(elsewhere)
     with pytest.raises(FileNotFoundError, match="mlx-pager download org/other"):
         resolve_model("org/other")
     (tmp_path / "empty").mkdir()
