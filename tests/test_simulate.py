@@ -169,3 +169,31 @@ def test_shared_trace_slice_matches_independent_code():
     assert replay(trace, C, "lru").hits == lru_hits
     assert belady(trace, C).hits == opt_hits
     assert belady(trace, C).hit_rate > replay(trace, C, DEFAULT_POLICY).hit_rate
+
+
+def sticky_trace(seed: int, tokens: int = 400, layers: int = 2, experts: int = 32, k: int = 4):
+    """Decode-like routing: each choice stays for the next token half the time, the rest
+    drawn from a skewed per-layer popularity."""
+    rng = np.random.default_rng(seed)
+    popular = rng.dirichlet(np.full(experts, 0.3), size=layers)
+    ids = np.zeros((tokens, layers, k), np.int16)
+    for t in range(tokens):
+        for layer in range(layers):
+            keep = [e for e in ids[t - 1, layer].tolist() if rng.random() < 0.5] if t else []
+            p = popular[layer].copy()
+            p[keep] = 0
+            new = rng.choice(experts, k - len(keep), replace=False, p=p / p.sum())
+            ids[t, layer] = keep + new.tolist()
+    return Trace(ids, np.array([0, tokens]), experts, "decode", "sticky")
+
+
+def test_default_policy_on_sticky_routing():
+    """The default beats LRU on decode-like routing, per layer and with one cache for all;
+    and the shared cache is no worse than fixed per-layer shares (comparing raw chances
+    across layers once cost it 2 points here and 10 on larger synthetic traces)."""
+    trace = sticky_trace(0)
+    per_layer = replay(trace, 8, DEFAULT_POLICY).hit_rate
+    shared = replay(trace, 8, DEFAULT_POLICY, shared=True).hit_rate
+    assert per_layer > replay(trace, 8, "lru").hit_rate
+    assert shared > replay(trace, 8, "lru", shared=True).hit_rate
+    assert shared >= per_layer - 0.01
