@@ -200,6 +200,7 @@ class _LayerModel:
         self.seen = np.pad(self.seen, (0, pad))
         self.decayed = np.pad(self.decayed, (0, pad))
         self.size += pad
+        self.forecast = None
 
     def finish_token(self) -> None:
         if not self.current:
@@ -353,6 +354,9 @@ class PredictedUse(Policy):
         for layer, held in by_layer.items():
             model = self._layers.get(layer)
             if model is not None:
+                if max(held) >= model.size:  # pinned before its first access
+                    model.grow(max(held))
+                    self._dirty.add(layer)
                 forecast = model.predict(held, self.mix)
                 orders[layer] = sorted(
                     ((forecast[e], e) for e in model.resident if e not in held), reverse=True

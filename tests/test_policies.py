@@ -105,9 +105,10 @@ def test_contract_as_the_live_cache_uses_it(name):
     policy = make_policy(name)
     resident: set = set()
     slots = 12
-    for _ in range(300):
+    for step in range(300):
         for layer in range(3):
-            keys = [(layer, e) for e in rng.sample(range(10), 3)]
+            experts = range(10) if step < 200 else range(300)  # new ids, pinned first
+            keys = [(layer, e) for e in rng.sample(experts, 3)]
             pinned = set(keys)
             for _ in [k for k in keys if k not in resident]:
                 if len(resident) >= slots:
