@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--capacities", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--modes", nargs="+", default=["layer", "global"])
+    parser.add_argument("--no-belady", action="store_true", help="skip the offline optimum")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     trace = load_trace(args.trace)
@@ -41,7 +42,7 @@ def main() -> int:
     rows = []
     for mode in args.modes:
         for capacity in args.capacities:
-            for name in [*args.policies, "belady"]:
+            for name in [*args.policies, *(["belady"] * (not args.no_belady))]:
                 start = time.perf_counter()
                 shared = mode == "global"
                 if name == "belady":
