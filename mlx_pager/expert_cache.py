@@ -101,14 +101,28 @@ class ExpertCache:
         with self.stats.lock:
             self.stats.expert_counts[layer, experts] += counts
 
-    def fetch(self, layer: int, experts: Sequence[int]) -> np.ndarray:
-        """Make these experts resident; returns a lookup table expert -> slot."""
+    def fetch(
+        self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None
+    ) -> np.ndarray:
+        """Make these experts resident; returns a lookup table expert -> slot.
+
+        ``weights``: how many requests each expert serves here (tokens routed to it), so
+        frequency-based policies count a prefill chunk as the simulator counts tokens.
+        """
         if len(experts) > self.slots:
             raise ValueError(f"{len(experts)} experts requested, {self.slots} slots")
         with self.lock:
-            return self._fetch(layer, experts)
+            return self._fetch(layer, experts, weights)
 
-    def _fetch(self, layer: int, experts: Sequence[int]) -> np.ndarray:
+    def next_tokens(self, n: int) -> None:
+        """``n`` tokens went through every layer: age the policies that count tokens."""
+        with self.lock:
+            for _ in range(n):
+                self.policy.next_token()
+        if self.cold is not None:
+            self.cold.next_tokens(n)
+
+    def _fetch(self, layer: int, experts: Sequence[int], weights) -> np.ndarray:
         keys = [(layer, int(e)) for e in experts]
         pinned = set(keys)
         misses = [k for k in keys if k not in self.slot_of]
@@ -117,8 +131,8 @@ class ExpertCache:
         if misses:
             self._load(misses, slots)
         waited = time.perf_counter() - start
-        for key in keys:
-            self.policy.access(key)
+        for i, key in enumerate(keys):
+            self.policy.access(key, 1.0 if weights is None else float(weights[i]))
         self.count(len(keys) - len(misses), len(misses), waited)
         lut = np.zeros(self.map.num_experts, np.int32)
         for key in keys:

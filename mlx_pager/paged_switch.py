@@ -86,6 +86,7 @@ class PagedSwitch(nn.Module):
         object.__setattr__(self, "cache", cache)
         object.__setattr__(self, "router", router)  # this layer's: router weights
         object.__setattr__(self, "next_router", next_router)  # the next layer's: guesses
+        object.__setattr__(self, "last", next_router is None)  # ends a pass: tokens done
 
     def _linear(
         self, pool: ExpertCache, name: str, x: mx.array, idx: mx.array, sorted_indices: bool
@@ -146,22 +147,27 @@ class PagedSwitch(nn.Module):
         routed = np.array(indices)
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
-        experts, counts = np.unique(flat, return_counts=True)
+        experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
+        requests = np.zeros(int(experts[-1]) + 1)  # tokens routed to each expert
+        requests[experts] = counts
         cache.record_activations(self.layer, experts, counts)
+        experts = flat[np.sort(first)]  # routing order: recency policies see what happened
         if cache.on_tokens is not None:
             cache.on_tokens(self.layer, routed)
         low = np.zeros(0, experts.dtype)
         if "probs" in wanted:
             low = self._unimportant_misses(routed, experts, np.array(wanted["probs"]))
-            experts = np.setdiff1d(experts, low)
+            experts = experts[~np.isin(experts, low)]
         plan = [(cache, r) for r in cache.plan_rounds(self.layer, experts)]
         if low.size:
             plan += [(cold, r) for r in cold.plan_rounds(self.layer, low)]
         if len(plan) == 1:
-            lut = cache.fetch(self.layer, plan[0][1])
+            lut = cache.fetch(self.layer, plan[0][1], requests[plan[0][1]])
             y = self._compute(x, mx.array(lut[routed]), cache)
         else:
-            y = self._compute_in_rounds(x, routed, plan)
+            y = self._compute_in_rounds(x, routed, plan, requests)
+        if self.last:
+            cache.next_tokens(flat.size // routed.shape[-1])
         if prefetcher is not None:
             prefetcher.finish(self.layer, routed)
             if guess is not None:  # read while this layer computes
@@ -184,14 +190,16 @@ class PagedSwitch(nn.Module):
         resident = np.array([self.cache.resident(self.layer, int(e)) for e in experts])
         return experts[low & ~resident]
 
-    def _compute_in_rounds(self, x: mx.array, routed: np.ndarray, plan) -> mx.array:
+    def _compute_in_rounds(
+        self, x: mx.array, routed: np.ndarray, plan, requests: np.ndarray
+    ) -> mx.array:
         """Each (cache, experts) round computes exactly the pairs routed to its experts."""
         k = routed.shape[-1]
         flat = routed.reshape(-1)
         rows = x.reshape(-1, x.shape[-1])
         outputs, order = [], []
         for pool, group in plan:
-            lut = pool.fetch(self.layer, group)
+            lut = pool.fetch(self.layer, group, requests[group])
             pairs = np.flatnonzero(np.isin(flat, group))
             pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]
             slots = mx.array(lut[flat[pairs]][:, None])
