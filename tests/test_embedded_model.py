@@ -50,11 +50,13 @@ def router_logits(model, tokens: np.ndarray) -> list[np.ndarray]:
     h = model.model.embed_tokens(mx.array(tokens))
     mask = create_attention_mask(h, None)
     out = []
-    for layer in model.model.layers:
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
         h = h + layer.self_attn(layer.input_layernorm(h), mask)
         x = layer.post_attention_layernorm(h)
         out.append(np.array(layer.mlp.gate(x).reshape(-1, model.args.num_experts)))
-        h = h + layer.mlp(x)
+        if i + 1 < len(layers):  # the last layer's experts do not change any routing
+            h = h + layer.mlp(x)
     return out
 
 
@@ -151,13 +153,13 @@ def test_calibration_prompts():
 
 
 def test_heldout_perplexity_beats_unigram():
-    """A language model: held-out perplexity (~2k tokens a domain) far below a unigram's."""
+    """A language model: held-out perplexity (~1k tokens a domain) far below a unigram's."""
     model, _ = mlx_model()
     counts = np.array(json.loads((MODEL / "eval" / "unigram-counts.json").read_text()))
     probs = (counts + 1.0) / (counts.sum() + len(counts))
     report = {}
     for domain in DOMAINS:
-        rows = heldout_windows()[domain]["first"]
+        rows = heldout_windows()[domain]["first"][:4]  # ~1k tokens: netlib BLAS in CI
         x, y = mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
         loss = nn.losses.cross_entropy(model(x), y, reduction="mean").item()
         uni = float(-np.log(probs[np.array(y).ravel()]).mean())
