@@ -470,6 +470,21 @@ def model_card(out_dir: Path, info: dict):
         + " |"
         for layer in range(cov.shape[0])
     )
+    weak = [
+        d
+        for i, d in enumerate(dom)
+        if any(
+            cov[layer, i, i] <= max(cov[layer, i, j] for j in range(len(dom)) if j != i)
+            for layer in range(cov.shape[0])
+        )
+    ]
+    if weak:
+        verdict = (
+            f"Not yet specialised in every layer: {', '.join(weak)} (its set covers another "
+            "domain as well or better in some layer; a longer run should help)."
+        )
+    else:
+        verdict = "Every domain's set covers its own domain best, in every layer."
     cc = info.get("crosscheck")
     if cc:
         crosscheck = (
@@ -571,6 +586,8 @@ Per layer, own-domain coverage and the best other domain:
 | layer | {" | ".join(d + " (own)" for d in dom)} | {" | ".join(d + " (best other)" for d in dom)} |
 | --- | {" | ".join("---" for _ in dom)} | {" | ".join("---" for _ in dom)} |
 {per_layer}
+
+{verdict}
 
 For comparison, OLMoE-1B-7B (64 experts, top-8): a code set covers 0.60 of code and 0.11
 of books; a uniform router gives 0.25 everywhere.
