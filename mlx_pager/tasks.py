@@ -1,15 +1,14 @@
 """What kind of task a prompt is (code, math, prose, chat), told before prefill.
 
-A multinomial naive Bayes over words, symbols and word pairs: trained in milliseconds
-on the calibration prompts in assets/prompts, so nothing needs shipping but the prompts,
-and accurate enough (tests/test_tasks.py reports held-out accuracy) because the tasks
-differ in vocabulary and punctuation far more than in topic.
+A multinomial naive Bayes over words, symbols and word pairs: trained in milliseconds on
+the calibration prompts (assets/prompts/calibration.jsonl), so nothing ships but the
+prompts, and accurate enough (tests/test_tasks.py reports held-out accuracy) because the
+tasks differ in vocabulary and punctuation far more than in topic.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+CALIBRATION = Path(__file__).resolve().parent.parent / "assets/prompts/calibration.jsonl"
 TASKS = ("code", "math", "prose", "chat")
 
 _TOKEN = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
@@ -30,20 +29,19 @@ def features(text: str) -> list[str]:
     return tokens + [f"{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False)]
 
 
-def load_calibration(folder: Path = PROMPTS_DIR) -> list[tuple[str, str]]:
-    """(task, text) pairs from every ``*.jsonl`` file: one {"task", "text"} per line."""
+def load_calibration(file: Path = CALIBRATION) -> list[tuple[str, str]]:
+    """(task, text) pairs from a JSONL file: one {"task", "text"} per line."""
+    if not Path(file).exists():
+        raise FileNotFoundError(f"No calibration prompts at {file}.")
     pairs = []
-    for file in sorted(Path(folder).glob("*.jsonl")):
-        for n, line in enumerate(file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                pairs.append((str(record["task"]), str(record["text"])))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f'{file}:{n}: expected {{"task": ..., "text": ...}}') from e
-    if not pairs:
-        raise FileNotFoundError(f"No calibration prompts (*.jsonl) in {folder}.")
+    for n, line in enumerate(Path(file).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            pairs.append((str(record["task"]), str(record["text"])))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{file}:{n}: expected a {{'task', 'text'}} object") from e
     return pairs
 
 
@@ -62,7 +60,6 @@ class TaskClassifier:
     tasks: list[str]
     log_prior: np.ndarray  # [tasks]
     log_likelihood: dict[str, np.ndarray]  # feature -> [tasks]
-    log_unseen: np.ndarray  # [tasks]: a feature never seen in training
 
     @classmethod
     def fit(cls, pairs: list[tuple[str, str]], alpha: float = 0.5) -> TaskClassifier:
@@ -77,7 +74,7 @@ class TaskClassifier:
         totals = sum(counts.values()) + alpha * len(counts)
         log_totals = np.log(totals)
         likelihood = {f: np.log(c + alpha) - log_totals for f, c in counts.items()}
-        return cls(tasks, np.log(docs / docs.sum()), likelihood, math.log(alpha) - log_totals)
+        return cls(tasks, np.log(docs / docs.sum()), likelihood)
 
     @classmethod
     def default(cls) -> TaskClassifier:
@@ -85,9 +82,12 @@ class TaskClassifier:
         return cls.fit(load_calibration())
 
     def scores(self, text: str) -> np.ndarray:
+        """Features never seen in training are skipped: scoring them would favour the
+        task with the fewest training tokens (chat) for any long, unusual prompt."""
         score = self.log_prior.copy()
         for f in features(text):
-            score += self.log_likelihood.get(f, self.log_unseen)
+            if f in self.log_likelihood:
+                score += self.log_likelihood[f]
         return score
 
     def predict(self, text: str) -> str:
