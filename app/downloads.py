@@ -67,7 +67,7 @@ def speed(tokens_per_second: float) -> str:
 def check_repo_id(repo_id: str) -> str:
     """'' when it looks like a Hub id, else what is wrong with it."""
     if not repo_id:
-        return "Type a Hub id, such as mlx-community/OLMoE-1B-7B-0924-Instruct-4bit."
+        return "Type a Hub id, such as mlx-community/OLMoE-1B-7B-0125-Instruct-4bit."
     if not REPO_ID.match(repo_id):
         return f"{repo_id!r} is not a Hub id: it looks like org/name."
     return ""
