@@ -19,7 +19,7 @@ from mlx_lm import load, stream_generate
 
 from .disk import make_reader
 from .engine import Engine
-from .loader import inspect_model, load_paged
+from .loader import cast_floating, inspect_model, load_paged
 from .synthetic import make_checkpoint
 
 PROMPT = "Mixture of experts models route every token to a few experts in each layer. " * 4
@@ -59,16 +59,10 @@ def _decode_tps(responses) -> tuple[float, int]:
 
 def bench_stock(path: Path, max_tokens: int) -> dict:
     model, tokenizer = load(str(path))
-    model.update(_as_float32(model.parameters()))
+    model.update(cast_floating(model.parameters(), mx.float32))  # as the engine on a CPU
     tokens = tokenizer.encode(PROMPT)
     tps, n = _decode_tps(stream_generate(model, tokenizer, tokens, max_tokens=max_tokens))
     return {"decode_tps": tps, "tokens": n, "peak_mlx_bytes": mx.get_peak_memory()}
-
-
-def _as_float32(params):
-    from mlx.utils import tree_map
-
-    return tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a, params)
 
 
 def bench_paged(

@@ -122,6 +122,11 @@ def _is_float(a: mx.array) -> bool:
     return mx.issubdtype(a.dtype, mx.floating)
 
 
+def cast_floating(params: dict, dtype: mx.Dtype) -> dict:
+    """Floating-point parameters to ``dtype``; packed quantised weights stay as they are."""
+    return tree_map(lambda a: a.astype(dtype) if _is_float(a) else a, params)
+
+
 def _dense_parameters(model: nn.Module, switches: list[tuple[str, nn.Module]]) -> dict:
     """The model's parameters minus the routed experts."""
     skip = tuple(f"{path}." for path, _ in switches)
@@ -203,7 +208,7 @@ def inspect_model(
         )
     dense = _dense_parameters(model, switches)
     if dtype is not None:
-        dense = tree_map(lambda a: a.astype(dtype) if _is_float(a) else a, dense)
+        dense = cast_floating(dense, dtype)
         model.update(dense)
     resident = sum(a.nbytes for _, a in tree_flatten(dense))
     kv = estimate_kv_bytes(model, config, context_length, _float_itemsize(dense))

@@ -9,7 +9,13 @@ import numpy as np
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_pager.loader import PagedModel, inspect_model, load_paged
+from mlx_pager.loader import (
+    PagedModel,
+    cast_floating,
+    default_compute_dtype,
+    inspect_model,
+    load_paged,
+)
 
 
 def budget_for_slots(path: Path, slots: int, context_length: int = 256) -> int:
@@ -30,6 +36,8 @@ def compare_with_mlx_lm(path: Path, paged: PagedModel, prompt_len: int = 32, ste
     asserts the greedy tokens agree.
     """
     reference, _ = load(str(path))
+    if default_compute_dtype() is not None:  # the engine's CPU cast, applied to both
+        reference.update(cast_floating(reference.parameters(), default_compute_dtype()))
     tokens = mx.array(np.random.RandomState(0).randint(0, 300, (1, prompt_len)))
     ref_cache, paged_cache = make_prompt_cache(reference), make_prompt_cache(paged.model)
     a = reference(tokens, cache=ref_cache)
