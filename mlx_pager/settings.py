@@ -12,6 +12,7 @@ import platformdirs
 import tomli_w
 
 from .atomic import write_atomic
+from .policies import DEFAULT_POLICY
 from .units import parse_bytes
 
 APP_NAME = "mlx-pager"
@@ -39,7 +40,7 @@ class Settings:
 
     budget: str = "auto"  # bytes as text ("6GB") or "auto": 60% of total memory
     context_length: int = 4096
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = False
     cold_precision: str = "full"
     read_path: str = "auto"
