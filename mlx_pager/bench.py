@@ -189,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         "stock": stock,
         "paged": paged,
         "prefetch": prefetch,
+        "policies": policies,
         "reads": reads,
         "faster_read_path": default,
     }
