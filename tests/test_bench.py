@@ -1,0 +1,39 @@
+"""`mlx-pager bench` end to end on a small checkpoint: every section measured, in one run."""
+
+from __future__ import annotations
+
+import json
+
+from mlx_pager.cli import main
+from mlx_pager.synthetic import make_checkpoint
+
+
+def test_bench_reports_every_section(tmp_path, capsys):
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16, quantize_bits=4)
+    capsys.readouterr()  # mlx-lm's quantiser prints a line
+    args = [
+        "bench",
+        "--model",
+        str(path),
+        "--max-tokens",
+        "6",
+        "--fractions",
+        "1.0,0.25",
+        "--read-samples",
+        "8",
+        "--policies",
+        "--json",
+    ]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stock"]["decode_tps"] > 0
+    full, quarter = report["paged"]
+    assert full["slots"] == 32 and quarter["slots"] == 8
+    assert quarter["bytes_per_token"] > full["bytes_per_token"]  # fewer slots, more reads
+    assert report["prefetch"]["prefetch"] and report["prefetch"]["fraction"] == 0.25
+    reads = report["reads"]
+    for name in ("pread", "mmap"):
+        assert reads[f"{name}_cold_ms"] > 0 and reads[f"{name}_warm_ms"] > 0
+    assert report["faster_read_path"] in ("pread", "mmap")
+    assert set(report["policies"]) >= {"lru", "lfu", "predict"}
+    assert all(0 <= hit <= 1 for hit in report["policies"].values())
