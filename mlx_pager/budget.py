@@ -55,7 +55,12 @@ class BudgetPlan:
 
     @property
     def verdict(self) -> str:
-        """'fits' (every expert resident), 'paged' or 'too_large'."""
+        """'fits' (every expert resident), 'paged' or 'too_large'.
+
+        The minimum comes first: a dense model (no experts, no slots) must still hold its
+        resident core, KV cache and headroom."""
+        if self.budget_bytes < self.min_budget_bytes:
+            return "too_large"
         if self.slots >= self.num_experts:
             return "fits"
         return "paged" if self.slots >= self.top_k else "too_large"
@@ -71,12 +76,16 @@ class BudgetPlan:
                 f"Runs paged: {self.slots} of {self.num_experts} experts "
                 f"({self.expert_fraction:.0%}) stay in memory; the rest are read from disk."
             )
+        slots = (
+            f", {self.top_k} expert slots of {format_bytes(self.expert_bytes)}"
+            if self.num_experts
+            else ""
+        )
         return (
             f"Too large for a budget of {format_bytes(self.budget_bytes)}: it needs at least "
             f"{self.min_budget_bytes / 1e9:.2f} GB (resident core "
             f"{format_bytes(self.resident_bytes)}, KV cache {format_bytes(self.kv_bytes)}, "
-            f"headroom {format_bytes(self.headroom_bytes)}, {self.top_k} expert slots of "
-            f"{format_bytes(self.expert_bytes)})."
+            f"headroom {format_bytes(self.headroom_bytes)}{slots})."
         )
 
 

@@ -44,6 +44,10 @@ TESTED_ARCHITECTURES = (
 # Config keys that announce routed experts, whatever the architecture calls them.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
+# Module names and class-name words that mark an MoE block in any mlx-lm model file.
+EXPERT_MODULE_NAMES = ("experts", "moe", "block_sparse_moe")
+EXPERT_CLASS_WORDS = ("moe", "expert")
+
 
 def default_compute_dtype() -> mx.Dtype | None:
     """float32 on the CPU backend (half-precision matmuls are very slow there); on a GPU
@@ -93,6 +97,49 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
         owner[int(last)] = module
     else:
         setattr(owner, last, module)
+
+
+def declared_experts(config: dict) -> int:
+    """Routed experts per layer the config announces, also nested one level down (DBRX
+    keeps ``moe_num_experts`` in ``ffn_config``); 0 for a dense model."""
+    cfg = text_config(config)
+    scopes = [cfg, *(v for v in cfg.values() if isinstance(v, dict))]
+    for scope in scopes:
+        for key in EXPERT_COUNT_KEYS:
+            value = scope.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                return value
+    return 0
+
+
+def find_unpageable_moe(model: nn.Module) -> tuple[str, str] | None:
+    """The first module that looks like an MoE block (by name or class), as (path, class):
+    without a Switch layer it means experts mlx-pager cannot page."""
+    for path, module in sorted(model.named_modules(), key=lambda pm: _layer_sort_key(pm[0])):
+        kind = type(module).__name__
+        names = path.lower().split(".")
+        if any(n in EXPERT_MODULE_NAMES for n in names) or any(
+            w in kind.lower() for w in EXPERT_CLASS_WORDS
+        ):
+            return path, kind
+    return None
+
+
+def _refuse_unpageable(model: nn.Module, config: dict) -> None:
+    """An MoE model whose experts are not SwitchGLU/SwitchMLP would otherwise load as
+    "dense, fits" with every expert resident: refuse it with what to do instead."""
+    experts = declared_experts(config)
+    found = find_unpageable_moe(model)
+    if not experts and found is None:
+        return
+    what = f"{experts} routed experts per layer" if experts else "routed experts"
+    where = f" ({found[1]} at {found[0]})" if found else ""
+    raise ValueError(
+        f"Model type {config.get('model_type')!r} is a mixture of experts ({what}), but "
+        f"its MoE layer{where} is not mlx-lm's SwitchGLU/SwitchMLP, so mlx-pager cannot "
+        "page its experts. Use a model of a supported architecture: "
+        f"{', '.join(TESTED_ARCHITECTURES)}."
+    )
 
 
 def routed_top_k(config: dict) -> int:
@@ -200,12 +247,8 @@ def inspect_model(
     dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
 
     switches = find_switch_layers(model)
-    if not switches and any(text_config(config).get(k) for k in EXPERT_COUNT_KEYS):
-        raise ValueError(
-            f"Model type {config.get('model_type')!r} has routed experts, but its MoE layer "
-            "is not mlx-lm's SwitchGLU/SwitchMLP, so mlx-pager cannot page it. Tested MoE "
-            f"types: {', '.join(TESTED_ARCHITECTURES)}."
-        )
+    if not switches:
+        _refuse_unpageable(model, config)
     dense = _dense_parameters(model, switches)
     if dtype is not None:
         dense = cast_floating(dense, dtype)

@@ -93,11 +93,14 @@ class Stats:
         return copy
 
     def to_dict(self) -> dict:
+        """JSON-ready; ``expert_counts`` as nested lists [layer][expert], counted since the
+        model was opened (one run for ``mlx-pager generate``)."""
         snap = self.snapshot()
         data = {k: v for k, v in snap.__dict__.items() if k not in ("lock", "expert_counts")}
-        data["hit_rate"] = self.hit_rate
-        data["decode_hit_rate"] = self.decode_hit_rate
-        data["bytes_per_token"] = self.bytes_per_token
+        data["hit_rate"] = snap.hit_rate
+        data["decode_hit_rate"] = snap.decode_hit_rate
+        data["bytes_per_token"] = snap.bytes_per_token
+        data["expert_counts"] = snap.expert_counts.tolist()
         return data
 
     def summary(self) -> str:

@@ -55,6 +55,10 @@ ARCH_CONFIGS: dict[str, dict] = {
                     "linear_conv_kernel_dim": 4, "norm_topk_prob": True},
     # A dense model: no routed experts, runs fully resident.
     "qwen3": {**_BASE, **_ATTN, "num_hidden_layers": 2, "intermediate_size": 128},
+    # An MoE whose experts are a list of MLPs, not a Switch layer: mlx-pager refuses it.
+    "dbrx": {"vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "n_heads": 4,
+             "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 8, "moe_top_k": 2}},
 }  # fmt: skip
 
 # Architectures whose original Hugging Face checkpoints keep one tensor per expert.

@@ -14,10 +14,12 @@ from mlx_pager.synthetic import make_checkpoint
 
 MB = 10**6
 
+# Peak RSS through the engine's own helper: ru_maxrss is KiB on Linux, bytes on macOS.
 BASELINE = """
-import resource, mlx.core as mx, mlx_lm.utils, transformers, mlx_pager.engine
+import mlx.core as mx, mlx_lm.utils, transformers, mlx_pager.engine
+from mlx_pager.stats import peak_rss
 mx.eval(mx.ones(4))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(peak_rss())
 """
 
 
@@ -30,6 +32,10 @@ def test_plan_divides_the_budget():
     assert plan_budget(10**12, 200 * MB, 50 * MB, 5 * MB, 1000, 8).verdict == "fits"
     tiny = plan_budget(300 * MB, 200 * MB, 50 * MB, 5 * MB, 1000, 8)
     assert tiny.verdict == "too_large" and "at least" in tiny.explain()
+    # A dense model: no expert slots, but its fixed parts must still fit.
+    dense = plan_budget(200 * MB, 200 * MB, 50 * MB, 0, 0, 1)
+    assert dense.verdict == "too_large" and "expert slots" not in dense.explain()
+    assert plan_budget(dense.fixed_bytes, 200 * MB, 50 * MB, 0, 0, 1).verdict == "fits"
 
 
 @pytest.mark.slow

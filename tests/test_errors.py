@@ -77,6 +77,25 @@ def test_unsupported_architecture(good, tmp_path):
         load_paged(path, 10 * GB)
 
 
+@pytest.mark.parametrize("found_by", ["config", "modules"])
+def test_moe_without_switch_layers_is_refused(tmp_path, monkeypatch, found_by):
+    """DBRX keeps its expert count in ``ffn_config`` and its experts in a list of MLPs:
+    it must not load as a dense model with every expert resident."""
+    import mlx_pager.loader as loader
+
+    path = make_checkpoint(tmp_path / "dbrx", "dbrx")
+    what = "8 routed experts per layer"  # ffn_config.moe_num_experts
+    if found_by == "modules":  # a config that names its experts in a way nobody knows
+        monkeypatch.setattr(loader, "EXPERT_COUNT_KEYS", ())
+        what = "routed experts"
+    with pytest.raises(
+        ValueError,
+        match=rf"'dbrx' is a mixture of experts \({what}\).*SparseMoeBlock.*not mlx-lm's "
+        r"SwitchGLU.*Use a model of a supported architecture: qwen3_moe",
+    ):
+        load_paged(path, 10 * GB)
+
+
 def test_budget_below_minimum_states_minimum_in_gb(good):
     minimum = budget_for_slots(good, 2)  # top-2 routing: two slots is the least that runs
     with pytest.raises(BudgetError, match=rf"below the minimum {minimum / GB:.2f} GB"):
@@ -94,3 +113,12 @@ def test_model_without_experts_runs_fully_resident(tmp_path):
     reference, _ = load(str(path))
     tokens = mx.array([[1, 2, 3, 4]])
     assert mx.array_equal(reference(tokens), paged.model(tokens))
+
+
+def test_dense_model_below_its_resident_size_is_too_large(tmp_path):
+    path = make_checkpoint(tmp_path / "dense", "qwen3")
+    minimum = budget_for_slots(path, 0)  # resident core + KV cache + headroom, no experts
+    with pytest.raises(BudgetError, match=rf"below the minimum {minimum / GB:.2f} GB"):
+        load_paged(path, minimum - 1, 256)
+    paged = load_paged(path, minimum, 256)
+    assert paged.plan.verdict == "fits"

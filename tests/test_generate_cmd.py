@@ -52,7 +52,15 @@ def test_json_output_matches_mlx_lm(model, capsys):
     assert out["text"] == expected
     assert len(out["tokens"]) == 12
     assert STATS_KEYS <= out["stats"].keys()
-    assert out["stats"]["misses"] > 0 and out["stats"]["budget_bytes"] == int(budget)
+    stats = out["stats"]
+    assert stats["misses"] > 0 and stats["budget_bytes"] == int(budget)
+    # Activations per (layer, expert): every token that went through the model (mlx-lm
+    # runs one step ahead, so the prompt and every generated one) picked top-2 in each of
+    # the 2 MoE layers.
+    counts = stats["expert_counts"]
+    assert len(counts) == 2 and all(len(row) == 16 for row in counts)
+    tokens = stats["prompt_tokens"] + stats["generation_tokens"]
+    assert sum(map(sum, counts)) == tokens * 2 * 2
 
 
 def test_streamed_text_then_one_stats_line(model, capsys):

@@ -56,8 +56,6 @@ def snapshot(tmp_path_factory):
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
 @pytest.mark.parametrize("read_path", ["pread", "mmap"])
 def test_bytes_read_per_miss_equal_expert_bytes(snapshot, read_path):
-    blobs = snapshot.parent.parent / "blobs"
-    before = digest(blobs)
     paged = load_paged(snapshot, budget_for_slots(snapshot, 3), 256, read_path=read_path)
     engine = Engine(paged, "test", 256)
     expert_bytes = paged.cache.map.expert_disk_bytes()
@@ -76,6 +74,21 @@ def test_bytes_read_per_miss_equal_expert_bytes(snapshot, read_path):
     if storage == 0:
         pytest.skip("this filesystem reports no storage reads (tmpfs?)")
     assert abs(storage - stats.bytes_read) <= 0.1 * stats.bytes_read, (storage, stats.bytes_read)
+
+
+def test_hf_cache_files_unchanged_after_a_run(snapshot):
+    """Both read paths leave the cached blobs byte for byte (and mtime) as they were."""
+    blobs = snapshot.parent.parent / "blobs"
+    before = digest(blobs)
+    for read_path in ("pread", "mmap"):
+        paged = load_paged(snapshot, budget_for_slots(snapshot, 3), 256, read_path=read_path)
+        engine = Engine(paged, "test", 256)
+        try:
+            for _ in engine.generate("Experts are paged.", max_tokens=8, chat_template=False):
+                pass
+            assert engine.stats.misses > 0
+        finally:
+            engine.close()
     assert digest(blobs) == before, "the Hugging Face cache files changed"
 
 
@@ -95,3 +108,21 @@ def test_readers_return_identical_bytes(snapshot):
     finally:
         a.close()
         b.close()
+
+
+def test_read_seconds_count_stalls_on_misses_only(snapshot):
+    """Room for every expert: the first run misses and waits on reads, the same prompt
+    again hits every expert and adds (almost) no read time."""
+    paged = load_paged(snapshot, budget_for_slots(snapshot, 32), 256)  # 2 layers x 16
+    engine = Engine(paged, "test", 256)
+    try:
+        prompt = "Experts are paged from disk."
+        for _ in engine.generate(prompt, max_tokens=8, chat_template=False):
+            pass
+        assert engine.stats.misses > 0 and engine.stats.read_seconds > 0
+        for _ in engine.generate(prompt, max_tokens=8, chat_template=False):
+            pass
+        assert engine.stats.misses == 0 and engine.stats.hits > 0
+        assert engine.stats.read_seconds < 1e-3, engine.stats.read_seconds
+    finally:
+        engine.close()
