@@ -7,11 +7,13 @@ import json
 import pytest
 from app_fixtures import *  # noqa: F403
 from app_fixtures import wait_for, wait_ready
+from textual import events
+from textual.widgets import Markdown
 
 from app.conversations import conversations_dir, list_conversations
 from app.screens.chat import ChatScreen
 from app.text import clean
-from app.widgets.chat_message import AssistantMessage
+from app.widgets.chat_message import AssistantMessage, UserMessage
 from app.widgets.heatmap import ExpertHeatmap
 from app.widgets.prompt import PromptInput
 from app.widgets.stats_panel import StatsPanel
@@ -143,7 +145,16 @@ async def test_budget_too_small_at_open(make_app, settings_file, fixed_bytes):
         assert "Raise" in str(app.screen.query_one("#error-panel").render())
 
 
-async def test_generation_error_is_shown_and_prompt_restored(make_app):
+def shown_turns(screen: ChatScreen) -> list[str]:
+    """The roles of the turns on screen, in order."""
+    return [
+        "user" if isinstance(w, UserMessage) else "assistant"
+        for w in screen.query_one("#messages").children
+        if isinstance(w, UserMessage | AssistantMessage)
+    ]
+
+
+async def test_generation_error_is_shown_and_prompt_restored(make_app, tmp_path):
     app = make_app()
     async with app.run_test(size=(140, 44)) as pilot:
         await wait_ready(pilot)
@@ -155,9 +166,24 @@ async def test_generation_error_is_shown_and_prompt_restored(make_app):
         assert screen.query_one(PromptInput).value == long_prompt.strip()
         assert screen.conversation.messages == []
         assert any("context length" in n.message for n in app._notifications)
+        # The failed turn is gone from the screen too: it shows what a reload shows.
+        assert shown_turns(screen) == [] and screen.query("#welcome")
         await pilot.press("ctrl+a", "ctrl+k", *"short", "enter")
         await wait_for(pilot, lambda: not screen.generating)
         assert screen.conversation.messages[-1]["role"] == "assistant"
+
+        # A failure later in a chat: screen, conversation and saved file still agree.
+        screen.query_one(PromptInput).value = long_prompt
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not screen.generating)
+        assert screen.query_one(PromptInput).value == long_prompt.strip()
+        roles = [m["role"] for m in screen.conversation.messages]
+        assert roles == ["user", "assistant"] and shown_turns(screen) == roles
+        (saved,) = list_conversations(conversations_dir(tmp_path / "data"))
+        assert saved.messages == screen.conversation.messages
+        await screen.load(saved)
+        await pilot.pause()
+        assert shown_turns(screen) == roles
 
 
 async def test_quit_while_generating_exits_and_closes(make_app):
@@ -202,3 +228,110 @@ async def test_task_detected_while_typing(make_app):
         await wait_for(pilot, lambda: app.engine.stats.task, timeout=10)
         await wait_for(pilot, lambda: screen.query_one(StatsPanel).state.stats.task)
         assert not screen.generating  # nothing was sent: the engine only got ready
+
+
+async def test_pasted_lines_are_all_sent_and_kept_in_history(make_app):
+    app = make_app(max_tokens=2)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        box = screen.query_one(PromptInput)
+        assert app.focused is box
+        app.post_message(events.Paste("def f(x):\n    return x\n\nprint(f(1))"))  # a terminal paste
+        await pilot.pause()
+        assert box.value == "def f(x):\n    return x\n\nprint(f(1))"
+        assert box.size.height == 4  # the box grew to show every line
+        await pilot.press("ctrl+j", *"# end")  # Ctrl+J adds a line; Enter sends
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not screen.generating)
+        prompt = "def f(x):\n    return x\n\nprint(f(1))\n# end"
+        assert screen.conversation.messages[0] == {"role": "user", "content": prompt}
+        assert str(screen.query(UserMessage).last().render()) == prompt
+        assert box.value == ""
+        # History brings the whole prompt back; Up inside it moves the cursor, not history.
+        await pilot.press("up")
+        assert box.value == prompt and box.cursor_location == (4, 5)
+        await pilot.press("up")
+        assert box.value == prompt and box.cursor_location[0] == 3
+        await pilot.press("down", "down")
+        assert box.value == ""
+
+
+async def test_heatmap_updates_while_the_reply_streams(make_app):
+    app = make_app(max_tokens=4000, stats_interval=0.05)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        heatmap = screen.query_one(ExpertHeatmap)
+        assert heatmap.counts.sum() == 0
+        await pilot.press(*"hello experts", "enter")  # greedy: ~1600 tokens to EOS
+        await wait_for(pilot, lambda: heatmap.counts.sum() > 0 and len(reply_source(screen)) > 10)
+        assert screen.generating
+        # Its summary grew from one line to two: the layout made room (header, 2 layers,
+        # legend, summary).
+        await wait_for(pilot, lambda: heatmap.size.height == 6, timeout=2)
+        first = heatmap.counts.copy()
+        seen = len(reply_source(screen))
+        await wait_for(pilot, lambda: len(reply_source(screen)) > seen + 20)
+        await wait_for(pilot, lambda: heatmap.counts.sum() > first.sum())
+        assert screen.generating  # both pictures were taken mid-stream
+        assert (heatmap.counts >= first).all() and str(heatmap.render()) != ""
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not screen.generating)
+
+
+async def test_bare_first_run_opens_the_embedded_model(tmp_path, monkeypatch):
+    """No settings file, no last model, no options: the app factory as the CLI calls it."""
+    from app.main import create_app
+    from mlx_pager.engine import DEFAULT_MODEL
+    from mlx_pager.settings import Settings
+
+    config, data = tmp_path / "config", tmp_path / "data"
+    monkeypatch.setenv("MLX_PAGER_CONFIG_DIR", str(config))
+    monkeypatch.setenv("MLX_PAGER_DATA_DIR", str(data))
+    app = create_app(max_tokens=2)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        assert app.settings == Settings()
+        assert app.engine_status == "ready", app.engine_error
+        assert app.engine.info.path.resolve() == DEFAULT_MODEL.resolve()
+        assert "● tiny-moe" in str(screen.query_one("#model-status").render())
+        await pilot.press(*"def fibonacci(n):", "enter")
+        await wait_for(pilot, lambda: not screen.generating)
+        assert screen.conversation.messages[-1]["role"] == "assistant"
+    assert len(list_conversations(conversations_dir(data))) == 1
+
+
+def shown_paragraphs(reply: AssistantMessage) -> list[str]:
+    """The top-level paragraphs of a reply as shown (Textual keeps their class private)."""
+    blocks = reply.markdown.children
+    return [str(b.render()) for b in blocks if type(b).__name__ == "MarkdownParagraph"]
+
+
+async def test_reply_keeps_line_breaks_and_shows_html(make_app):
+    """Model output as written: newlines break lines, HTML is text; markdown still renders."""
+    from app.conversations import Conversation
+
+    app = make_app()
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        conversation = Conversation()
+        conversation.add("user", "show me")
+        conversation.add("assistant", "import\nimport <div>x</div>\n\n**bold** and `<b>`\n\n- a")
+        await screen.load(conversation)  # a saved reply
+        await pilot.pause()
+        reply = screen.query(AssistantMessage).last()
+        assert shown_paragraphs(reply) == ["import\nimport <div>x</div>", "bold and <b>"]
+        assert reply.markdown.query("MarkdownBulletList")
+
+        # A streamed reply goes through the same parser, chunk by chunk.
+        streamed = AssistantMessage()
+        await screen.query_one("#messages").mount(streamed)
+        stream = Markdown.get_stream(streamed.markdown)
+        for chunk in ("import", "\nimp", "ort\n<di", "v>"):
+            await stream.write(chunk)
+        await stream.stop()
+        await pilot.pause()
+        assert shown_paragraphs(streamed) == ["import\nimport\n<div>"]

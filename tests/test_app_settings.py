@@ -100,6 +100,29 @@ async def test_predicted_hit_rate_from_the_session_profile(make_app):
         assert "100.0% of this session" in str(screen.query_one("#slots").render())
 
 
+async def test_predicted_hit_rate_from_the_saved_profile_after_a_restart(
+    make_app, app_model, fixed_bytes
+):
+    """A new session has no activations yet: the task profiles earlier ones saved count."""
+    import numpy as np
+
+    from mlx_pager.task_profiles import TaskProfiles
+
+    profiles = TaskProfiles.load(app_model, 2, 8)  # where the engine will look at open
+    profiles.add("code", np.array([[50, 40, 30, 20, 10, 0, 0, 0], [0] * 8]))
+    profiles.add("chat", np.array([[0] * 8, [5] * 8]))
+    profiles.save()
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_settings(pilot)
+        assert app.engine.stats.snapshot().expert_counts.sum() == 0  # nothing this session
+        assert "100.0% of the saved profile" in str(screen.query_one("#slots").render())
+        await set_budget(pilot, screen, f"{fixed_bytes + 5 * screen._plan.expert_bytes}B")
+        assert screen._plan.slots == 5
+        # The 5 busiest pairs took 50+40+30+20+10 of the 190 activations.
+        assert "78.9% of the saved profile" in str(screen.query_one("#slots").render())
+
+
 def test_parse_budget():
     assert parse_budget("8") == "8GB"
     assert parse_budget(" auto ") == "auto"

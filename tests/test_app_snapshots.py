@@ -78,7 +78,8 @@ def test_chat_with_reply_and_stats(snap_compare, make_app):
         screen.query_one(ExpertHeatmap).update_counts(fixed_stats().expert_counts)
         await pilot.pause()
 
-    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+    # Two rows taller than SIZE: the whole side panel shows, down to the heatmap's summary.
+    assert snap_compare(make_app(), terminal_size=(120, 38), run_before=run_before)
 
 
 def test_chat_narrow_hides_panel(snap_compare, make_app):

@@ -44,7 +44,16 @@ def test_heatmap_bins_wide_models_and_scales_per_layer():
     assert (grid[2:] == -1).all()  # nothing fired: its own colour, not the coldest
     text = render_heatmap(counts, 40).plain
     assert "4 experts per cell" in text and "1,010 activations" in text
-    assert len(text.splitlines()) == 1 + 24 + 2  # two layers per text row
+    assert "top 10% of experts took 100%" in text
+    assert len(text.splitlines()) == 1 + 24 + 3  # two layers per text row; 2-line summary
+    assert max(len(line) for line in text.splitlines()) <= 40  # nothing is cut off
+
+
+def test_heatmap_summary_fits_the_side_panel():
+    """The chat's side panel leaves 43 cells: the summary's numbers must all show."""
+    counts = np.arange(2 * 8, dtype=np.int64).reshape(2, 8) * 1000
+    lines = render_heatmap(counts, 43).plain.splitlines()
+    assert lines[-2:] == ["    120,000 activations", "    top 10% of experts took 24%"]
 
 
 def test_reply_buffer_posts_once_until_drained():

@@ -26,12 +26,14 @@ from ..widgets.prompt import PromptInput
 from ..widgets.stats_panel import PanelState, StatsPanel
 
 if TYPE_CHECKING:
+    from textual.widget import Widget
+
     from mlx_pager.budget import BudgetPlan
     from mlx_pager.engine import Engine, ModelInfo
 
 WELCOME = (
-    "**Ask anything.** Enter sends · ↑/↓ earlier prompts · Esc stops the reply · "
-    "Ctrl+N new chat · Ctrl+O saved chats · F2 models · F3 memory budget"
+    "**Ask anything.** Enter sends · Ctrl+J new line · ↑/↓ earlier prompts · "
+    "Esc stops the reply · Ctrl+N new chat · Ctrl+O saved chats · F2 models · F3 memory budget"
 )
 
 
@@ -40,9 +42,10 @@ def short_verdict(info: ModelInfo, plan: BudgetPlan) -> str:
     if not info.moe_layers:
         return "dense model, fully resident"
     shape = f"{info.moe_layers}×{info.experts_per_layer} experts, top-{info.top_k}"
+    # Experts are read from disk on first use either way: say what fits, not what is loaded.
     if plan.verdict == "fits":
-        return f"{shape} · all in memory"
-    return f"{shape} · paged: {plan.slots} in memory"
+        return f"{shape} · all fit, loaded as used"
+    return f"{shape} · paged: {plan.slots} of {plan.num_experts} fit, loaded as used"
 
 
 FINISH_NOTES = {"length": "stopped at the token limit", "cancelled": "stopped"}
@@ -90,6 +93,7 @@ class ChatScreen(Screen):
         self.conversation = Conversation()
         self._stream: MarkdownStream | None = None
         self._reply: AssistantMessage | None = None
+        self._asked: UserMessage | None = None  # the prompt of the reply in progress
         self._reply_text = ""
         self._buffer = ReplyBuffer()
         self._stats_dirty = True
@@ -173,7 +177,7 @@ class ChatScreen(Screen):
         """Tell the engine the task early, so its hot experts preload while the user types."""
         if self._prepare_timer is not None:
             self._prepare_timer.stop()
-        if len(event.value.strip()) >= 16:
+        if len(event.text_area.text.strip()) >= 16:
             self._prepare_timer = self.set_timer(0.8, self._prepare_draft)
 
     def _prepare_draft(self) -> None:
@@ -239,7 +243,8 @@ class ChatScreen(Screen):
         messages = self.query_one("#messages", VerticalScroll)
         self._remove_welcome()
         reply = AssistantMessage(model=model_label(self.app.model_name))
-        await messages.mount_all([UserMessage(prompt), reply])
+        self._asked = UserMessage(prompt)
+        await messages.mount_all([self._asked, reply])
         reply.set_status("reading the prompt…")
         messages.scroll_end(animate=False)
         self._reply, self._reply_text = reply, ""
@@ -290,15 +295,26 @@ class ChatScreen(Screen):
         self._done()
 
     async def on_reply_failed(self, message: ReplyFailed) -> None:
+        """Undo the turn, on screen as in the saved chat, and give the prompt back.
+
+        The conversation never holds a failed turn (the model would read the error as its
+        own words next time), so neither does the screen: what is shown is what reloading
+        the chat shows. The error stays in the notification; a retry is one key away.
+        """
         await self._end_stream()
-        if self._reply is not None:
-            self._reply.set_status(f"error: {message.error}", error=True)
-        # Give the prompt back, so a retry after fixing the cause is one key away.
         failed = self.conversation.messages.pop() if self.conversation.messages else None
         if failed and failed["role"] == "user":
             self.query_one(PromptInput).value = failed["content"]
-        self.notify(message.error, title="Generation failed", severity="error", timeout=10)
+        await self._remove_turn([w for w in (self._asked, self._reply) if w is not None])
+        self.notify(f"{message.error}\nYour prompt is back in the box.",
+                    title="Generation failed", severity="error", timeout=12)  # fmt: skip
         self._done()
+
+    async def _remove_turn(self, widgets: list[Widget]) -> None:
+        messages = self.query_one("#messages", VerticalScroll)
+        await messages.remove_children(widgets)
+        if not self.conversation.messages:
+            await messages.mount(Markdown(WELCOME, id="welcome"))
 
     async def _end_stream(self) -> None:
         if self._stream is not None:
@@ -307,7 +323,7 @@ class ChatScreen(Screen):
 
     def _done(self) -> None:
         self.generating = False
-        self._reply = None
+        self._reply = self._asked = None
         self._stats_dirty = True
         self.refresh_stats()
         self._follow()

@@ -233,15 +233,28 @@ class SettingsScreen(Screen):
         text.append("One expert        ", style="dim")
         text.append(f"{size(plan.expert_bytes)}\n")
         text.append("Predicted hit     ", style="dim")
-        engine = self.app.engine
-        counts = engine.stats.snapshot().expert_counts if engine is not None else None
-        hit = predicted_hit_rate(counts, plan.slots) if counts is not None else None
+        hit, source = self._predicted_hit(plan.slots)
         if hit is None:
             text.append("no profile yet (chat first: the heatmap is the profile)", style="dim")
         else:
             text.append(f"{percent(hit)}", style="bold")
-            text.append(" of this session's activations", style="dim")
+            text.append(f" of {source}", style="dim")
         return text
+
+    def _predicted_hit(self, slots: int) -> tuple[float | None, str]:
+        """From this session's activations; else from the task profiles saved by earlier
+        sessions (the engine loads them at open), so a restart does not forget."""
+        engine = self.app.engine
+        if engine is None:
+            return None, ""
+        hit = predicted_hit_rate(engine.stats.snapshot().expert_counts, slots)
+        if hit is not None:
+            return hit, "this session's activations"
+        profiles = getattr(engine, "profiles", None)
+        saved = list(profiles.counts.values()) if profiles is not None else []
+        if not saved:
+            return None, ""
+        return predicted_hit_rate(sum(saved), slots), "the saved profile's activations"
 
     def _verdict_text(self, plan: BudgetPlan) -> Text:
         text = Text(plan.explain())

@@ -98,9 +98,10 @@ def render_heatmap(counts: np.ndarray, width: int, empty: str = "no routed exper
     if total == 0:
         text.append(f"{'':>{GUTTER}}no activations yet", style="dim")
     else:
+        # Two short lines: one would not fit the side panel (46 columns).
         share = top_share(counts, 0.10) or 0.0
-        text.append(f"{'':>{GUTTER}}{total:,} activations · top 10% of experts: {share:.0%}",
-                    style="dim")  # fmt: skip
+        text.append(f"{'':>{GUTTER}}{total:,} activations\n", style="dim")
+        text.append(f"{'':>{GUTTER}}top 10% of experts took {share:.0%}", style="dim")
     return text
 
 
@@ -121,7 +122,8 @@ class ExpertHeatmap(Widget):
             self.empty_text = empty_text
             self.refresh(layout=True)
         if counts.shape != self.counts.shape or not np.array_equal(counts, self.counts):
-            resized = counts.shape != self.counts.shape
+            # The summary takes one line before the first activation and two after.
+            resized = counts.shape != self.counts.shape or counts.any() != self.counts.any()
             self.counts = counts.copy()
             self.refresh(layout=resized)
 
