@@ -289,30 +289,30 @@ def spread_windows(stream: np.ndarray, n: int, seq: int) -> np.ndarray:
     return np.stack([stream[i : i + seq] for i in starts])
 
 
-def eval_windows(held: dict[str, np.ndarray], seq: int, n: int = 8) -> dict:
-    """Per domain, n windows spread over the first half of its held-out slice and n over
-    the second half (the coverage test learns sets on the first, measures on the second)."""
+def eval_windows(held: dict[str, np.ndarray], seq: int, n: int = 16) -> dict:
+    """Per domain, 2n windows spread over its whole held-out slice, alternately "learn"
+    (where the coverage test finds a domain's top experts) and "measure" (where it checks
+    them). Alternating, not first half / second half: the held-out slices run in corpus
+    order (code: Go, then PHP, then JavaScript), so halves would measure how well one
+    project's experts transfer to another's, not whether a domain has its experts."""
     out = {}
     for d, s in held.items():
-        half = len(s) // 2
-        out[d] = {
-            "first": spread_windows(s[:half], n, seq),
-            "second": spread_windows(s[half:], n, seq),
-        }
+        windows = spread_windows(s, 2 * n, seq)
+        out[d] = {"learn": windows[0::2], "measure": windows[1::2]}
     return out
 
 
 def coverage_matrix(model, windows: dict, seq: int, top_k: int, frac=0.25):
     """[layers, set domain, eval domain]: share of eval activations the set covers.
 
-    Each domain's set is its top-25% most selected experts per layer on the first half
-    of its held-out slice; coverage is measured on the second half of every domain.
+    Each domain's set is its top-25% most selected experts per layer on its "learn"
+    windows; coverage is measured on every domain's "measure" windows.
     """
     first = {
-        d: routing_counts(model, w["first"].reshape(-1), seq, top_k) for d, w in windows.items()
+        d: routing_counts(model, w["learn"].reshape(-1), seq, top_k) for d, w in windows.items()
     }
     second = {
-        d: routing_counts(model, w["second"].reshape(-1), seq, top_k) for d, w in windows.items()
+        d: routing_counts(model, w["measure"].reshape(-1), seq, top_k) for d, w in windows.items()
     }
     n_layers, n_experts = first[DOMAINS[0]].shape
     k = int(n_experts * frac)
@@ -454,6 +454,7 @@ def model_card(out_dir: Path, info: dict):
         for d in dom
     )
     cov = np.array(info["coverage"])
+    n_win = info["coverage_windows"]
     mean = cov.mean(axis=0)
     cov_rows = "\n".join(
         f"| {d} | " + " | ".join(f"{mean[i, j]:.2f}" for j in range(len(dom))) + " |"
@@ -539,9 +540,9 @@ The four domain samples of `/work/shared/corpus` (the inputs of OLMoE's routing
 analysis: The Stack code, arXiv LaTeX, Wikipedia, C4 web). Documents are separated by
 blank lines (one per line in `web.txt`); the last 5% of the documents of each file are
 held out and never trained on (also not used for the tokenizer). `eval/` holds, per
-domain, 8 windows of {info["seq"]} held-out tokens spread over the first half of the held-out
-slice and 8 over the second half (token ids), and the training-split unigram counts, for
-the tests.
+domain, {n_win} "learn" and {n_win} "measure" windows of {info["seq"]} held-out tokens, alternating
+over the whole held-out slice (token ids), and the training-split unigram counts, for the
+tests.
 
 ## Training
 
@@ -571,9 +572,12 @@ against an add-one smoothed unigram model fitted on the training split:
 
 ## Expert specialisation
 
-For each layer, each domain's top-25% set (the 8 of 32 experts it selects most on
-2,048 tokens spread over the first half of its held-out slice) and the share of each
-domain's activations on 2,048 tokens spread over the second half that the set covers.
+For each layer, each domain's top-25% set (the experts it selects most on its "learn"
+windows, {n_win * info["seq"]:,} held-out tokens) and the share of each domain's activations on
+its "measure" windows (another {n_win * info["seq"]:,} tokens, interleaved with the first) that
+the set covers. The windows alternate rather than split the slice in halves: the held-out
+code runs in corpus order (Go, then PHP, then JavaScript), so halves would test whether
+one project's experts transfer to another's.
 Averaged over the {cov.shape[0]} layers (rows: the set's domain, columns: the evaluated
 domain):
 
@@ -767,6 +771,7 @@ def main():
         "heldout_loss": heldout_loss,
         "unigram_loss": uni_loss,
         "coverage": cov.tolist(),
+        "coverage_windows": len(windows[DOMAINS[0]]["learn"]),
     }
     (eval_dir / "train-info.json").write_text(json.dumps(info, indent=2) + "\n")
     info["crosscheck"] = crosscheck_transformers(
