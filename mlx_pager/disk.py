@@ -73,14 +73,6 @@ class Reader:
         with self._lock:
             self.bytes_read += nbytes
 
-    def announce(self, pieces: list[Piece]) -> None:
-        """Hint that these pieces will be read soon: the kernel may start reading now."""
-        if hasattr(os, "POSIX_FADV_WILLNEED"):
-            for piece in pieces:
-                os.posix_fadvise(
-                    self.fds[piece.path], piece.offset, piece.nbytes, os.POSIX_FADV_WILLNEED
-                )
-
     def drop(self, paths: list[Path] | None = None) -> None:
         """Evict whole files from the page cache: makes the next reads cold (benchmarks)."""
         for path, fd in self.fds.items():
@@ -145,7 +137,15 @@ class MmapReader(Reader):
             drop_page_cache(self.fds[piece.path], piece.offset, piece.nbytes)
         return buf
 
+    def read(self, pieces: list[Piece]) -> list[np.ndarray]:
+        """Announce the whole group first, so the kernel reads every piece at once rather
+        than one page fault after another."""
+        if len(pieces) > 1:
+            self.announce(pieces)
+        return super().read(pieces)
+
     def announce(self, pieces: list[Piece]) -> None:
+        """``MADV_WILLNEED`` on exactly the pieces about to be read (and counted)."""
         if not hasattr(mmap, "MADV_WILLNEED"):
             return
         for piece in pieces:

@@ -22,7 +22,7 @@ from .budget import BudgetPlan
 from .loader import PagedModel, load_paged
 from .settings import Settings, load_settings
 from .stats import Stats, current_rss, peak_rss
-from .task_profiles import TaskProfiles
+from .task_profiles import MIN_PRELOAD_GAIN, TaskProfiles
 from .tasks import TaskClassifier
 from .units import parse_bytes
 
@@ -170,8 +170,11 @@ class Engine:
         gain = self.profiles.preload_gain
         if gain is None:
             return "off: not measured for this model yet (mlx-pager profile)"
-        if gain <= 0:
-            return f"off: measured no gain ({gain * 100:+.1f} hit-rate points)"
+        if round(gain, 9) < MIN_PRELOAD_GAIN:
+            return (
+                f"off: measured {gain * 100:+.1f} hit-rate points, "
+                f"below the {MIN_PRELOAD_GAIN * 100:+.0f} it must gain"
+            )
         return f"on: {gain * 100:+.1f} hit-rate points after a task switch"
 
     @property
@@ -237,12 +240,11 @@ class Engine:
         stats.reset_run()
         cache = self.paged.cache
         if cache is not None:
-            cache.reset_counters()
+            cache.reset_counters(prompt_tokens=len(tokens))  # decode counts start after
             task = self.prepare(prompt, preload, task)
             self.wait_preload()  # before the first forward pass writes to the cache
             counts_before = stats.expert_counts.copy()
         start = time.perf_counter()
-        at_prefill = (0, 0)
         sampler = make_sampler(temp=temp, top_p=top_p)
         for response in stream_generate(
             self.paged.model,
@@ -255,7 +257,9 @@ class Engine:
             with stats.lock:
                 if response.generation_tokens == 1:
                     stats.ttft_seconds = time.perf_counter() - start
-                    at_prefill = (stats.hits, stats.misses)
+                # Counted when the prompt's last token was done, not now: mlx-lm has run
+                # the first decode step before it yields the first token.
+                at_prefill = (cache.prefill_counts if cache else None) or (0, 0)
                 stats.decode_hits = stats.hits - at_prefill[0]
                 stats.decode_misses = stats.misses - at_prefill[1]
                 stats.prompt_tokens = response.prompt_tokens

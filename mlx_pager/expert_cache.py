@@ -75,7 +75,9 @@ class ExpertCache:
         self.cold = None  # optional LowBitCache: unimportant misses at 4 bits
         self._bytes_at_reset = 0
         self.lock = threading.Lock()  # fetches and background preloads take turns
-        self._prefetch_at_reset = (0, 0)
+        self.prompt_tokens = 0  # this run's first tokens, the prefill (see reset_counters)
+        self.tokens = 0  # tokens that went through every layer this run
+        self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
 
     def pool_layout(self) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
         """Shape and dtype of one slot of each pool: here, the experts as on disk."""
@@ -107,7 +109,7 @@ class ExpertCache:
         """Make these experts resident; returns a lookup table expert -> slot.
 
         ``weights``: how many requests each expert serves here (tokens routed to it), so
-        frequency-based policies count a prefill chunk as the simulator counts tokens.
+        the policy counts a prefill chunk as the simulator counts its tokens' requests.
         """
         if len(experts) > self.slots:
             raise ValueError(f"{len(experts)} experts requested, {self.slots} slots")
@@ -115,12 +117,25 @@ class ExpertCache:
             return self._fetch(layer, experts, weights)
 
     def next_tokens(self, n: int) -> None:
-        """``n`` tokens went through every layer: age the policies that count tokens."""
+        """``n`` tokens went through every layer: age the policies that count tokens, and
+        note the counts when the prompt's last token is done (decode starts after it)."""
         with self.lock:
             for _ in range(n):
                 self.policy.next_token()
+        before, self.tokens = self.tokens, self.tokens + n
+        if before < self.prompt_tokens <= self.tokens:
+            with self.stats.lock:
+                self.prefill_counts = (self.stats.hits, self.stats.misses)
         if self.cold is not None:
             self.cold.next_tokens(n)
+
+    @property
+    def phase(self) -> str:
+        """Of the tokens going through the layers now: the prompt's, or generated ones.
+
+        Counted in tokens, not taken from mlx-lm's progress callback: it computes the
+        first generated token's pass before it reports the prompt done."""
+        return "prefill" if self.tokens < self.prompt_tokens else "decode"
 
     def _fetch(self, layer: int, experts: Sequence[int], weights) -> np.ndarray:
         keys = [(layer, int(e)) for e in experts]
@@ -132,7 +147,7 @@ class ExpertCache:
             self._load(misses, slots)
         waited = time.perf_counter() - start
         for i, key in enumerate(keys):
-            self.policy.access(key, 1.0 if weights is None else float(weights[i]))
+            self.policy.access_many(key, 1 if weights is None else round(float(weights[i])))
         self.count(len(keys) - len(misses), len(misses), waited)
         lut = np.zeros(self.map.num_experts, np.int32)
         for key in keys:
@@ -143,7 +158,9 @@ class ExpertCache:
         """Make ``keys`` resident, most important first, without counting hits or misses.
 
         Runs between generations (the engine waits for it before a forward pass), in
-        groups so that ``cancel`` stops it quickly. Returns how many experts it loaded.
+        groups so that ``cancel`` stops it quickly. The policy is told the new residents
+        (``admit``) but learns no requests from them: none were made. Returns how many
+        experts it loaded.
         """
         keys = keys[: self.slots]
         pinned = set(keys)
@@ -155,8 +172,8 @@ class ExpertCache:
                 group = [k for k in keys[start : start + 8] if k not in self.slot_of]
                 if group:
                     self._load(group, [self._claim(pinned) for _ in group])
-                for key in keys[start : start + 8]:
-                    self.policy.access(key)
+                for key in group:
+                    self.policy.admit(key)
             loaded += len(group)
         self.update_stats()
         return loaded
@@ -169,6 +186,14 @@ class ExpertCache:
             self.slot_of.clear()
             self.key_in = [None] * self.slots
             self.free = list(range(self.slots - 1, -1, -1))
+
+    def reset(self) -> None:
+        """Evict everything and start the policy afresh: runs compared from the same state."""
+        self.clear()
+        with self.lock:
+            self.policy = type(self.policy)()
+        if self.cold is not None:
+            self.cold.reset()
 
     def count(self, hits: int, misses: int, waited: float) -> None:
         with self.stats.lock:
@@ -183,16 +208,19 @@ class ExpertCache:
             self.stats.bytes_read = self.reader.bytes_read - self._bytes_at_reset
             p = self.prefetcher
             if p is not None:
-                self.stats.prefetch_issued = p.issued - self._prefetch_at_reset[0]
-                self.stats.prefetch_used = p.used - self._prefetch_at_reset[1]
+                self.stats.prefetch_issued = p.issued
+                self.stats.prefetch_used = p.used
                 self.stats.prefetch_recall = p.recall
                 self.stats.prediction_precision = p.precision
 
-    def reset_counters(self) -> None:
-        """Start a new run's byte and prefetch counts (the stats were reset)."""
+    def reset_counters(self, prompt_tokens: int = 0) -> None:
+        """Start a new run's byte, token and prefetch counts (the stats were reset); its
+        first ``prompt_tokens`` tokens are the prefill."""
         self._bytes_at_reset = self.reader.bytes_read
-        p = self.prefetcher
-        self._prefetch_at_reset = (p.issued, p.used) if p else (0, 0)
+        self.prompt_tokens, self.tokens = prompt_tokens, 0
+        self.prefill_counts = None if prompt_tokens else (0, 0)
+        if self.prefetcher is not None:
+            self.prefetcher.reset_counts()
 
     def _claim(self, pinned: set[tuple[int, int]]) -> int:
         if self.free:
@@ -204,36 +232,48 @@ class ExpertCache:
         return slot
 
     def _load(self, keys: list[tuple[int, int]], slots: list[int]) -> None:
-        """Read misses in groups of at most ``staging_bytes``, writing each into its slot."""
+        """Read misses in groups of at most ``staging_bytes``, writing each into its slot.
+
+        Demand reads go first; speculative reads already under way are waited for only
+        after them, so a demand read never queues behind a guess."""
+        under_way = {}
+        if self.prefetcher is not None:
+            for key in keys:
+                future = self.prefetcher.claim(key)
+                if future is not None:
+                    under_way[key] = future
         group: list[tuple[tuple[int, int], int]] = []
         size = 0
         for key, slot in zip(keys, slots, strict=True):
+            if key in under_way:
+                continue
             expert_size = self.map.expert_disk_bytes(*key)
             if group and size + expert_size > self.staging_bytes:
                 self._load_group(group)
                 group, size = [], 0
             group.append((key, slot))
             size += expert_size
-        self._load_group(group)
+        if group:
+            self._load_group(group)
+        for key, slot in zip(keys, slots, strict=True):
+            if key in under_way:
+                self._place(key, slot, self.prefetcher.collect(under_way[key]))
+        if under_way:
+            mx.eval(list(self.pools.values()))
 
     def _load_group(self, group: list[tuple[tuple[int, int], int]]) -> None:
-        prefetched = {}
-        if self.prefetcher is not None:
-            for key, _ in group:
-                buffers = self.prefetcher.take(key)
-                if buffers is not None:
-                    prefetched[key] = buffers
-        demand = [pc for key, _ in group if key not in prefetched
-                  for pc in self.map.expert_pieces(*key).values()]  # fmt: skip
-        read = iter(self.reader.read(demand) if demand else [])
+        pieces = [pc for key, _ in group for pc in self.map.expert_pieces(*key).values()]
+        read = iter(self.reader.read(pieces))
         for key, slot in group:
-            buffers = prefetched.get(key) or [next(read) for _ in self.map.params]
-            self.write(slot, self.map.expert_pieces(*key), buffers)
-            self.slot_of[key] = slot
-            self.key_in[slot] = key
+            self._place(key, slot, [next(read) for _ in self.map.params])
         # Evaluate now: frees the read buffers, and a later write to a pool still
         # referenced by a pending computation would make MLX copy the whole pool.
         mx.eval(list(self.pools.values()))
+
+    def _place(self, key: tuple[int, int], slot: int, buffers: list[np.ndarray]) -> None:
+        self.write(slot, self.map.expert_pieces(*key), buffers)
+        self.slot_of[key] = slot
+        self.key_in[slot] = key
 
     def write(self, slot: int, pieces: dict[str, Piece], buffers: list[np.ndarray]) -> None:
         """One expert's bytes into its slot of every pool."""

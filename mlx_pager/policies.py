@@ -1,10 +1,12 @@
 """Eviction policies for the expert cache, shared by the live engine and the trace simulator.
 
 A policy only ranks keys; the cache owns the slots. Keys are ``(layer, expert)`` pairs.
-The cache calls ``access`` for every request (hit or miss, after a miss is loaded),
-``remove`` when it evicts, and ``victim`` to choose what to evict; ``pinned`` keys (the
-experts the current computation needs) are never chosen. ``next_token`` marks token
-boundaries for policies that age by tokens rather than by requests.
+The cache calls ``access`` for every request (hit or miss, after a miss is loaded), or
+``access_many`` for several requests of one key served at once (a prefill chunk),
+``admit`` for a key made resident without a request (a task preload), ``remove`` when it
+evicts, and ``victim`` to choose what to evict; ``pinned`` keys (the experts the current
+computation needs) are never chosen. ``next_token`` marks token boundaries for policies
+that age by tokens rather than by requests.
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ class Policy:
 
     def access(self, key: Key, weight: float = 1.0) -> None:
         raise NotImplementedError
+
+    def access_many(self, key: Key, requests: int, weight: float | None = None) -> None:
+        """``requests`` requests of ``key`` served together, ``weight`` their summed weight
+        (default: one each). One call of the summed weight is the same as ``requests``
+        calls for a policy that only adds weights or orders keys; one that counts requests
+        overrides it."""
+        self.access(key, float(requests) if weight is None else weight)
+
+    def admit(self, key: Key) -> None:
+        """``key`` became resident without being requested (preloaded): make it evictable,
+        learn nothing. A request of weight zero does that for a policy whose history is
+        weights or order; one that learns from requests themselves overrides it."""
+        self.access(key, 0.0)
 
     def remove(self, key: Key) -> None:
         raise NotImplementedError
@@ -96,7 +111,10 @@ class _Ranked(Policy):
 
 class LFU(_Ranked):
     """Least frequently used: requests counted since the start, kept across evictions
-    (the reference figures' LFU); ties go to the least recently used."""
+    (the reference figures' LFU); ties go to the least recently used.
+
+    It counts requests, never router weight: the replay's one call per request and the
+    live cache's one ``access_many`` per expert and prefill chunk count the same."""
 
     name = "lfu"
 
@@ -106,10 +124,18 @@ class LFU(_Ranked):
         self._counts: dict[Key, int] = {}
 
     def access(self, key: Key, weight: float = 1.0) -> None:
+        self.access_many(key, 1)
+
+    def access_many(self, key: Key, requests: int, weight: float | None = None) -> None:
         self._clock += 1
-        count = self._counts.get(key, 0) + 1
+        count = self._counts.get(key, 0) + requests
         self._counts[key] = count
         self._push(key, (count, self._clock, key))
+
+    def admit(self, key: Key) -> None:
+        """Ranked by the requests it already had (none if new), as the most recent."""
+        self._clock += 1
+        self._push(key, (self._counts.get(key, 0), self._clock, key))
 
 
 class DecayedLFU(_Ranked):
@@ -289,6 +315,17 @@ class PredictedUse(Policy):
         model.current.append(expert)
         model.decayed[expert] += weight * self._unit
         model.decayed_total += weight * self._unit
+        if expert not in model.resident:
+            model.resident.add(expert)
+            self._dirty.add(layer)
+
+    def admit(self, key: Key) -> None:
+        """Resident, ranked by what was learned so far; no token, no weight is learned."""
+        self._accesses += 1  # the residents changed: cached victim orders are stale
+        layer, expert = self._split(key)
+        model = self._layer(layer)
+        if expert >= model.size:
+            model.grow(expert)
         if expert not in model.resident:
             model.resident.add(expert)
             self._dirty.add(layer)

@@ -4,8 +4,11 @@ Layer L+1's router applied to layer L's MoE input recovers most of L+1's choices
 (NOTES.md: 98% of Qwen3-30B's top-8 within a top-12 window). The guesses are read on a
 thread of their own while layer L computes, into buffers bounded by a byte budget (part
 of the headroom), never into cache slots: a wrong guess costs bandwidth, not memory or
-evictions. Demand reads use the reader's own pool, so they never queue behind guesses;
-a demanded expert whose speculative read has not started is cancelled and read on demand.
+evictions. Demand reads use the reader's own pool, so they never queue behind guesses: a
+demanded expert whose speculative read has not started is cancelled and read on demand,
+and one already under way is collected only after the demand reads are done. No kernel
+readahead hint (``WILLNEED``) is given: it would start every guess at once, competing
+with demand reads, uncounted, and leave the pages of dropped guesses in the page cache.
 """
 
 from __future__ import annotations
@@ -71,7 +74,6 @@ class Prefetcher:
                 break
             budget -= size
             pieces = list(self.map.expert_pieces(*key).values())
-            self.reader.announce(pieces)  # MADV_WILLNEED / POSIX_FADV_WILLNEED
             with self.lock:
                 self.pending[key] = self.pool.submit(self._read, pieces)
                 self.issued += 1
@@ -79,16 +81,26 @@ class Prefetcher:
     def _read(self, pieces: list[Piece]) -> list[np.ndarray]:
         return [self.reader.read_piece(p) for p in pieces]
 
-    def take(self, key: Key) -> list[np.ndarray] | None:
-        """The buffers of a guessed expert, waiting if its read is under way; else None."""
+    def claim(self, key: Key) -> Future | None:
+        """The speculative read of a demanded expert if it has started; one not started
+        yet is cancelled and None returned, so the caller reads it on demand."""
         with self.lock:
             future = self.pending.pop(key, None)
         if future is None or future.cancel():
             return None
+        return future
+
+    def collect(self, future: Future) -> list[np.ndarray]:
+        """A claimed read's buffers, waiting for it: call after issuing the demand reads."""
         buffers = future.result()
         self.used += 1
         self.reader.count(sum(b.nbytes for b in buffers))
         return buffers
+
+    def reset_counts(self) -> None:
+        """Start a new run's counts, so its recall and precision are its own."""
+        self.predicted = self.correct = self.routed = 0
+        self.issued = self.used = self.wasted = 0
 
     def finish(self, layer: int, routed: np.ndarray) -> None:
         """After ``layer`` ran: score its guesses, drop the unused ones."""

@@ -5,7 +5,7 @@ plain text file with one prompt per line (tasks then come from the classifier). 
 fifth prompt of each task is held out: the others teach the model's task profile, the
 held-out ones, visited so that the task changes every time, measure the decode hit rate
 after a switch with and without preloading. The result decides whether preloading is on
-for this model.
+for this model: it must gain at least ``MIN_PRELOAD_GAIN`` (one hit-rate point).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode-tokens", type=int, default=32, help="decode tokens after a task switch to score"
     )
-    parser.add_argument("--export-trace", metavar="FILE", help="save the routing as a trace")
+    parser.add_argument(
+        "--export-trace", metavar="FILE", help="save the prompts' routing as a prefill trace"
+    )
     parser.add_argument("--json", action="store_true")
 
 
@@ -69,18 +71,23 @@ def run_prompts(engine, pairs, max_tokens, recorder=None) -> dict[str, np.ndarra
 
 
 def measure_preload(engine, held_out, decode_tokens: int) -> dict[str, float]:
-    """Decode hit rate after task switches, without and with preloading (cold cache)."""
+    """Decode hit rate after task switches, without and with preloading.
+
+    Each arm starts from the same state, an empty cache and a policy that has learned
+    nothing, so neither inherits what the other taught the policy."""
     result = {}
     engine.learn = False  # measure with the profile as it stands
     try:
         for mode, preload in (("without", False), ("with", True)):
-            engine.paged.cache.clear()
+            engine.paged.cache.reset()
             engine.last_task = ""
             hits = misses = 0
             for task, text in interleave(held_out):
+                # The decode counts start with the first generated token's pass, and
+                # mlx-lm runs one pass per token it yields.
                 for _ in engine.generate(
                     text,
-                    max_tokens=decode_tokens + 1,
+                    max_tokens=decode_tokens,
                     chat_template=False,
                     preload=preload,
                     task=task,
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.export_trace:
         from .trace import attach_recorder
 
-        recorder = attach_recorder(engine)
+        recorder = attach_recorder(engine, phase="prefill")  # the prompts, one per task
     try:
         pairs = read_prompts(Path(args.prompts), engine.classify)
         train, held = split_held_out(pairs) if args.measure_preload else (pairs, [])

@@ -3,7 +3,7 @@ chats, kept in the user's data directory, and used to preload a task's hot set.
 
 The file also keeps the measured value of preloading for this model (hit rate over the
 first decode tokens after a task switch, with and without): preloading is on for a model
-only where that measurement says it pays.
+only where that measurement says it pays, by at least ``MIN_PRELOAD_GAIN``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ import numpy as np
 
 from .atomic import write_atomic
 from .settings import data_dir
+
+# Hit-rate gain (1 point) preloading must show before it is turned on: a smaller one is
+# within what the measurement's few held-out prompts can tell apart, and preloading costs
+# reads that a prompt's own prefill may make anyway.
+MIN_PRELOAD_GAIN = 0.01
 
 
 def model_key(model_path: Path) -> str:

@@ -3,8 +3,9 @@
 The format (``../shared/traces/FORMAT.md``) is one ``.npz``: ``expert_ids`` int16
 ``[T, L, K]`` (-1 = not recorded), optional ``weights`` float32 ``[T, L, K]``,
 ``offsets`` int64 ``[S+1]`` (sequence boundaries), optional ``labels``/``text`` ``[S]``,
-and scalars ``num_experts``, ``phase``, ``model``, optional ``label_source``. The
-simulator replays these; the engine records its own runs with ``TraceRecorder``.
+and scalars ``num_experts``, ``phase`` (``prefill`` or ``decode``), ``model``, optional
+``label_source``. The simulator replays these; the engine records its own runs with
+``TraceRecorder``, which keeps a run's prompt and reply tokens apart: one trace each.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 REQUIRED_KEYS = ("expert_ids", "offsets", "num_experts", "phase", "model")
-PHASES = ("prefill", "decode", "mixed")  # "mixed": a recorded run with both
+PHASES = ("prefill", "decode")  # a trace holds one: a recorded run writes one of them
 
 
 @dataclass
@@ -153,83 +154,97 @@ def save_trace(path: str | Path, trace: Trace) -> None:
         np.savez_compressed(f, **arrays)
 
 
+class _Phase:
+    """The tokens of one phase a recorder has seen, layer by layer, and their sequences."""
+
+    def __init__(self) -> None:
+        self.ids: dict[int, list[np.ndarray]] = {}
+        self.weights: dict[int, list[np.ndarray]] = {}
+        self.bounds: list[int] = [0]
+        self.labels: list[str] = []
+        self.text: list[str] = []
+
+    def tokens(self) -> int:
+        return sum(len(a) for a in self.ids[min(self.ids)]) if self.ids else 0
+
+
 class TraceRecorder:
     """Collects the engine's routing, one MoE layer call at a time, and saves a trace.
 
-    ``record(layer, ids)`` takes one token's ``[K]`` choices or a prefill chunk's
-    ``[..., K]``; a token is complete when every layer has recorded it. ``end_sequence``
-    closes a prompt (the next record starts a new one).
+    ``record(layer, ids, weights, phase)`` takes one token's ``[K]`` choices or a prefill
+    chunk's ``[..., K]``, of the prompt (``"prefill"``) or of the reply (``"decode"``;
+    ``attach_recorder`` asks the cache which); a token is complete when every layer has
+    recorded it. A trace holds one phase (FORMAT.md), so ``to_trace`` and ``save`` write
+    the recorder's ``phase`` unless told the other. ``end_sequence`` closes a prompt (the
+    next record starts a new one) in both.
     """
 
-    def __init__(self, num_experts: int, model: str = "", phase: str | None = None, text: str = ""):
+    def __init__(
+        self, num_experts: int, model: str = "", phase: str = "decode", text: str = ""
+    ) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, not {phase!r}")
         self.num_experts = num_experts
         self.model = model
-        self.phase = phase  # None: decided from what was recorded
-        self._ids: dict[int, list[np.ndarray]] = {}
-        self._weights: dict[int, list[np.ndarray]] = {}
-        self._chunk_sizes: list[int] = []  # tokens per layer-0 call: 1 = decode
-        self._bounds: list[int] = [0]
-        self._labels: list[str] = []
-        self._text: list[str] = []
+        self.phase = phase  # what ``save`` writes
+        self._phases = {name: _Phase() for name in PHASES}
         self.pending_text = text  # the prompt of the open sequence, when known
 
-    def record(self, layer_index: int, expert_ids, weights=None) -> None:
+    def record(self, layer_index: int, expert_ids, weights=None, phase: str | None = None) -> None:
+        part = self._phases[phase or self.phase]
         ids = np.asarray(expert_ids)
         k = ids.shape[-1] if ids.ndim else 1
         ids = ids.reshape(-1, k).astype(np.int16)
-        self._ids.setdefault(layer_index, []).append(ids)
+        part.ids.setdefault(layer_index, []).append(ids)
         if weights is not None:
             w = np.asarray(weights, np.float32).reshape(ids.shape)
-            self._weights.setdefault(layer_index, []).append(w)
-        if layer_index == min(self._ids):
-            self._chunk_sizes.append(len(ids))
-
-    def _tokens(self) -> int:
-        return sum(len(a) for a in self._ids[min(self._ids)]) if self._ids else 0
+            part.weights.setdefault(layer_index, []).append(w)
 
     def end_sequence(self, label: str | None = None, text: str | None = None) -> None:
-        if self._tokens() > self._bounds[-1]:
-            self._bounds.append(self._tokens())
-            self._labels.append(label or "")
-            self._text.append(text or self.pending_text or "")
+        closed = False
+        for part in self._phases.values():
+            if part.tokens() > part.bounds[-1]:
+                part.bounds.append(part.tokens())
+                part.labels.append(label or "")
+                part.text.append(text or self.pending_text or "")
+                closed = True
+        if closed:
             self.pending_text = ""
 
-    def to_trace(self) -> Trace:
+    def to_trace(self, phase: str | None = None) -> Trace:
+        """The tokens of ``phase`` (default: the recorder's), as one trace."""
         self.end_sequence()
-        if not self._ids:
-            raise ValueError("Nothing was recorded: the model routed no tokens.")
-        layers = sorted(self._ids)
-        k = max(a.shape[1] for chunks in self._ids.values() for a in chunks)
+        phase = phase or self.phase
+        part = self._phases[phase]
+        if not part.ids:
+            raise ValueError(f"Nothing was recorded in the {phase} phase: no tokens routed.")
+        layers = sorted(part.ids)
+        k = max(a.shape[1] for chunks in part.ids.values() for a in chunks)
         columns = []
         for layer in layers:
-            ids = np.concatenate([_pad(a, k, -1) for a in self._ids[layer]])
+            ids = np.concatenate([_pad(a, k, -1) for a in part.ids[layer]])
             columns.append(ids)
         tokens = {len(c) for c in columns}
         if len(tokens) != 1:
             raise ValueError(f"Layers recorded different token counts: {sorted(tokens)}")
         weights = None
-        if self._weights and sorted(self._weights) == layers:
+        if part.weights and sorted(part.weights) == layers:
             weights = np.stack(
-                [np.concatenate([_pad(a, k, 0.0) for a in self._weights[x]]) for x in layers], 1
+                [np.concatenate([_pad(a, k, 0.0) for a in part.weights[x]]) for x in layers], 1
             )
-        phase = self.phase
-        if phase is None:
-            sizes = set(self._chunk_sizes)
-            phase = "decode" if sizes == {1} else "prefill" if 1 not in sizes else "mixed"
-        has_text = any(self._text)
         return Trace(
             expert_ids=np.stack(columns, 1),
-            offsets=np.asarray(self._bounds, np.int64),
+            offsets=np.asarray(part.bounds, np.int64),
             num_experts=self.num_experts,
             phase=phase,
             model=self.model,
             weights=weights if weights is None or weights.shape[0] == len(columns[0]) else None,
-            labels=np.asarray(self._labels) if any(self._labels) else None,
-            text=np.asarray(self._text) if has_text else None,
+            labels=np.asarray(part.labels) if any(part.labels) else None,
+            text=np.asarray(part.text) if any(part.text) else None,
         )
 
-    def save(self, path: str | Path) -> None:
-        save_trace(path, self.to_trace())
+    def save(self, path: str | Path, phase: str | None = None) -> None:
+        save_trace(path, self.to_trace(phase))
 
 
 def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
@@ -238,11 +253,19 @@ def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
     return np.concatenate([a, np.full((len(a), k - a.shape[1]), fill, a.dtype)], 1)
 
 
-def attach_recorder(engine, text: str | None = None) -> TraceRecorder:
-    """Record every routed token of ``engine`` from now on (its cache's ``on_tokens`` hook)."""
+def attach_recorder(engine, text: str | None = None, phase: str = "decode") -> TraceRecorder:
+    """Record every routed token of ``engine`` from now on (its cache's ``on_tokens`` hook),
+    each tagged with the phase the cache is in; ``save`` writes ``phase``'s tokens (by
+    default the reply's, the ones a paged model waits on token by token)."""
     cache = engine.paged.cache
     if cache is None:
         raise ValueError("This model has no routed experts: there is no routing to record.")
-    recorder = TraceRecorder(engine.info.experts_per_layer, engine.info.name, text=text or "")
-    cache.on_tokens = recorder.record
+    recorder = TraceRecorder(
+        engine.info.experts_per_layer, engine.info.name, phase=phase, text=text or ""
+    )
+
+    def record(layer: int, expert_ids, weights=None) -> None:
+        recorder.record(layer, expert_ids, weights, phase=cache.phase)
+
+    cache.on_tokens = record
     return recorder

@@ -3,14 +3,18 @@ on replayed traces is the policy users run."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 from checkpoints import open_paged
 
+from mlx_pager import simulate
 from mlx_pager.engine import Engine
-from mlx_pager.policies import POLICIES
+from mlx_pager.policies import LFU, POLICIES
 from mlx_pager.simulate import replay
 from mlx_pager.synthetic import make_checkpoint
-from mlx_pager.trace import attach_recorder
+from mlx_pager.trace import Trace, attach_recorder
 
 
 @pytest.fixture(scope="module")
@@ -20,20 +24,97 @@ def model(tmp_path_factory):
     )
 
 
+def whole_run(recorder) -> Trace:
+    """The prompt's tokens, then the reply's, as one stream for the simulator."""
+    prefill, decode = recorder.to_trace("prefill"), recorder.to_trace("decode")
+    tokens = prefill.num_tokens + decode.num_tokens
+    ids = np.concatenate([prefill.expert_ids, decode.expert_ids])
+    return replace(decode, expert_ids=ids, offsets=np.array([0, tokens]), text=None)
+
+
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_live_hits_equal_simulated_hits(model, policy):
     per_layer = 4
     paged = open_paged(model, per_layer * 3, policy=policy)  # one shared cache, 3 layers
     engine = Engine(paged, "m", 256)
     recorder = attach_recorder(engine)
+    prompt_tokens = len(engine.encode("a", chat_template=False))
     try:
         # One-token prompt: every forward pass is one token, as the simulator steps.
         for _ in engine.generate("a", max_tokens=40, chat_template=False):
             pass
         live = (engine.stats.hits, engine.stats.misses)
+        live_decode = (engine.stats.decode_hits, engine.stats.decode_misses)
     finally:
         engine.close()
-    trace = recorder.to_trace()
+    assert recorder.to_trace("prefill").num_tokens == prompt_tokens
+    trace = whole_run(recorder)
     assert trace.num_tokens >= 40  # mlx-lm computes one token ahead of what it yields
-    simulated = replay(trace, per_layer, policy, shared=True)
+    simulated = replay(trace, per_layer, policy, shared=True, split=prompt_tokens)
     assert live == (simulated.hits, simulated.misses)
+    # Decode counts start right after the prompt, the first decode step included.
+    assert live_decode == simulated.held_out
+
+
+def test_live_lfu_counts_requests_as_the_simulator_does(model, monkeypatch):
+    """A multi-token prompt reaches the live cache as one prefill chunk: one call per
+    expert with the tokens it serves; LFU must count those tokens, as the replay does."""
+    per_layer = 4
+    paged = open_paged(model, per_layer * 3, policy="lfu")
+    engine = Engine(paged, "m", 256)
+    recorder = attach_recorder(engine)
+    prompt = "Experts are paged from disk while the model reads a long prompt."
+    prompt_tokens = len(engine.encode(prompt, chat_template=False))
+    try:
+        for _ in engine.generate(prompt, max_tokens=8, chat_template=False):
+            pass
+        live = paged.cache.policy
+    finally:
+        engine.close()
+    prefill = recorder.to_trace("prefill")
+    assert prefill.num_tokens == prompt_tokens > 2
+    # Some expert served several tokens of the chunk, so the test tells the two apart.
+    chunk = prefill.expert_ids[: prompt_tokens - 1]
+    assert max(np.unique(chunk[:, 0], return_counts=True)[1]) > 1
+
+    made = []
+
+    def make_policy(name):
+        made.append(simulate.POLICIES[name]())
+        return made[-1]
+
+    monkeypatch.setattr(simulate, "make_policy", make_policy)
+    replay(whole_run(recorder), per_layer, "lfu", shared=True)
+    assert isinstance(live, LFU) and isinstance(made[0], LFU)
+    assert live._counts == made[0]._counts
+
+
+def test_decode_counts_start_after_the_prompts_last_token(model):
+    """mlx-lm runs the first decode step before it yields the first token: the decode
+    counts must include it, and nothing of the prompt."""
+    paged = open_paged(model, 6)
+    cache = paged.cache
+    engine = Engine(paged, "m", 256)
+    prompt = "A prompt of several tokens, then a reply."
+    prompt_tokens = len(engine.encode(prompt, chat_template=False))
+    passes, counted = [0], []  # tokens through every layer; (tokens before, hits, misses)
+    count, next_tokens = cache.count, cache.next_tokens
+
+    def logged_count(hits, misses, waited):
+        counted.append((passes[0], hits, misses))
+        count(hits, misses, waited)
+
+    def logged_next_tokens(n):
+        passes[0] += n
+        next_tokens(n)
+
+    cache.count, cache.next_tokens = logged_count, logged_next_tokens
+    try:
+        for _ in engine.generate(prompt, max_tokens=5, chat_template=False):
+            pass
+        stats = engine.stats
+    finally:
+        engine.close()
+    after = [(h, m) for done, h, m in counted if done >= prompt_tokens]
+    assert passes[0] - prompt_tokens == stats.generation_tokens == 5  # one pass per token
+    assert (stats.decode_hits, stats.decode_misses) == tuple(np.sum(after, 0).tolist())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from mlx_pager.policies import (
@@ -44,6 +45,67 @@ def test_lfu_counts_every_request_ties_to_oldest():
     p.remove("a")
     p.access("a")  # evicted and back: its count goes on from 2 to 3
     assert p.victim({"d"}) == "c"
+
+
+def test_lfu_counts_requests_served_together_not_weight():
+    """The live cache serves a prefill chunk's requests of one expert in one call."""
+    p, q = LFU(), LFU()
+    p.access_many("a", 3)  # three tokens of a chunk routed to a
+    p.access_many("b", 2, weight=0.1)  # a weight is not a count
+    feed(q, [["a"], ["a"], ["b"], ["a"], ["b"]])  # the same requests, one at a time
+    assert p._counts == q._counts == {"a": 3, "b": 2}
+    assert p.victim() == q.victim() == "b"
+    p.access("b", weight=5.0)
+    p.access("b", weight=0.2)
+    assert p.victim() == "a"  # b at 4 requests
+
+
+def test_admit_makes_a_key_evictable_without_a_request():
+    p = LFU()
+    feed(p, [["a"], ["b"], ["b"]])
+    p.admit("c")  # preloaded: resident, never requested
+    assert p._counts == {"a": 1, "b": 2} and p.victim() == "c"
+    p.access("c")
+    assert p.victim() == "a"  # a and c tie at 1; a is older
+    p.remove("c")
+    p.admit("c")  # back again: ranked by the request it had
+    assert p.victim({"a"}) == "c" and p._counts["c"] == 1
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_policy_can_evict_an_admitted_key(name):
+    policy = make_policy(name)
+    feed(policy, [[(0, 1)], [(0, 2)]])
+    policy.admit((0, 7))
+    assert policy.victim({(0, 1), (0, 2)}) == (0, 7)
+    policy.remove((0, 7))
+    with pytest.raises(LookupError):
+        policy.victim({(0, 1), (0, 2)})
+
+
+def test_predicted_use_learns_nothing_from_admitted_keys():
+    tokens = [[(0, 1)], [(0, 2)]] * 5
+    p, q = PredictedUse(), PredictedUse()
+    feed(p, tokens)
+    feed(q, tokens)
+    for expert in (5, 6, 70):  # 70: beyond what the layer's model has seen
+        p.admit((0, expert))
+    feed(p, tokens)
+    feed(q, tokens)
+    a, b = p._layers[0], q._layers[0]
+    assert a.follows.sum() == b.follows.sum() and a.decayed_total == b.decayed_total
+    assert np.array_equal(a.follows[: b.size, : b.size], b.follows)
+    assert p.victim({(0, 1)}) in {(0, 5), (0, 6), (0, 70)}  # never requested: first out
+
+
+def test_access_many_is_repeated_access_for_weight_policies():
+    p, q = DecayedLFU(), DecayedLFU()
+    feed(p, [["b"]])
+    feed(q, [["b"]])
+    p.access_many("a", 3)
+    for _ in range(3):
+        q.access("a")
+    assert p._history == q._history and p.victim() == q.victim() == "b"
 
 
 def test_slru_protects_keys_asked_for_twice():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 from checkpoints import open_paged
 
 from mlx_pager.engine import Engine
@@ -11,6 +14,8 @@ from mlx_pager.synthetic import make_checkpoint
 def test_prefetch_accounting(tmp_path):
     path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16, num_hidden_layers=4)
     paged = open_paged(path, 6, prefetch=True)
+    hints = []  # kernel readahead would read guesses outside the counted reads
+    paged.cache.reader.announce = hints.append
     engine = Engine(paged, "m", 256)
     for _ in engine.generate("Experts are paged from disk.", max_tokens=24, chat_template=False):
         pass
@@ -24,6 +29,7 @@ def test_prefetch_accounting(tmp_path):
     assert 0 < stats.prediction_precision <= 1 and 0 < stats.prefetch_recall <= 1
     # Demand misses, plus guesses read and never used: nothing else touched the disk.
     assert stats.bytes_read == (stats.misses + prefetcher.wasted) * expert_bytes
+    assert hints == []
 
 
 def test_prefetch_buffers_stay_within_their_budget(tmp_path):
@@ -45,3 +51,65 @@ def test_prefetch_buffers_stay_within_their_budget(tmp_path):
         pass
     engine.close()
     assert in_flight and max(in_flight) <= 2
+
+
+def test_demand_reads_do_not_wait_for_a_guess_under_way(tmp_path):
+    """A layer needs a guessed expert whose speculative read is stuck, and another expert:
+    the other one's demand read is made, and done, while the guess is still reading."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16)
+    paged = open_paged(path, 6, prefetch=True)
+    cache, prefetcher = paged.cache, paged.cache.prefetcher
+    started, release, demand_done = threading.Event(), threading.Event(), threading.Event()
+    slow_read = prefetcher._read
+
+    def stuck_read(pieces):  # the speculative read, on the prefetch thread
+        started.set()
+        release.wait(10)
+        return slow_read(pieces)
+
+    demand_read = cache.reader.read
+    speculative_reading = []
+
+    def read(pieces):  # demand reads, on the calling thread
+        out = demand_read(pieces)
+        speculative_reading.append(not release.is_set())
+        demand_done.set()
+        return out
+
+    prefetcher._read, cache.reader.read = stuck_read, read
+    fetched = []
+    layer = threading.Thread(target=lambda: fetched.append(cache.fetch(0, [3, 5])))
+    try:
+        prefetcher.issue(0, np.array([3]), cache.resident)
+        assert started.wait(10)
+        layer.start()
+        made_in_time = demand_done.wait(5)
+    finally:
+        release.set()
+        if layer.is_alive():
+            layer.join(10)
+    assert made_in_time and speculative_reading == [True]
+    assert fetched and cache.resident(0, 3) and cache.resident(0, 5)
+    assert prefetcher.used == 1 and cache.stats.misses == 2
+    paged.close()
+
+
+def test_prediction_counts_are_per_run(tmp_path):
+    """Recall and precision of a run are its own, not mixed with the runs before it."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16, num_hidden_layers=4)
+    results = []
+    for prompts in (["A first prompt about disks.", "Then another one."], ["Then another one."]):
+        paged = open_paged(path, 6, prefetch=True)
+        engine = Engine(paged, "m", 256)
+        try:
+            for prompt in prompts:
+                for _ in engine.generate(prompt, max_tokens=6, chat_template=False):
+                    pass
+            p, s = paged.cache.prefetcher, engine.stats
+            results.append(
+                (p.predicted, p.correct, p.routed, s.prefetch_recall, s.prediction_precision)
+            )
+        finally:
+            engine.close()
+    assert results[0][0] > 0
+    assert results[0] == results[1]  # the second run after another == that run alone

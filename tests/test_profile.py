@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from checkpoints import budget_for_slots, open_paged
+from mlx_lm.utils import load_tokenizer
 
 from mlx_pager.cli import main
+from mlx_pager.engine import Engine
 from mlx_pager.profile import coverage_curve, layer_skew, predicted_hit_rate, task_coverage
+from mlx_pager.profile_cmd import measure_preload, run_prompts
+from mlx_pager.settings import Settings
 from mlx_pager.synthetic import make_checkpoint
 from mlx_pager.task_profiles import TaskProfiles
+from mlx_pager.tasks import split_held_out
 from mlx_pager.trace import load_trace
 
 
@@ -35,25 +41,60 @@ def test_task_coverage_is_diagonal_for_disjoint_tasks():
     assert np.allclose(matrix, np.eye(2))
 
 
+PAIRS = [(t, f"{t} prompt number {i} " * 3) for i in range(5) for t in ("code", "prose")]
+
+
 def test_profile_command_learns_and_measures(tmp_path, capsys):
     path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16)
     prompts = tmp_path / "p.jsonl"
-    lines = [{"task": t, "text": f"{t} prompt number {i} " * 3} for i in range(5)
-             for t in ("code", "prose")]  # fmt: skip
-    prompts.write_text("\n".join(json.dumps(x) for x in lines))
+    prompts.write_text("\n".join(json.dumps({"task": t, "text": x}) for t, x in PAIRS))
     trace_path = tmp_path / "profile.npz"
+    # 8 slots for 2 layers of 16 experts: the cache pages, so the two arms can differ.
+    budget = budget_for_slots(path, 8, Settings().context_length)
     args = ["profile", "--model", str(path), "--prompts", str(prompts), "--max-tokens", "4",
-            "--measure-preload", "--decode-tokens", "4", "--budget", "1GB", "--json",
+            "--measure-preload", "--decode-tokens", "4", "--budget", str(budget), "--json",
             "--export-trace", str(trace_path)]  # fmt: skip
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tasks"] == ["code", "prose"] and report["prompts"] == 10
     assert 0 < report["coverage"]["top_1pct"] <= report["coverage"]["top_20pct"] <= 1
     assert set(report["preload_hit"]) == {"with", "without"}
+    assert all(0 < rate < 1 for rate in report["preload_hit"].values())  # it paged
     saved = TaskProfiles.load(path, 2, 16)
     assert saved.counts["code"].sum() > 0 and saved.preload_hit == report["preload_hit"]
     assert report["preload"].startswith(("on:", "off: measured"))
     trace = load_trace(trace_path)  # the 8 training prompts, one sequence each, labelled
     assert trace.num_sequences == 8 and trace.num_layers == 2 and trace.top_k == 2
-    assert sorted(set(trace.labels)) == ["code", "prose"]
-    assert trace.num_tokens == int(saved.counts["code"].sum() + saved.counts["prose"].sum()) // 4
+    assert sorted(set(trace.labels)) == ["code", "prose"] and trace.phase == "prefill"
+    tokenizer = load_tokenizer(path)
+    train, _ = split_held_out(PAIRS)
+    assert trace.num_tokens == sum(len(tokenizer.encode(text)) for _, text in train)
+    routed = int(saved.counts["code"].sum() + saved.counts["prose"].sum()) // 4
+    assert trace.num_tokens < routed  # the replies' tokens are not in a prefill trace
+
+
+def test_preload_arms_start_from_the_same_state(tmp_path):
+    """Each arm starts with an empty cache and a policy that learned nothing: measuring
+    twice gives the same figures (the second arm inheriting the first's policy did not)."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16)
+    train, held = split_held_out([(t, f"{t} {i}") for i in range(5) for t in ("code", "prose")])
+    engine = Engine(open_paged(path, 8, policy="predict"), "m", 256)
+    try:
+        run_prompts(engine, train, 4)
+        first = measure_preload(engine, held, 4)
+        assert measure_preload(engine, held, 4) == first
+    finally:
+        engine.close()
+
+
+def test_preloading_must_gain_a_point(tmp_path):
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16)
+    engine = Engine(open_paged(path, 8), "m", 256)
+    try:
+        for gain, verdict in ((0.005, "off: measured"), (0.0099, "off: measured"),
+                              (0.01, "on:"), (0.03, "on:")):  # fmt: skip
+            engine.profiles.preload_hit = {"without": 0.5, "with": 0.5 + gain}
+            assert engine.preload_status.startswith(verdict), (gain, engine.preload_status)
+            assert engine.preload_active == (verdict == "on:")
+    finally:
+        engine.close()

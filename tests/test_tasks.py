@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from checkpoints import open_paged
 
 from mlx_pager.engine import Engine
@@ -73,6 +74,29 @@ def test_preload_fills_the_cache_without_counting_hits(tmp_path):
         assert engine._preload is None
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("policy", ["lfu", "predict"])
+def test_preload_teaches_the_policy_no_requests(tmp_path, policy):
+    """Preloaded experts are residents the policy can evict, not requests it learns from:
+    no counts for LFU, no token transitions or weight for predict."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16)
+    paged = open_paged(path, 4, policy=policy)
+    cache = paged.cache
+    try:
+        hot = [(0, 3), (0, 5), (1, 7), (1, 2)]
+        assert cache.preload(hot) == 4
+        if policy == "lfu":
+            assert cache.policy._counts == {}
+        else:
+            layers = cache.policy._layers.values()
+            assert all(m.decayed_total == 0 and not m.follows.any() for m in layers)
+            assert all(not m.current and not m.previous for m in layers)
+        cache.fetch(0, [8, 9])  # every slot holds a preloaded expert: two must go
+        assert cache.resident(0, 8) and cache.resident(0, 9)
+        assert sum(cache.resident(*key) for key in hot) == 2
+    finally:
+        paged.close()
 
 
 def test_generation_learns_the_task_profile(tmp_path):

@@ -104,6 +104,7 @@ def _fields(**changes):
         ({"offsets": np.array([0, 2, 1, 3])}, "must not decrease"),
         ({"labels": np.array(["a", "b"])}, "labels has 2 entries for 1 sequences"),
         ({"phase": np.array("training")}, "phase must be one of"),
+        ({"phase": np.array("mixed")}, "phase must be one of prefill, decode, not 'mixed'"),
         ({"num_experts": np.array([4, 4])}, "malformed field"),
     ],
 )
@@ -118,20 +119,29 @@ def test_recorder_tokens_sequences_and_phase(tmp_path):
     # a prefill chunk of 3 tokens through 2 layers, router weights known
     for layer in range(2):
         ids = np.array([[[0, 1], [2, 3], [4, 5]]]) + layer  # [batch, tokens, k]
-        recorder.record(layer, ids, np.full((1, 3, 2), 0.5))
+        recorder.record(layer, ids, np.full((1, 3, 2), 0.5), phase="prefill")
     for step in range(2):  # then two decode tokens
         for layer in range(2):
-            recorder.record(layer, [[[6 - step, 7]]], [[[0.75, 0.25]]])
+            recorder.record(layer, [[[6 - step, 7]]], [[[0.75, 0.25]]], phase="decode")
     recorder.end_sequence(label="code")
-    for layer in range(2):  # a second prompt, one token
-        recorder.record(layer, np.array([1, 2]), np.array([0.6, 0.4]))
-    recorder.save(tmp_path / "rec.npz")
+    for layer in range(2):  # a second prompt, one token, and no reply
+        recorder.record(layer, np.array([1, 2]), np.array([0.6, 0.4]), phase="prefill")
+    recorder.save(tmp_path / "rec.npz")  # the recorder's phase: decode
+    recorder.save(tmp_path / "prompts.npz", phase="prefill")
+    # One phase per file, as FORMAT.md allows, and each replays as it was routed.
     trace = load_trace(tmp_path / "rec.npz")
-    assert trace.expert_ids.shape == (6, 2, 2)
-    assert list(trace.offsets) == [0, 5, 6] and trace.phase == "mixed"
-    assert trace.expert_ids[1, 1].tolist() == [3, 4] and trace.expert_ids[4, 0].tolist() == [5, 7]
-    assert trace.weights[3, 1].tolist() == [0.75, 0.25]
-    assert list(trace.labels) == ["code", ""] and trace.text[0] == "first prompt"
+    assert trace.expert_ids.shape == (2, 2, 2) and trace.phase == "decode"
+    assert list(trace.offsets) == [0, 2] and trace.expert_ids[1, 0].tolist() == [5, 7]
+    assert trace.weights[1, 1].tolist() == [0.75, 0.25]
+    assert list(trace.labels) == ["code"] and trace.text[0] == "first prompt"
+    prompts = load_trace(tmp_path / "prompts.npz")
+    assert prompts.expert_ids.shape == (4, 2, 2) and prompts.phase == "prefill"
+    assert list(prompts.offsets) == [0, 3, 4] and prompts.expert_ids[1, 1].tolist() == [3, 4]
+    assert prompts.expert_ids[3, 0].tolist() == [1, 2]
+    assert prompts.weights[0, 0].tolist() == [0.5, 0.5]
+    assert list(prompts.labels) == ["code", ""] and prompts.text[0] == "first prompt"
+    with pytest.raises(ValueError, match="phase must be one of prefill, decode"):
+        TraceRecorder(num_experts=8, phase="mixed")
 
 
 def test_recorder_phase_decode_and_no_weights(tmp_path):
@@ -140,6 +150,8 @@ def test_recorder_phase_decode_and_no_weights(tmp_path):
         recorder.record(0, [1, 2])
     trace = recorder.to_trace()
     assert trace.phase == "decode" and trace.weights is None and trace.num_tokens == 3
+    with pytest.raises(ValueError, match="Nothing was recorded in the prefill phase"):
+        recorder.to_trace("prefill")
 
 
 def test_recorder_refuses_ragged_layers():
@@ -153,15 +165,19 @@ def test_recorder_refuses_ragged_layers():
 
 
 def test_attach_recorder_hooks_the_cache():
-    cache = SimpleNamespace(on_tokens=None)
+    cache = SimpleNamespace(on_tokens=None, phase="prefill")
     engine = SimpleNamespace(
         paged=SimpleNamespace(cache=cache),
         info=SimpleNamespace(experts_per_layer=16, name="org/model"),
     )
     recorder = attach_recorder(engine, "hi")
+    cache.on_tokens(0, np.array([[[1, 2], [5, 6]]]))  # the prompt, tagged by the cache
+    cache.phase = "decode"
     cache.on_tokens(0, np.array([[[3, 4]]]))
     trace = recorder.to_trace()
     assert trace.model == "org/model" and trace.num_experts == 16 and trace.text[0] == "hi"
+    assert trace.phase == "decode" and trace.expert_ids[:, 0].tolist() == [[3, 4]]
+    assert recorder.to_trace("prefill").expert_ids[:, 0].tolist() == [[1, 2], [5, 6]]
     engine.paged.cache = None
     with pytest.raises(ValueError, match="no routed experts"):
         attach_recorder(engine)
