@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mlx_pager import download as dl
-from mlx_pager.hub import cached_models
+from mlx_pager.hub import cached_models, is_runnable
 from mlx_pager.settings import Settings
 
 from .text import size
@@ -35,12 +35,14 @@ class ModelRow:
     cached: bool = False  # runnable from the cache
     partial: bool = False  # a download started and not finished: it resumes
     path: Path | None = None  # the snapshot folder when cached
-    sizes: dl.ModelSizes | None = None  # from the catalogue or the cached headers
+    sizes: dl.ModelSizes | None = None  # catalogue, cached headers or the Hub's plan
     custom: bool = False  # typed by the user
+    folder: bool = False  # a model folder outside the HF cache (repo_id is its path)
 
     @property
     def open_name(self) -> str:
-        """What Engine.open takes: the Hub id, found in the cache by mlx_pager.hub."""
+        """What Engine.open takes: the Hub id (found in the cache by mlx_pager.hub) or,
+        for a folder, its path."""
         return self.repo_id
 
 
@@ -57,6 +59,7 @@ class Estimate:
     error: str = ""
     disk_problem: str = ""
     planned: bool = False  # sizes and cached bytes asked of the Hub (not the catalogue's)
+    sizes: dl.ModelSizes | None = None  # from the Hub's plan: the screen keeps them on the row
 
 
 def speed(tokens_per_second: float) -> str:
@@ -65,16 +68,55 @@ def speed(tokens_per_second: float) -> str:
 
 
 def check_repo_id(repo_id: str) -> str:
-    """'' when it looks like a Hub id, else what is wrong with it."""
+    """'' when it looks like a Hub id or names a model folder, else what is wrong with it."""
     if not repo_id:
         return "Type a Hub id, such as mlx-community/OLMoE-1B-7B-0125-Instruct-4bit."
+    if local_folder(repo_id) is not None:
+        return ""
+    path = Path(repo_id).expanduser()
+    if repo_id.startswith(("/", ".", "~")) or path.exists():
+        if not path.is_dir():
+            return f"No folder {repo_id}: type the path of a model folder, or a Hub id."
+        return (f"{repo_id} is not a model folder: it needs config.json and *.safetensors "
+                "weights.")  # fmt: skip
     if not REPO_ID.match(repo_id):
-        return f"{repo_id!r} is not a Hub id: it looks like org/name."
+        return f"{repo_id!r} is not a Hub id: it looks like org/name (or type a folder path)."
     return ""
 
 
+def local_folder(text: str) -> Path | None:
+    """The model folder ``text`` names (absolute), or None: not a runnable folder."""
+    path = Path(text).expanduser()
+    if not (path.is_dir() and is_runnable(path)):
+        return None
+    return path.resolve()
+
+
+def folder_row(path: Path, label: str = "", custom: bool = False) -> ModelRow:
+    """A row for a model folder outside the HF cache: runnable as it is, never downloaded."""
+    size_bytes = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    row = ModelRow(str(path), label or f"{path.name} (folder)", size_bytes=size_bytes,
+                   cached=True, path=path, custom=custom, folder=True)  # fmt: skip
+    try:
+        row.sizes = dl.local_sizes(path)
+    except (OSError, ValueError, KeyError):
+        row.sizes = None
+    return row
+
+
+def embedded_row(config) -> ModelRow | None:  # noqa: ANN001 - AppConfig
+    """The model shipped in assets/ (the default): always there to go back to."""
+    path = local_folder(config.default_model())
+    if path is None:
+        return None
+    row = folder_row(path, f"{path.name} (embedded)")
+    row.description = "The small MoE shipped with mlx-pager: opens offline, no download."
+    return row
+
+
 def list_models(config) -> list[ModelRow]:  # noqa: ANN001 - AppConfig
-    """Downloaded models first, then the rest of the curated catalogue."""
+    """Downloaded models first, then the rest of the curated catalogue, then the
+    embedded model."""
     try:
         catalogue = dl.load_catalogue(config.catalogue_path)
     except FileNotFoundError:
@@ -99,31 +141,29 @@ def list_models(config) -> list[ModelRow]:  # noqa: ANN001 - AppConfig
         row.label, row.description = entry.name, entry.description
         row.sizes = row.sizes or entry.sizes
         rows.append(row)
-    return sorted([*here.values(), *rows], key=lambda r: not r.cached)
+    embedded = embedded_row(config)
+    listed = sorted([*here.values(), *rows], key=lambda r: not r.cached)
+    return [*listed, embedded] if embedded is not None else listed
 
 
 def quick_estimate(row: ModelRow, settings: Settings, total_memory: int) -> Estimate:
     """The verdict from sizes already known (catalogue or local headers): no network.
 
-    A downloaded model is planned the way the engine will open it (``inspect_model``:
-    compute dtype, real KV cache), so this screen, the settings and the chat agree.
+    A downloaded model is planned by the engine itself (``download.local_verdict``:
+    ``inspect_model``'s plan), a remote one by the same rule (``download.verdict``), so
+    this screen, `mlx-pager models`, the settings and the chat agree.
     """
     result = Estimate(size_bytes=row.size_bytes)
-    if row.sizes is not None:
-        _judge(result, row.sizes, settings, total_memory)
     if row.cached and row.path is not None:
-        from mlx_pager.loader import inspect_model
-
         try:
-            plan = inspect_model(row.path, settings.context_length).plan(
-                settings.budget_bytes(total_memory)
-            )
+            found = dl.local_verdict(row.path, settings.budget_bytes(total_memory),
+                                     settings.context_length)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - shown as the row's problem
             result.error = str(e) or type(e).__name__
             return result
-        result.verdict, result.explain = plan.verdict, plan.explain()
-        if plan.verdict != "paged":
-            result.tokens_per_second = None
+        _show_verdict(result, found)
+    elif row.sizes is not None:
+        _judge(result, row.sizes, settings, total_memory)
     return result
 
 
@@ -140,10 +180,14 @@ def estimate(config, settings: Settings, row: ModelRow, total_memory: int) -> Es
     except dl.DownloadError as e:
         result = quick_estimate(row, settings, total_memory)
         result.error = str(e)
+        try:  # the disk is there even when the Hub is not
+            result.free_bytes = config.disk_free(dl.hub_cache_dir(config.hub_cache_dir))
+        except OSError:
+            result.free_bytes = None
         return result
     result = Estimate(size_bytes=plan.total_bytes, remaining_bytes=plan.remaining_bytes,
                       free_bytes=plan.free_bytes, disk_problem=plan.disk_problem,
-                      planned=True)  # fmt: skip
+                      planned=True, sizes=plan.sizes)  # fmt: skip
     sizes = plan.sizes or row.sizes
     if sizes is not None:
         _judge(result, sizes, settings, total_memory)
@@ -158,6 +202,10 @@ def _judge(result: Estimate, sizes: dl.ModelSizes, settings: Settings, total: in
     except ValueError as e:
         result.error = str(e)
         return
+    _show_verdict(result, verdict)
+
+
+def _show_verdict(result: Estimate, verdict: dl.Verdict) -> None:
     result.verdict, result.explain = verdict.verdict, verdict.reason
     result.tokens_per_second = verdict.tokens_per_second
 
@@ -187,13 +235,15 @@ def describe(row: ModelRow, estimate: Estimate | None) -> Group:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim", no_wrap=True)
     table.add_column()
-    if row.sizes is not None and row.sizes.moe_layers:
-        s = row.sizes
+    sizes = row.sizes or (estimate.sizes if estimate is not None else None)
+    if sizes is not None and sizes.moe_layers:
+        s = sizes
         table.add_row("experts", f"{s.moe_layers} layers × {s.experts}, top-{s.top_k}, "
                                  f"{size(s.one_expert_bytes)} each")  # fmt: skip
         table.add_row("resident", size(s.dense_bytes))
     if row.cached:
-        table.add_row("on disk", f"{size(row.size_bytes)}, downloaded")
+        where = "a local folder" if row.folder else "downloaded"
+        table.add_row("on disk", f"{size(row.size_bytes)}, {where}")
     if estimate is not None:
         if not row.cached and estimate.size_bytes:
             left = estimate.remaining_bytes if estimate.planned else estimate.size_bytes

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .budget import BudgetPlan, plan_budget
-from .checkpoint import index_checkpoint, kv_bytes_per_layer_token, text_config
+from .checkpoint import DTYPE_SIZES, index_checkpoint, kv_bytes_per_layer_token, text_config
 from .units import format_bytes
 
 # mlx-lm's own allow patterns (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS), copied so that
@@ -79,9 +79,20 @@ class DownloadCancelled(Exception):
 # --- sizes ----------------------------------------------------------------------------
 
 
+# safetensors dtypes the engine casts to its compute dtype (``loader.cast_floating``);
+# packed quantised weights (U32) and MXFP4 scales (U8) stay as stored.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
 @dataclass(frozen=True)
 class ModelSizes:
-    """Where a model's bytes are: what the budget and the speed estimate need."""
+    """Where a model's bytes are: what the budget and the speed estimate need.
+
+    The byte counts are the checkpoint's (on disk). The engine holds floating-point
+    tensors in its compute dtype (float32 on MLX's CPU backend), so ``in_memory`` gives
+    what the budget must hold; the ``*_float_*`` fields say how much of each part is
+    floating point (0 when unknown: then the stored bytes are taken as they are).
+    """
 
     total_bytes: int  # weights (safetensors), all of them
     dense_bytes: int  # resident part: embeddings, attention, norms, routers, shared experts
@@ -91,10 +102,49 @@ class ModelSizes:
     experts: int  # routed experts per MoE layer
     top_k: int
     kv_bytes_per_token: int = 0  # all layers, float16; 0 when unknown
+    dense_float_bytes: int = 0  # floating-point part of dense_bytes, as stored
+    dense_float_values: int = 0  # ... in values (elements)
+    expert_float_bytes: int = 0  # floating-point part of expert_bytes, as stored
+    expert_float_values: int = 0
+    float_itemsize: int = 2  # bytes per value of the checkpoint's floats
 
     @property
     def num_experts(self) -> int:
         return self.moe_layers * self.experts
+
+    def in_memory(self, compute_itemsize: int | None) -> ModelSizes:
+        """The sizes as the engine holds them: floats at ``compute_itemsize`` bytes (None:
+        as stored, a GPU), quantised weights as stored, the KV cache in the compute dtype
+        (``loader.inspect_model`` does the same with the real tensors)."""
+        kv = self.kv_bytes_per_token * (compute_itemsize or self.float_itemsize) // 2
+        if compute_itemsize is None:
+            return replace(self, kv_bytes_per_token=kv)
+        dense_float = self.dense_float_values * compute_itemsize
+        expert_float = self.expert_float_values * compute_itemsize
+        dense = self.dense_bytes - self.dense_float_bytes + dense_float
+        experts = self.expert_bytes - self.expert_float_bytes + expert_float
+        units = self.num_experts
+        return replace(
+            self,
+            total_bytes=dense + experts,
+            dense_bytes=dense,
+            expert_bytes=experts,
+            one_expert_bytes=experts // units if units else 0,
+            kv_bytes_per_token=kv,
+            dense_float_bytes=dense_float,
+            expert_float_bytes=expert_float,
+            float_itemsize=compute_itemsize,
+        )
+
+
+def engine_float_itemsize() -> int | None:
+    """Bytes per floating-point value the engine computes in on this machine: the
+    loader's own rule (``default_compute_dtype``: float32 on the CPU backend), or None
+    where it keeps the checkpoint's dtype (a GPU)."""
+    from .loader import default_compute_dtype
+
+    dtype = default_compute_dtype()
+    return None if dtype is None else int(dtype.size)
 
 
 def is_expert_tensor(name: str) -> bool:
@@ -121,22 +171,27 @@ def kv_bytes_per_token(config: dict, itemsize: int = 2) -> int:
     return kv_bytes_per_layer_token(config, itemsize) * layers
 
 
-def sizes_from_tensors(tensors: dict[str, tuple[int, list[int]]], config: dict) -> ModelSizes:
-    """ModelSizes from ``{name: (nbytes, shape)}`` of every tensor and the config."""
+def sizes_from_tensors(tensors: dict[str, tuple], config: dict) -> ModelSizes:
+    """ModelSizes from ``{name: (nbytes, shape, dtype)}`` of every tensor (``dtype`` as in
+    safetensors, "BF16"; without it a tensor counts as not floating point) and the config."""
     cfg = text_config(config)
     expert = {n: v for n, v in tensors.items() if is_expert_tensor(n)}
-    expert_bytes = sum(nbytes for nbytes, _ in expert.values())
-    total = sum(nbytes for nbytes, _ in tensors.values())
+    dense = {n: v for n, v in tensors.items() if n not in expert}
+    expert_bytes = sum(v[0] for v in expert.values())
+    total = sum(v[0] for v in tensors.values())
     layers = {_layer_index(n) for n in expert} - {None}
     experts = _first(cfg, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
     if not experts and expert:
         per_expert = {n.split(".experts.")[1].split(".")[0] for n in expert if ".experts." in n}
         digits = {e for e in per_expert if e.isdigit()}
-        experts = len(digits) or max(shape[0] for _, shape in expert.values() if shape)
+        experts = len(digits) or max(v[1][0] for v in expert.values() if v[1])
     top_k = _first(
         cfg, "num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_top_k"
     )
     units = len(layers) * experts
+    dense_float, dense_values = _floats(dense)
+    expert_float, expert_values = _floats(expert)
+    itemsizes = [DTYPE_SIZES[v[2]] for v in dense.values() if len(v) > 2 and v[2] in FLOAT_DTYPES]
     return ModelSizes(
         total_bytes=total,
         dense_bytes=total - expert_bytes,
@@ -146,7 +201,18 @@ def sizes_from_tensors(tensors: dict[str, tuple[int, list[int]]], config: dict) 
         experts=experts,
         top_k=top_k,
         kv_bytes_per_token=kv_bytes_per_token(config),
+        dense_float_bytes=dense_float,
+        dense_float_values=dense_values,
+        expert_float_bytes=expert_float,
+        expert_float_values=expert_values,
+        float_itemsize=max(set(itemsizes), key=itemsizes.count) if itemsizes else 2,
     )
+
+
+def _floats(tensors: dict[str, tuple]) -> tuple[int, int]:
+    """(bytes, values) of the floating-point tensors among ``{name: (nbytes, shape, dtype)}``."""
+    floats = [v for v in tensors.values() if len(v) > 2 and v[2] in FLOAT_DTYPES]
+    return sum(v[0] for v in floats), sum(v[0] // DTYPE_SIZES[v[2]] for v in floats)
 
 
 def _layer_index(name: str) -> int | None:
@@ -162,7 +228,7 @@ def local_sizes(folder: str | Path) -> ModelSizes:
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     headers = index_checkpoint(folder)  # validated, shards included, no weights read
-    tensors = {name: (t.nbytes, list(t.shape)) for name, t in headers.items()}
+    tensors = {name: (t.nbytes, list(t.shape), t.dtype) for name, t in headers.items()}
     return sizes_from_tensors(tensors, config)
 
 
@@ -180,9 +246,30 @@ class CatalogueEntry:
     source: str = ""
 
 
+def float_share(model_id: str) -> tuple[float, float]:
+    """The floating-point share of (dense, expert) bytes of a checkpoint named
+    ``model_id``, for catalogue entries that do not state it: MLX's affine quantisation
+    at group size 64 stores a float16 scale and bias per 64 weights, 0.5 bits per weight
+    next to ``bits`` packed ones ("-4bit": 0.5 / 4.5); MXFP4 experts have uint8 scales
+    (no floats); no quantisation in the name: all floating point."""
+    import re
+
+    name = model_id.lower()
+    bits = re.search(r"(\d+)[-_]?bits?\b", name)
+    affine = 0.5 / (int(bits[1]) + 0.5) if bits and int(bits[1]) < 16 else None
+    if "mxfp4" in name:
+        return (affine if affine is not None else 0.5 / 4.5), 0.0
+    if affine is not None:
+        return affine, affine
+    return 1.0, 1.0
+
+
 def load_catalogue(path: str | Path | None = None) -> list[CatalogueEntry]:
     """The curated models in assets/catalogue.json. Missing numbers read as 0 (and such
-    an entry gets no verdict) so that a hand-written catalogue still lists."""
+    an entry gets no verdict) so that a hand-written catalogue still lists. The
+    floating-point bytes (what the engine widens on a CPU) are ``dense_float_bytes`` and
+    ``expert_float_bytes`` where an entry states them, else ``float_share`` of its id;
+    they are float16."""
     data = json.loads(Path(path or CATALOGUE).read_text())
     entries = []
     for m in data["models"] if isinstance(data, dict) else data:
@@ -190,15 +277,23 @@ def load_catalogue(path: str | Path | None = None) -> list[CatalogueEntry]:
         if not model_id:
             continue
         total = m.get("total_bytes") or m.get("download_bytes") or m.get("size_bytes") or 0
+        dense, expert = int(m.get("dense_bytes", 0)), int(m.get("expert_bytes", 0))
+        dense_share, expert_share = float_share(model_id)
+        dense_float = int(m.get("dense_float_bytes", dense * dense_share)) // 2 * 2
+        expert_float = int(m.get("expert_float_bytes", expert * expert_share)) // 2 * 2
         sizes = ModelSizes(
             total_bytes=int(total),
-            dense_bytes=int(m.get("dense_bytes", 0)),
-            expert_bytes=int(m.get("expert_bytes", 0)),
+            dense_bytes=dense,
+            expert_bytes=expert,
             one_expert_bytes=int(m.get("one_expert_bytes", 0)),
             moe_layers=int(m.get("moe_layers", 0)),
             experts=int(m.get("experts", 0)),
             top_k=int(m.get("top_k", 0)),
             kv_bytes_per_token=int(m.get("kv_bytes_per_token", 0)),
+            dense_float_bytes=dense_float,
+            dense_float_values=dense_float // 2,
+            expert_float_bytes=expert_float,
+            expert_float_values=expert_float // 2,
         )
         entries.append(
             CatalogueEntry(
@@ -250,6 +345,18 @@ def hit_rate_estimate(fraction: float, experts_per_layer: int = 0) -> float:
     return 1.0
 
 
+# Fixed cost of one MoE layer per decoded token, whatever its size: the router's sync
+# (``mx.eval`` before the experts are known), the id remap and cache lookups in Python,
+# and dispatching the layer's other ops. Measured on the embedded model (6 MoE layers,
+# everything else under 0.2 ms per token) on this project's 2-core Linux CPU: the paged
+# layer's own work 0.4-0.7 ms, the rest of the layer 0.7-1.3 ms, decode 41-124 tok/s
+# depending on load (1.3-3.7 ms per layer in all). 1 ms is the low end; with it the
+# Qwen3-30B-A3B estimate at an 8 GB budget comes to 6 tok/s on a Mac, where 6.4-7.8
+# was measured (NOTES.md), and the embedded model's to about 150 tok/s instead of
+# thousands.
+MOE_LAYER_OVERHEAD_S = 1e-3
+
+
 @dataclass(frozen=True)
 class Verdict:
     verdict: str  # "fits" | "paged" | "too_large"
@@ -264,18 +371,18 @@ def verdict(
     budget_bytes: int,
     context_length: int,
     *,
+    compute_itemsize: int | None | str = "auto",
     disk_bytes_per_s: float = 1e9,
     memory_bytes_per_s: float = 100e9,
+    layer_overhead_s: float = MOE_LAYER_OVERHEAD_S,
 ) -> Verdict:
-    """Fits / runs paged / too large for a memory budget, with an estimated decode speed.
+    """Fits / runs paged / too large for a memory budget, with an estimated decode speed,
+    from sizes read before a download (the Hub's headers, the catalogue).
 
-    The speed is an estimate, not a measurement: per token, the misses
-    (``moe_layers * top_k * (1 - hit)``, hit from ``hit_rate_estimate``) are read from
-    disk at ``disk_bytes_per_s``, and the active weights stream from memory at
-    ``memory_bytes_per_s``. Apple SSDs reach 2-7 GB/s sequentially, but expert reads are
-    random, MiB-sized ``pread``s: 2.8 ms per 2.5 MiB expert was measured (~0.9 GB/s), so
-    the default is 1 GB/s. 100 GB/s is an M-series base chip's memory bandwidth. With
-    these, Qwen3-30B-A3B at an 8 GB budget comes out near 8 tok/s; 6.4-7.8 was measured.
+    The budget is planned the way the engine plans it (``budget.plan_budget``) for the
+    sizes the engine will hold: floats widened to ``compute_itemsize`` ("auto": the
+    loader's rule on this machine, see ``ModelSizes.in_memory``). For a model on disk,
+    ``local_verdict`` asks the engine's own ``inspect_model``; the two agree.
     """
     if isinstance(sizes, DownloadPlan):
         if sizes.sizes is None:
@@ -283,23 +390,71 @@ def verdict(
         sizes = sizes.sizes
     if not (sizes.num_experts and sizes.top_k and sizes.one_expert_bytes):
         raise ValueError("The expert sizes of this model are unknown: no verdict.")
+    if compute_itemsize == "auto":
+        compute_itemsize = engine_float_itemsize()
+    memory = sizes.in_memory(compute_itemsize)  # type: ignore[arg-type]
     plan = plan_budget(
         budget_bytes,
-        resident_bytes=sizes.dense_bytes,
-        kv_bytes=sizes.kv_bytes_per_token * context_length,
-        expert_bytes=sizes.one_expert_bytes,
-        num_experts=sizes.num_experts,
-        top_k=sizes.top_k,
+        resident_bytes=memory.dense_bytes,
+        kv_bytes=memory.kv_bytes_per_token * context_length,
+        expert_bytes=memory.one_expert_bytes,
+        num_experts=memory.num_experts,
+        top_k=memory.top_k,
     )
+    return judge_plan(
+        plan,
+        memory.moe_layers,
+        memory.experts,
+        disk_bytes_per_s=disk_bytes_per_s,
+        memory_bytes_per_s=memory_bytes_per_s,
+        layer_overhead_s=layer_overhead_s,
+    )
+
+
+def local_verdict(folder: str | Path, budget_bytes: int, context_length: int) -> Verdict:
+    """The verdict for a model on disk, planned by the engine itself
+    (``loader.inspect_model(...).plan``: no weights read). Raises what inspect_model
+    raises (ValueError for a broken or unsupported checkpoint)."""
+    from .loader import inspect_model
+
+    layout = inspect_model(Path(folder), context_length)
+    return judge_plan(layout.plan(budget_bytes), layout.moe_layers, layout.experts_per_layer)
+
+
+def judge_plan(
+    plan: BudgetPlan,
+    moe_layers: int,
+    experts_per_layer: int,
+    *,
+    disk_bytes_per_s: float = 1e9,
+    memory_bytes_per_s: float = 100e9,
+    layer_overhead_s: float = MOE_LAYER_OVERHEAD_S,
+) -> Verdict:
+    """The verdict of a budget plan, with an estimated decode speed.
+
+    The speed is an estimate, not a measurement: per token, the misses
+    (``moe_layers * top_k * (1 - hit)``, hit from ``hit_rate_estimate``) are read from
+    disk at ``disk_bytes_per_s``, the active weights stream from memory at
+    ``memory_bytes_per_s``, and each MoE layer costs ``layer_overhead_s`` (see
+    ``MOE_LAYER_OVERHEAD_S``). Apple SSDs reach 2-7 GB/s sequentially, but expert reads
+    are random, MiB-sized ``pread``s: 2.8 ms per 2.5 MiB expert was measured
+    (~0.9 GB/s), so the default is 1 GB/s. 100 GB/s is an M-series base chip's memory
+    bandwidth. With these, Qwen3-30B-A3B at an 8 GB budget comes out near 6 tok/s;
+    6.4-7.8 was measured.
+    """
     if plan.verdict == "too_large":
         return Verdict("too_large", plan.explain(), plan)
-    hit = hit_rate_estimate(plan.expert_fraction, sizes.experts)
-    misses = sizes.moe_layers * sizes.top_k * (1 - hit)
-    active = sizes.dense_bytes + sizes.moe_layers * sizes.top_k * sizes.one_expert_bytes
-    seconds = misses * sizes.one_expert_bytes / disk_bytes_per_s + active / memory_bytes_per_s
+    hit = hit_rate_estimate(plan.expert_fraction, experts_per_layer)
+    misses = moe_layers * plan.top_k * (1 - hit)
+    active = plan.resident_bytes + moe_layers * plan.top_k * plan.expert_bytes
+    seconds = (
+        misses * plan.expert_bytes / disk_bytes_per_s
+        + active / memory_bytes_per_s
+        + moe_layers * layer_overhead_s
+    )
     tps = 1 / seconds if seconds > 0 else None
     reason = plan.explain()
-    if plan.verdict == "paged":
+    if plan.verdict == "paged" and tps is not None:
         reason += f" Estimated hit rate {hit:.0%}, about {tps:.1f} tokens/s."
     return Verdict(plan.verdict, reason, plan, hit, tps)
 
@@ -385,10 +540,29 @@ def _storage(cache_dir: Path, repo_id: str) -> Path:
     return cache_dir / f"models--{repo_id.replace('/', '--')}"
 
 
+def partial_bytes(cache_dir: Path, repo_id: str) -> int:
+    """Bytes in ``repo_id``'s unfinished downloads (``blobs/*.incomplete``) in the cache."""
+    blobs = _storage(cache_dir, repo_id) / "blobs"
+    try:
+        return sum(p.stat().st_size for p in blobs.glob("*.incomplete"))
+    except OSError:
+        return 0
+
+
 def hub_error(
-    error: BaseException, repo_id: str, endpoint: str, revision: str = "main"
+    error: BaseException,
+    repo_id: str,
+    endpoint: str,
+    revision: str = "main",
+    *,
+    partial_bytes: int | None = None,
 ) -> Exception:
-    """Hub and network exceptions as a DownloadError that says what to do."""
+    """Hub and network exceptions as a DownloadError that says what to do.
+
+    ``partial_bytes`` is given while planning (nothing fetched yet in this call): what
+    earlier downloads left in the cache, so a message only promises a resume when there
+    is something to resume.
+    """
     import httpx2
     from huggingface_hub import errors
 
@@ -419,6 +593,17 @@ def hub_error(
         and error.response is not None
         and error.response.status_code >= 500
     ):
+        if partial_bytes == 0:
+            return HubUnreachable(
+                f"Cannot reach {endpoint} to look up {repo_id}: check your connection and "
+                "try again; nothing was downloaded."
+            )
+        if partial_bytes:
+            return HubUnreachable(
+                f"Cannot reach {endpoint} to look up {repo_id}: check your connection and "
+                f"try again; the {format_bytes(partial_bytes)} already downloaded is kept "
+                "and resumes."
+            )
         return HubUnreachable(
             f"Cannot reach {endpoint}: check your connection; the partial download is kept "
             "and resumes next time."
@@ -455,7 +640,8 @@ def plan_download(
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as e:  # noqa: BLE001 - turned into a message that says what to do
-        raise hub_error(e, repo_id, endpoint, revision) from None
+        partial = partial_bytes(cache, repo_id)
+        raise hub_error(e, repo_id, endpoint, revision, partial_bytes=partial) from None
     wanted = set(
         filter_repo_objects(
             [s.rfilename for s in info.siblings or []], allow_patterns=ALLOW_PATTERNS
@@ -529,7 +715,7 @@ def _remote_sizes(api, repo_id: str, commit: str, names: list[str], token) -> Mo
     for shard in shards:
         meta = api.parse_safetensors_file_metadata(repo_id, shard, revision=commit, token=token)
         for name, t in meta.tensors.items():
-            tensors[name] = (t.data_offsets[1] - t.data_offsets[0], list(t.shape))
+            tensors[name] = (t.data_offsets[1] - t.data_offsets[0], list(t.shape), t.dtype)
     return sizes_from_tensors(tensors, config)
 
 

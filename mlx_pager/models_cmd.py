@@ -1,6 +1,7 @@
 """`mlx-pager models`: what the Hugging Face cache holds, with sizes and verdicts.
 
-Verdicts are for the budget and context length in settings (`mlx-pager settings`);
+Verdicts are for the budget and context length in settings (`mlx-pager settings`),
+planned as the engine plans them (floats in its compute dtype: float32 on a CPU);
 ``--catalogue`` adds the curated models of assets/catalogue.json that are not cached.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .download import load_catalogue, local_sizes, verdict
+from .download import load_catalogue, local_verdict, verdict
 from .hub import cached_models
 from .units import format_bytes
 
@@ -39,14 +40,14 @@ def rows(budget_bytes: int, context_length: int, catalogue: bool = False) -> lis
             "tokens_per_second": None,
         }
         if m.runnable:
-            try:
-                sizes = local_sizes(m.path)
-                if sizes.num_experts and sizes.top_k:
-                    _add_verdict(row, verdict(sizes, budget_bytes, context_length))
+            try:  # planned by the engine itself, as the app and `generate` plan it
+                v = local_verdict(m.path, budget_bytes, context_length)
+                if v.plan.num_experts:
+                    _add_verdict(row, v)
                 else:
                     row["reason"] = "not a mixture-of-experts model: nothing to page"
-            except (OSError, ValueError, KeyError) as e:
-                row["reason"] = f"cannot read its weights: {e}"
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                row["reason"] = f"cannot open it: {e}"
         out.append(row)
     if catalogue:
         here = {r["id"] for r in out}

@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 
 from app_fixtures import *  # noqa: F403
-from app_fixtures import hf_cache_with, wait_for, wait_ready
-from hub_server import free_port_endpoint
+from app_fixtures import CONTEXT, hf_cache_with, wait_for, wait_ready
+from hub_server import HubServer, free_port_endpoint
+from test_download import fill_disk_after
+from textual.geometry import Region
+from textual.widgets import DataTable, Input
 
-from app.screens.models import ModelsScreen
+from app.screens.models import ConfirmDownload, ModelsScreen
 from mlx_pager import download as dl
+from mlx_pager.settings import Settings, save_settings
 
 
 def catalogue_entry(repo_id: str, name: str, total: int, **overrides) -> dict:
@@ -44,6 +48,19 @@ def status(screen: ModelsScreen) -> str:
     return str(screen.query_one("#download-status").render())
 
 
+def on_screen(widget) -> str:  # noqa: ANN001
+    """What the widget shows, its wrapped lines joined: cut-off text is missing here."""
+    lines = widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))
+    return " ".join(" ".join(strip.text.split()) for strip in lines).strip()
+
+
+async def type_id(pilot, screen: ModelsScreen, text: str) -> None:
+    """Type ``text`` into the emptied Hub id field and press Enter."""
+    screen.query_one("#repo-id", Input).value = ""
+    await pilot.click("#repo-id")
+    await pilot.press(*text, "enter")
+
+
 async def test_verdicts_and_unreachable_hub(make_app, app_model, hf_cache, tmp_path):
     hf_cache_with(app_model, hf_cache, "test/tiny-moe")
     catalogue = write_catalogue(
@@ -54,7 +71,8 @@ async def test_verdicts_and_unreachable_hub(make_app, app_model, hf_cache, tmp_p
                    disk_free=lambda path: 50 * 10**9)  # fmt: skip
     async with app.run_test(size=(130, 36)) as pilot:
         screen = await open_models(pilot)
-        assert list(screen.rows) == ["test/tiny-moe", "test/big-moe"]
+        embedded = str(app_model.resolve())  # make_app's default model: the embedded one
+        assert list(screen.rows) == ["test/tiny-moe", "test/big-moe", embedded]
         assert screen.rows["test/tiny-moe"].cached
         # Verdicts for every row before any network: cached headers, catalogue sizes.
         assert screen.estimates["test/tiny-moe"].verdict == "fits"
@@ -181,3 +199,191 @@ async def test_quit_during_a_download_cancels_it(
         await wait_for(pilot, lambda: screen.downloading)
         await pilot.press("ctrl+q")
     assert screen._cancel.is_set()  # the worker thread ends within a chunk: exit is prompt
+
+
+async def test_the_embedded_model_and_typed_folders_open_again(
+    make_app, app_model, tiny_model, hf_cache, tmp_path
+):
+    hf_cache_with(app_model, hf_cache, "test/tiny-moe")
+    app = make_app(catalogue_path=tmp_path / "none.json", hub_endpoint=free_port_endpoint())
+    embedded = str(app_model.resolve())
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        assert list(screen.rows) == ["test/tiny-moe", embedded]
+        row = screen.rows[embedded]
+        assert row.cached and row.folder and row.label == "tiny-moe (embedded)"
+        assert screen.estimates[embedded].verdict == "fits"  # planned by the engine, offline
+        # Open the downloaded model, then go back to the embedded one.
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: app.model_name == "test/tiny-moe"
+                       and app.engine_status == "ready")  # fmt: skip
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: app.screen is screen and screen.loaded)
+        table = screen.query_one(DataTable)
+        table.focus()
+        table.move_cursor(row=table.get_row_index(embedded))
+        await wait_for(pilot, lambda: screen.selected == embedded)
+        await pilot.press("enter")  # a model that is here opens, no question asked
+        await wait_for(pilot, lambda: app.model_name == embedded
+                       and app.engine_status == "ready")  # fmt: skip
+        assert app.engine.info.path.resolve() == app_model.resolve()
+
+        # Any model folder typed in: listed as it is, opens without a download.
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: app.screen is screen)
+        await type_id(pilot, screen, str(tiny_model))
+        folder = str(tiny_model.resolve())
+        await wait_for(pilot, lambda: screen.selected == folder)
+        assert screen.rows[folder].cached and screen.rows[folder].custom
+        await wait_for(pilot, lambda: screen.estimates.get(folder)
+                       and screen.estimates[folder].verdict)  # fmt: skip
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: app.model_name == folder
+                       and app.engine_status == "ready")  # fmt: skip
+
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: app.screen is screen)
+        await type_id(pilot, screen, str(tmp_path))  # a folder, but no model in it
+        await wait_for(pilot, lambda: any("is not a model folder" in n.message
+                                          for n in app._notifications))  # fmt: skip
+
+
+async def test_network_lost_mid_download_says_so_and_keeps_the_partial(
+    make_app, app_model, hf_cache, hub_server, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(dl, "CHUNK_BYTES", 32 * 1024)
+    monkeypatch.setattr(dl, "RETRY_WAIT_S", 0.01)
+    hub_server.throttle = 250_000
+    hub_server.add_repo("test/tiny-moe", app_model)
+    weights = hub_server.repos["test/tiny-moe"].files["model.safetensors"].size
+    total = sum(f.size for f in hub_server.repos["test/tiny-moe"].files.values())
+    endpoint = hub_server.endpoint
+    app = make_app(hub_endpoint=endpoint, catalogue_path=tmp_path / "none.json")
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        await type_id(pilot, screen, "test/tiny-moe")
+        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
+                       and screen.estimates["test/tiny-moe"].planned)  # fmt: skip
+        await pilot.press("ctrl+d")
+        bar = screen.query_one("#download-bar")
+        await wait_for(pilot, lambda: (bar.progress or 0) > 100_000)
+        hub_server.close()  # bytes have arrived; now the network goes away
+        await wait_for(pilot, lambda: screen.downloading is None, timeout=30)
+        expected = (f"Failed: Cannot reach {endpoint}: check your connection; the partial "
+                    "download is kept and resumes next time.")  # fmt: skip
+        assert status(screen) == expected
+        await pilot.pause()
+        assert on_screen(screen.query_one("#download-status")) == expected  # all of it
+        assert any(n.severity == "error" for n in app._notifications)
+        (partial,) = hf_cache.rglob("*.incomplete")
+        kept = partial.stat().st_size
+        assert 0 < kept < weights
+
+        back = HubServer().start()  # the network is back (the Hub, elsewhere)
+        try:
+            back.add_repo("test/tiny-moe", app_model)
+            # The row was checked again after the failure, against the dead endpoint.
+            await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
+                           and screen.estimates["test/tiny-moe"].error)  # fmt: skip
+            assert "already downloaded is kept and resumes" in (
+                screen.estimates["test/tiny-moe"].error
+            )
+            app.config.hub_endpoint = back.endpoint
+            await pilot.press("ctrl+d")  # asks the Hub again: it answers now
+            await wait_for(pilot, lambda: screen.estimates["test/tiny-moe"].planned)
+            assert screen.estimates["test/tiny-moe"].remaining_bytes <= total - kept
+            await pilot.press("ctrl+d")
+            await wait_for(pilot, lambda: "Downloaded" in status(screen), timeout=30)
+            ranges = [r.headers.get("Range") for r in back.seen("GET", "model.safetensors")]
+            assert f"bytes={kept}-" in ranges
+        finally:
+            back.close()
+
+
+async def test_disk_full_during_a_download_says_so_and_keeps_the_partial(
+    make_app, app_model, hf_cache, hub_server, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(dl, "CHUNK_BYTES", 32 * 1024)
+    hub_server.add_repo("test/tiny-moe", app_model)
+    written = fill_disk_after(monkeypatch, 300_000)
+    app = make_app(hub_endpoint=hub_server.endpoint, catalogue_path=tmp_path / "none.json")
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        await type_id(pilot, screen, "test/tiny-moe")
+        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
+                       and screen.estimates["test/tiny-moe"].planned)  # fmt: skip
+        await pilot.press("ctrl+d")
+        await wait_for(pilot, lambda: screen.downloading is None, timeout=30)
+        expected = ("Failed: The disk is full: free some space (or set HF_HUB_CACHE to a "
+                    "larger disk); the partial download is kept and `mlx-pager download "
+                    "test/tiny-moe` resumes it.")  # fmt: skip
+        assert status(screen) == expected
+        await pilot.pause()
+        assert on_screen(screen.query_one("#download-status")) == expected
+        (partial,) = hf_cache.rglob("*.incomplete")
+        assert 0 < partial.stat().st_size == written[str(partial)]
+
+
+async def test_a_hub_error_is_asked_again_and_free_disk_still_shows(
+    make_app, app_model, hub_server, tmp_path
+):
+    hub_server.add_repo("test/tiny-moe", app_model)
+    app = make_app(hub_endpoint=free_port_endpoint(), catalogue_path=tmp_path / "none.json",
+                   disk_free=lambda path: 50 * 10**9)  # fmt: skip
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        await type_id(pilot, screen, "test/tiny-moe")
+        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
+                       and screen.estimates["test/tiny-moe"].error)  # fmt: skip
+        failed = screen.estimates["test/tiny-moe"]
+        assert "to look up test/tiny-moe" in failed.error
+        assert "nothing was downloaded" in failed.error  # no resume promised
+        assert failed.free_bytes == 50 * 10**9  # the disk is there without the Hub
+        assert "free disk 50.00 GB" in on_screen(screen.query_one("#model-detail"))
+
+        app.config.hub_endpoint = hub_server.endpoint  # the network is back
+        await pilot.press("ctrl+d")  # asks the Hub again instead of repeating the error
+        await wait_for(pilot, lambda: screen.estimates["test/tiny-moe"].planned)
+        assert not screen.estimates["test/tiny-moe"].error
+        assert screen.downloading is None
+        assert any("Asking the Hub again" in n.message for n in app._notifications)
+        await pilot.press("ctrl+d")
+        await wait_for(pilot, lambda: "Downloaded" in status(screen), timeout=30)
+
+
+async def test_a_row_asks_before_downloading_and_says_the_verdict(
+    make_app, app_model, hub_server, hf_cache, tmp_path
+):
+    hub_server.add_repo("test/tiny-moe", app_model)
+    small = tmp_path / "small.toml"
+    save_settings(Settings(budget="10MB", context_length=CONTEXT), small)
+    app = make_app(hub_endpoint=hub_server.endpoint, catalogue_path=tmp_path / "none.json",
+                   settings_path=small)  # fmt: skip
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        await type_id(pilot, screen, "test/tiny-moe")
+        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
+                       and screen.estimates["test/tiny-moe"].planned)  # fmt: skip
+        estimate = screen.estimates["test/tiny-moe"]
+        assert estimate.verdict == "too_large"
+        # A typed id keeps the Hub's sizes: the panel shows experts and the resident part.
+        assert screen.rows["test/tiny-moe"].sizes == estimate.sizes is not None
+        detail = on_screen(screen.query_one("#model-detail"))
+        assert "experts 2 layers × 8, top-2" in detail and "resident" in detail
+
+        await pilot.press("enter")  # Enter on the row: a question, not a download
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDownload))
+        question = str(app.screen.query_one("#confirm-text").render())
+        assert "Your budget: too large." in question and "will not run at this budget" in question
+        await pilot.press("n")
+        await wait_for(pilot, lambda: app.screen is screen)
+        await pilot.press("ctrl+d")  # too large: Ctrl+D asks as well
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDownload))
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is screen)
+        assert screen.downloading is None and not list(hf_cache.rglob("*.incomplete"))
+
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDownload))
+        await pilot.press("y")  # the user's call: it downloads
+        await wait_for(pilot, lambda: "Downloaded" in status(screen), timeout=30)

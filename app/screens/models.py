@@ -15,7 +15,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import (
     Button,
     DataTable,
@@ -32,6 +32,66 @@ from ..messages import DownloadFinished, DownloadProgress
 from ..text import size
 
 VERDICT_WORD = {"fits": "fits fully", "paged": "runs paged", "too_large": "too large"}
+
+
+class ConfirmDownload(ModalScreen[bool]):
+    """Asks before a download starts: what it costs and the verdict for the budget.
+    Returns True to download."""
+
+    BINDINGS = [
+        Binding("escape,n", "dismiss(False)", "Not now"),
+        Binding("y", "dismiss(True)", "Download"),
+    ]
+
+    def __init__(self, row: downloads.ModelRow, estimate: downloads.Estimate | None) -> None:
+        super().__init__()
+        self.row = row
+        self.estimate = estimate
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-dialog"):
+            yield Label(f"Download {self.row.label}?", classes="dialog-title")
+            yield Static(self._summary(), id="confirm-text")
+            with Horizontal(id="confirm-buttons"):
+                yield Button("Download (y)", id="confirm-yes", variant="primary")
+                yield Button("Not now (n)", id="confirm-no")
+
+    def on_mount(self) -> None:
+        too_large = self.estimate is not None and self.estimate.verdict == "too_large"
+        self.query_one("#confirm-no" if too_large else "#confirm-yes", Button).focus()
+
+    def _summary(self) -> Text:
+        estimate = self.estimate
+        text = Text()
+        if estimate is not None and estimate.size_bytes:
+            left = estimate.remaining_bytes if estimate.planned else estimate.size_bytes
+            about = "" if estimate.planned else "about "
+            text.append(f"{about}{size(left)} to download")
+            if estimate.planned and left < estimate.size_bytes:
+                text.append(f" (of {size(estimate.size_bytes)}: it resumes)")
+            if estimate.free_bytes is not None:
+                text.append(f", {size(estimate.free_bytes)} free on disk")
+            text.append(".\n")
+        verdict = estimate.verdict if estimate is not None else ""
+        if verdict:
+            style = downloads.VERDICT_STYLE.get(verdict, "")
+            text.append(f"Your budget: {VERDICT_WORD.get(verdict, verdict)}. ", style=style)
+            text.append(estimate.explain if estimate is not None else "")
+            if verdict == "too_large":
+                text.append("\nIt will not run at this budget: raise the budget in Settings "
+                            "(F3) or pick a smaller model.", style="bold")  # fmt: skip
+        else:
+            text.append("Your budget: unknown until the Hub answers (its sizes are not known).",
+                        style="dim")  # fmt: skip
+        return text
+
+    @on(Button.Pressed, "#confirm-yes")
+    def _yes(self) -> None:
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#confirm-no")
+    def _no(self) -> None:
+        self.dismiss(False)
 
 
 class ModelsScreen(Screen):
@@ -54,6 +114,7 @@ class ModelsScreen(Screen):
         self.loaded = False  # the first listing arrived
         self._cancel = threading.Event()
         self._progress_at = 0.0
+        self._asking = False  # the ConfirmDownload question is up
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -62,7 +123,9 @@ class ModelsScreen(Screen):
                 yield Label("Models  (✓ downloaded)", classes="panel-title")
                 yield DataTable(id="model-table", cursor_type="row", zebra_stripes=True)
                 with Horizontal(id="hub-row"):
-                    yield Input(placeholder="any Hub id, e.g. org/model-4bit", id="repo-id")
+                    yield Input(
+                        placeholder="a Hub id (org/model-4bit) or a model folder", id="repo-id"
+                    )
                     yield Button("Check", id="check")
             with VerticalScroll(id="models-right"):
                 yield Static(id="model-detail")
@@ -81,6 +144,9 @@ class ModelsScreen(Screen):
         self.action_refresh()
 
     def on_screen_resume(self) -> None:
+        if self._asking:  # back from the download question: nothing changed meanwhile
+            self._asking = False
+            return
         self.estimates.clear()  # the budget may have changed in the settings
         self.action_refresh()
 
@@ -157,11 +223,12 @@ class ModelsScreen(Screen):
 
     @on(DataTable.RowSelected)
     def _row_chosen(self, event: DataTable.RowSelected) -> None:
+        """Enter or a click: open a model that is here; ask before downloading one."""
         row = self.rows.get(event.row_key.value or "")
         if row is not None and row.cached:
             self.action_open()
         else:
-            self.action_download()
+            self._request_download(ask=True)
 
     def _select(self, repo_id: str) -> None:
         """Show it; ask the Hub for exact sizes and what is cached, once per visit."""
@@ -175,14 +242,22 @@ class ModelsScreen(Screen):
     @on(Input.Submitted, "#repo-id")
     @on(Button.Pressed, "#check")
     def _check_typed(self) -> None:
+        """A Hub id (checked with the Hub) or a model folder (opens as it is)."""
         repo_id = self.query_one("#repo-id", Input).value.strip()
         problem = downloads.check_repo_id(repo_id)
         if problem:
             self.notify(problem, severity="warning")
             return
+        folder = downloads.local_folder(repo_id)
+        if folder is not None:
+            repo_id = str(folder)
         if repo_id not in self.rows:
-            self.rows[repo_id] = downloads.ModelRow(repo_id=repo_id, label=repo_id, custom=True)
-            self.query_one(DataTable).add_row(*self._cells(self.rows[repo_id]), key=repo_id)
+            if folder is not None:
+                row = downloads.folder_row(folder, custom=True)
+            else:
+                row = downloads.ModelRow(repo_id=repo_id, label=repo_id, custom=True)
+            self.rows[repo_id] = row
+            self.query_one(DataTable).add_row(*self._cells(row), key=repo_id)
         table = self.query_one(DataTable)
         table.move_cursor(row=table.get_row_index(repo_id))
         table.focus()  # Ctrl+D and friends act on the list (in the Input they edit text)
@@ -206,6 +281,8 @@ class ModelsScreen(Screen):
         row = self.rows.get(repo_id)
         if row is not None and estimate.size_bytes and not row.size_bytes:
             row.size_bytes = estimate.size_bytes
+        if row is not None and estimate.sizes is not None:
+            row.sizes = estimate.sizes  # the Hub's exact sizes, for the detail panel
         self._refresh_row(repo_id)
         if repo_id == self.selected:
             self._update_detail()
@@ -221,13 +298,18 @@ class ModelsScreen(Screen):
         self.query_one("#open", Button).disabled = row is None or not row.cached
         self.set_class(busy, "-downloading")
         if row is None:
-            detail.update(Text("Pick a model, or type any Hub id below.", style="dim"))
+            hint = "Pick a model, or type a Hub id or a model folder below."
+            detail.update(Text(hint, style="dim"))
             return
         detail.update(downloads.describe(row, self.estimates.get(row.repo_id)))
 
     # -- downloading --------------------------------------------------------------------
 
     def action_download(self) -> None:
+        """Ctrl+D or the button: starts at once, unless the model is judged too large."""
+        self._request_download(ask=False)
+
+    def _request_download(self, ask: bool) -> None:
         row = self.rows.get(self.selected or "")
         if row is None:
             return
@@ -239,12 +321,32 @@ class ModelsScreen(Screen):
             return
         estimate = self.estimates.get(row.repo_id)
         if estimate is not None and estimate.error and not estimate.planned:
-            self.notify(estimate.error, title="Cannot download", severity="error", timeout=10)
+            # The Hub may be back: ask again rather than repeat the old answer.
+            self.notify(f"{estimate.error} Asking the Hub again…", title="Cannot download",
+                        severity="error", timeout=10)  # fmt: skip
+            self._estimate(row)
             return
         if estimate is not None and estimate.disk_problem:
             self.notify(estimate.disk_problem, title="Not enough disk", severity="error",
                         timeout=12)  # fmt: skip
             return
+        if ask or (estimate is not None and estimate.verdict == "too_large"):
+            repo_id = row.repo_id
+
+            def answered(yes: bool | None) -> None:
+                if yes and self.selected == repo_id:
+                    self._start_download(repo_id)
+
+            self._asking = True
+            self.app.push_screen(ConfirmDownload(row, estimate), answered)
+            return
+        self._start_download(row.repo_id)
+
+    def _start_download(self, repo_id: str) -> None:
+        row = self.rows.get(repo_id)
+        if row is None or row.cached or self.downloading is not None:
+            return
+        estimate = self.estimates.get(repo_id)
         self.downloading = row.repo_id
         self._cancel = threading.Event()
         bar = self.query_one("#download-bar", ProgressBar)
@@ -290,7 +392,8 @@ class ModelsScreen(Screen):
             self.app.notify(f"{message.repo_id} is ready: Ctrl+O opens it in the chat.",
                             title="Download complete")  # fmt: skip
         elif message.status == "cancelled":
-            status.update(f"Cancelled {message.repo_id}: Download resumes where it stopped.")
+            status.update(f"Cancelled {message.repo_id}: downloading again resumes where it "
+                          "stopped.")  # fmt: skip
             self.app.notify("Download again to resume where it stopped.",
                             title=f"Cancelled {message.repo_id}")  # fmt: skip
         else:
