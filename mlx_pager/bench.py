@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm import load, stream_generate
 
 from .disk import make_reader
-from .engine import Engine
+from .engine import Engine, ban_tokens
 from .loader import cast_floating, inspect_model, load_paged
 from .synthetic import make_checkpoint
 
@@ -61,7 +61,11 @@ def bench_stock(path: Path, max_tokens: int) -> dict:
     model, tokenizer = load(str(path))
     model.update(cast_floating(model.parameters(), mx.float32))  # as the engine on a CPU
     tokens = tokenizer.encode(PROMPT)
-    tps, n = _decode_tps(stream_generate(model, tokenizer, tokens, max_tokens=max_tokens))
+    no_eos = [ban_tokens(tokenizer.eos_token_ids)]  # both sides time the same token count
+    responses = stream_generate(
+        model, tokenizer, tokens, max_tokens=max_tokens, logits_processors=no_eos
+    )
+    tps, n = _decode_tps(responses)
     return {"decode_tps": tps, "tokens": n, "peak_mlx_bytes": mx.get_peak_memory()}
 
 
@@ -75,10 +79,10 @@ def bench_paged(
     paged = load_paged(path, budget, read_path=read_path, prefetch=prefetch)
     engine = Engine(paged, str(path), 4096)
     try:
-        for _ in engine.generate(WARMUP, max_tokens=max_tokens, chat_template=False):
+        for _ in engine.generate(WARMUP, max_tokens, chat_template=False, ignore_eos=True):
             pass
         cold_hit_rate = engine.stats.hit_rate  # the first run fills an empty cache
-        for _ in engine.generate(PROMPT, max_tokens=max_tokens, chat_template=False):
+        for _ in engine.generate(PROMPT, max_tokens, chat_template=False, ignore_eos=True):
             pass
         s = engine.stats
         return {
@@ -115,7 +119,7 @@ def bench_policies(path: Path, fraction: float, prompts: list[str], max_tokens: 
         hits = misses = 0
         try:
             for prompt in prompts:
-                for _ in engine.generate(prompt, max_tokens=max_tokens, chat_template=False):
+                for _ in engine.generate(prompt, max_tokens, chat_template=False, ignore_eos=True):
                     pass
                 hits += engine.stats.hits
                 misses += engine.stats.misses

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,18 @@ def default_model() -> str:
 
 def total_memory() -> int:
     return psutil.virtual_memory().total
+
+
+def ban_tokens(token_ids) -> Callable[[mx.array, mx.array], mx.array]:
+    """A logits processor that makes these tokens impossible (an end of text, for a
+    benchmark that must generate a fixed count)."""
+    banned = mx.array(sorted(token_ids))
+
+    def processor(tokens: mx.array, logits: mx.array) -> mx.array:
+        logits[..., banned] = -mx.inf
+        return logits
+
+    return processor
 
 
 class Engine:
@@ -225,8 +237,11 @@ class Engine:
         chat_template: bool = True,
         preload: bool | None = None,
         task: str | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[Chunk]:
-        """Stream a reply; ``stop()`` from another thread ends it after the current token."""
+        """Stream a reply; ``stop()`` from another thread ends it after the current token.
+
+        ``ignore_eos``: never end early (benchmarks time a fixed number of tokens)."""
         self._stop.clear()
         if seed is not None:
             mx.random.seed(seed)
@@ -252,6 +267,7 @@ class Engine:
             tokens,
             max_tokens=max_tokens,
             sampler=sampler,
+            logits_processors=[ban_tokens(self.tokenizer.eos_token_ids)] if ignore_eos else None,
             max_kv_size=self.context_length,
         ):
             with stats.lock:

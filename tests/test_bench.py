@@ -38,3 +38,16 @@ def test_bench_reports_every_section(tmp_path, capsys):
     assert report["faster_read_path"] in ("pread", "mmap")
     assert set(report["policies"]) >= {"lru", "lfu", "predict"}
     assert all(0 <= hit <= 1 for hit in report["policies"].values())
+
+
+def test_ban_tokens_makes_end_of_text_impossible():
+    """The bench times a fixed token count: end-of-text logits are -inf, others kept."""
+    import mlx.core as mx
+
+    from mlx_pager.engine import ban_tokens
+
+    logits = mx.array([[0.5, 2.0, -1.0, 3.0]])
+    out = ban_tokens({1, 3})(mx.array([0]), logits)
+    assert out.tolist()[0][0] == 0.5 and out.tolist()[0][2] == -1.0
+    assert out.tolist()[0][1] == float("-inf") and out.tolist()[0][3] == float("-inf")
+    assert mx.argmax(out, axis=-1).item() == 0
