@@ -27,14 +27,14 @@ DEFAULT_TRACE = DEFAULT_TRACE / "deepseek-v2-lite-prefill-dev.npz"
 def foresight_hit_rate(trace, capacity: int, horizon: int, fallback: str) -> float:
     """Per-layer caches; a resident key whose next use falls within ``horizon`` tokens
     is never evicted, the others go in the ``fallback`` policy's order."""
-    keys, _ = _requests(trace)
+    keys, weights = _requests(trace)
     nxt = next_uses(keys)  # step t * L + l of each request's next use
     n_layers, n_experts = trace.num_layers, trace.num_experts
     policies = [make_policy(fallback) for _ in range(n_layers)]
     next_of: list[dict[tuple[int, int], int]] = [{} for _ in range(n_layers)]
     hits = misses = 0
     for t in range(trace.num_tokens):
-        key_rows, next_rows = keys[t].tolist(), nxt[t].tolist()
+        key_rows, next_rows, weight_rows = keys[t].tolist(), nxt[t].tolist(), weights[t].tolist()
         horizon_end = (t + horizon) * n_layers + n_layers  # steps up to token t + horizon
         for layer in range(n_layers):
             pol, resident = policies[layer], next_of[layer]
@@ -51,10 +51,11 @@ def foresight_hit_rate(trace, capacity: int, horizon: int, fallback: str) -> flo
                     victim = max((k for k in resident if k not in want), key=resident.get)
                 pol.remove(victim)
                 del resident[victim]
-            for k, n in zip(key_rows[layer], next_rows[layer], strict=True):
+            rows = zip(key_rows[layer], next_rows[layer], weight_rows[layer], strict=True)
+            for k, n, w in rows:
                 if k >= 0:
                     resident[divmod(k, n_experts)] = n
-                    pol.access(divmod(k, n_experts))
+                    pol.access(divmod(k, n_experts), w)
         for pol in policies:
             pol.next_token()
     return hits / max(1, hits + misses)

@@ -12,6 +12,7 @@ import numpy as np
 from app_fixtures import *  # noqa: F403
 from app_fixtures import wait_for, wait_ready
 from textual.app import App, ComposeResult
+from textual.widgets import DataTable
 
 from app.conversations import Conversation, conversations_dir, save_conversation
 from app.widgets.heatmap import ExpertHeatmap
@@ -147,7 +148,14 @@ def test_models(snap_compare, make_app, app_model, hf_cache, tmp_path):
         screen = pilot.app.screen
         assert isinstance(screen, ModelsScreen)
         await wait_for(pilot, lambda: screen.loaded)
-        await pilot.pause()
+        # Every row's verdict in, then the table's column widths settle (a loaded CPU
+        # otherwise shot the table mid-layout, columns cut to five characters).
+        medium = "test/medium-moe"
+        await wait_for(pilot, lambda: getattr(screen.estimates.get(medium), "verdict", None))
+        table = screen.query_one(DataTable)
+        await wait_for(pilot, lambda: table.row_count == len(screen.rows))
+        for _ in range(3):
+            await pilot.pause(0.05)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
