@@ -61,6 +61,13 @@ async def type_id(pilot, screen: ModelsScreen, text: str) -> None:
     await pilot.press(*text, "enter")
 
 
+async def check_id(pilot, screen: ModelsScreen, repo_id: str, outcome: str = "planned"):
+    """Type a Hub id and wait until the Hub's answer is in: ``planned`` or ``error``."""
+    await type_id(pilot, screen, repo_id)
+    await wait_for(pilot, lambda: getattr(screen.estimates.get(repo_id), outcome, None))
+    return screen.estimates[repo_id]
+
+
 async def test_verdicts_and_unreachable_hub(make_app, app_model, hf_cache, tmp_path):
     hf_cache_with(app_model, hf_cache, "test/tiny-moe")
     catalogue = write_catalogue(
@@ -261,9 +268,7 @@ async def test_network_lost_mid_download_says_so_and_keeps_the_partial(
     app = make_app(hub_endpoint=endpoint, catalogue_path=tmp_path / "none.json")
     async with app.run_test(size=(130, 36)) as pilot:
         screen = await open_models(pilot)
-        await type_id(pilot, screen, "test/tiny-moe")
-        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
-                       and screen.estimates["test/tiny-moe"].planned)  # fmt: skip
+        await check_id(pilot, screen, "test/tiny-moe")
         await pilot.press("ctrl+d")
         bar = screen.query_one("#download-bar")
         await wait_for(pilot, lambda: (bar.progress or 0) > 100_000)
@@ -309,9 +314,7 @@ async def test_disk_full_during_a_download_says_so_and_keeps_the_partial(
     app = make_app(hub_endpoint=hub_server.endpoint, catalogue_path=tmp_path / "none.json")
     async with app.run_test(size=(130, 36)) as pilot:
         screen = await open_models(pilot)
-        await type_id(pilot, screen, "test/tiny-moe")
-        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
-                       and screen.estimates["test/tiny-moe"].planned)  # fmt: skip
+        await check_id(pilot, screen, "test/tiny-moe")
         await pilot.press("ctrl+d")
         await wait_for(pilot, lambda: screen.downloading is None, timeout=30)
         expected = ("Failed: The disk is full: free some space (or set HF_HUB_CACHE to a "
@@ -332,9 +335,7 @@ async def test_a_hub_error_is_asked_again_and_free_disk_still_shows(
                    disk_free=lambda path: 50 * 10**9)  # fmt: skip
     async with app.run_test(size=(130, 36)) as pilot:
         screen = await open_models(pilot)
-        await type_id(pilot, screen, "test/tiny-moe")
-        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
-                       and screen.estimates["test/tiny-moe"].error)  # fmt: skip
+        await check_id(pilot, screen, "test/tiny-moe", "error")
         failed = screen.estimates["test/tiny-moe"]
         assert "to look up test/tiny-moe" in failed.error
         assert "nothing was downloaded" in failed.error  # no resume promised
@@ -361,9 +362,7 @@ async def test_a_row_asks_before_downloading_and_says_the_verdict(
                    settings_path=small)  # fmt: skip
     async with app.run_test(size=(130, 36)) as pilot:
         screen = await open_models(pilot)
-        await type_id(pilot, screen, "test/tiny-moe")
-        await wait_for(pilot, lambda: screen.estimates.get("test/tiny-moe")
-                       and screen.estimates["test/tiny-moe"].planned)  # fmt: skip
+        await check_id(pilot, screen, "test/tiny-moe")
         estimate = screen.estimates["test/tiny-moe"]
         assert estimate.verdict == "too_large"
         # A typed id keeps the Hub's sizes: the panel shows experts and the resident part.
