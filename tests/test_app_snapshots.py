@@ -2,13 +2,15 @@
 
 Deterministic by construction: fixed terminal sizes, a fixed machine, the tiny model's
 sizes (which do not depend on its random weights), conversations with fixed timestamps,
-and pinned stats wherever speeds or RSS would show. Update with
+pinned stats wherever speeds or RSS would show, and each shot taken once every worker is
+done and no cursor blinks (``snap``). Update with
 ``pytest tests/test_app_snapshots.py --snapshot-update`` and look at the SVGs.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from app_fixtures import *  # noqa: F403
 from app_fixtures import wait_for, wait_ready
 from textual.app import App, ComposeResult
@@ -52,13 +54,32 @@ def fixed_stats() -> Stats:
     )  # fmt: skip
 
 
+@pytest.fixture
+def snap(snap_compare):
+    """``snap_compare``, shot in a steady state: every worker done and every cursor shown
+    (a blinking cursor is on or off depending on when a loaded CPU gets to the shot)."""
+
+    def compare(app: App, terminal_size: tuple[int, int], run_before=None) -> bool:
+        async def steady(pilot) -> None:
+            if run_before is not None:
+                await run_before(pilot)
+            await pilot.app.workers.wait_for_complete()
+            for widget in pilot.app.screen.query("TextArea, Input"):
+                widget.cursor_blink = False
+            await pilot.pause()
+
+        return snap_compare(app, terminal_size=terminal_size, run_before=steady)
+
+    return compare
+
+
 async def settle(pilot) -> None:
     await wait_ready(pilot)
     pilot.app.clear_notifications()
     await pilot.pause()
 
 
-def test_chat_empty(snap_compare, make_app):
+def test_chat_empty(snap, make_app):
     async def run_before(pilot) -> None:
         await settle(pilot)
         # The engine's live numbers, with the engine's preload wording fixed.
@@ -66,10 +87,10 @@ def test_chat_empty(snap_compare, make_app):
         pilot.app.screen.query_one(StatsPanel).pin(PanelState(stats, False, "off: no profile"))
         await pilot.pause()
 
-    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+    assert snap(make_app(), terminal_size=SIZE, run_before=run_before)
 
 
-def test_chat_with_reply_and_stats(snap_compare, make_app):
+def test_chat_with_reply_and_stats(snap, make_app):
     async def run_before(pilot) -> None:
         await settle(pilot)
         screen = pilot.app.screen
@@ -80,24 +101,24 @@ def test_chat_with_reply_and_stats(snap_compare, make_app):
         await pilot.pause()
 
     # Two rows taller than SIZE: the whole side panel shows, down to the heatmap's summary.
-    assert snap_compare(make_app(), terminal_size=(120, 38), run_before=run_before)
+    assert snap(make_app(), terminal_size=(120, 38), run_before=run_before)
 
 
-def test_chat_narrow_hides_panel(snap_compare, make_app):
-    assert snap_compare(make_app(), terminal_size=(80, 24), run_before=settle)
+def test_chat_narrow_hides_panel(snap, make_app):
+    assert snap(make_app(), terminal_size=(80, 24), run_before=settle)
 
 
-def test_chat_model_missing(snap_compare, make_app):
+def test_chat_model_missing(snap, make_app):
     def missing(model, settings, cache_dir=None):
         raise FileNotFoundError(
             f"{model} is not in the Hugging Face cache: download it first (F2)."
         )
 
     app = make_app(model="mlx-community/Missing-MoE-4bit", open_engine=missing)
-    assert snap_compare(app, terminal_size=SIZE, run_before=settle)
+    assert snap(app, terminal_size=SIZE, run_before=settle)
 
 
-def test_saved_chats(snap_compare, make_app, tmp_path):
+def test_saved_chats(snap, make_app, tmp_path):
     folder = conversations_dir(tmp_path / "data")
     for n in range(2):
         save_conversation(fixed_conversation(n), folder)
@@ -107,10 +128,10 @@ def test_saved_chats(snap_compare, make_app, tmp_path):
         await pilot.press("ctrl+o")
         await pilot.pause()
 
-    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+    assert snap(make_app(), terminal_size=SIZE, run_before=run_before)
 
 
-def test_settings(snap_compare, make_app):
+def test_settings(snap, make_app):
     async def run_before(pilot) -> None:
         await settle(pilot)
         await pilot.press("f3")
@@ -118,10 +139,10 @@ def test_settings(snap_compare, make_app):
         await wait_for(pilot, lambda: screen._plan is not None)  # the layout worker is done
         await pilot.pause()
 
-    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+    assert snap(make_app(), terminal_size=SIZE, run_before=run_before)
 
 
-def test_models(snap_compare, make_app, app_model, hf_cache, tmp_path):
+def test_models(snap, make_app, app_model, hf_cache, tmp_path):
     from app_fixtures import hf_cache_with
     from hub_server import free_port_endpoint
     from test_app_models import catalogue_entry, write_catalogue
@@ -157,7 +178,7 @@ def test_models(snap_compare, make_app, app_model, hf_cache, tmp_path):
         for _ in range(3):
             await pilot.pause(0.05)
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+    assert snap(app, terminal_size=SIZE, run_before=run_before)
 
 
 class HeatmapApp(App):
@@ -172,5 +193,5 @@ class HeatmapApp(App):
         self.query_one(ExpertHeatmap).update_counts(skew.astype(np.int64))
 
 
-def test_heatmap_large_model(snap_compare):
-    assert snap_compare(HeatmapApp(), terminal_size=(60, 30))
+def test_heatmap_large_model(snap):
+    assert snap(HeatmapApp(), terminal_size=(60, 30))

@@ -112,6 +112,11 @@ class ModelsScreen(Screen):
         self.estimates: dict[str, downloads.Estimate] = {}
         self.downloading: str | None = None
         self.loaded = False  # the first listing arrived
+        # A worker's result that carries an older number than these is stale and dropped:
+        # a slow listing must not overwrite a newer one, nor a Hub answer asked for before
+        # the estimates were reset (made for the previous budget) come back as current.
+        self._listing = 0
+        self._epoch = 0
         self._cancel = threading.Event()
         self._progress_at = 0.0
         self._asking = False  # the ConfirmDownload question is up
@@ -141,22 +146,24 @@ class ModelsScreen(Screen):
         self.sub_title = "models"
         table = self.query_one(DataTable)
         table.add_columns("", "Model", "Size", "Your budget")
-        self.action_refresh()
 
     def on_screen_resume(self) -> None:
+        """Every visit, the first too (Textual resumes a screen as it is pushed): list."""
         if self._asking:  # back from the download question: nothing changed meanwhile
             self._asking = False
             return
         self.estimates.clear()  # the budget may have changed in the settings
+        self._epoch += 1
         self.action_refresh()
 
     # -- the list ---------------------------------------------------------------------
 
     def action_refresh(self) -> None:
-        self._load_rows()
+        self._listing += 1
+        self._load_rows(self._listing)
 
     @work(thread=True, exclusive=True, group="rows", exit_on_error=False)
-    def _load_rows(self) -> None:
+    def _load_rows(self, listing: int) -> None:
         """Rows and their quick verdicts (catalogue sizes, cached headers): no network."""
         config, settings = self.app.config, self.app.settings
         try:
@@ -166,14 +173,19 @@ class ModelsScreen(Screen):
         except Exception as e:  # noqa: BLE001 - shown, the screen stays usable
             self.app.call_from_thread(self._rows_failed, str(e) or type(e).__name__)
             return
-        self.app.call_from_thread(self._show_rows, rows, quick)
+        self.app.call_from_thread(self._show_rows, rows, quick, listing)
 
     def _rows_failed(self, error: str) -> None:
         self.notify(error, title="Could not list models", severity="error", timeout=10)
 
     def _show_rows(
-        self, rows: list[downloads.ModelRow], quick: dict[str, downloads.Estimate]
+        self,
+        rows: list[downloads.ModelRow],
+        quick: dict[str, downloads.Estimate],
+        listing: int,
     ) -> None:
+        if listing != self._listing:
+            return  # a newer listing is on its way
         for row in self.rows.values():  # keep ids the user typed in
             if row.custom and row.repo_id not in {r.repo_id for r in rows}:
                 rows.append(row)
@@ -188,6 +200,7 @@ class ModelsScreen(Screen):
             table.add_row(*self._cells(row), key=row.repo_id)
         if self.selected in self.rows:
             table.move_cursor(row=table.get_row_index(self.selected))
+            self._select(self.selected)  # asks the Hub again if its answer was reset
         elif rows:
             self._select(rows[0].repo_id)
         self._update_detail()
@@ -266,17 +279,22 @@ class ModelsScreen(Screen):
 
     # -- size, free disk and verdict (worker) -------------------------------------------
 
-    @work(thread=True, group="estimate", exit_on_error=False)
     def _estimate(self, row: downloads.ModelRow) -> None:
+        self._ask_estimate(row, self._epoch)
+
+    @work(thread=True, group="estimate", exit_on_error=False)
+    def _ask_estimate(self, row: downloads.ModelRow, epoch: int) -> None:
         config = self.app.config
         total = config.machine().total_bytes
         try:
             estimate = downloads.estimate(config, self.app.settings, row, total)
         except Exception as e:  # noqa: BLE001 - shown in the panel
             estimate = downloads.Estimate(error=str(e) or type(e).__name__)
-        self.app.call_from_thread(self._estimate_ready, row.repo_id, estimate)
+        self.app.call_from_thread(self._estimate_ready, row.repo_id, estimate, epoch)
 
-    def _estimate_ready(self, repo_id: str, estimate: downloads.Estimate) -> None:
+    def _estimate_ready(self, repo_id: str, estimate: downloads.Estimate, epoch: int) -> None:
+        if epoch != self._epoch:
+            return  # asked before the estimates were reset (another budget, a new listing)
         self.estimates[repo_id] = estimate
         row = self.rows.get(repo_id)
         if row is not None and estimate.size_bytes and not row.size_bytes:
