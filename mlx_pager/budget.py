@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .units import format_bytes
@@ -116,7 +117,8 @@ def check_budget(plan: BudgetPlan) -> BudgetPlan:
     if plan.verdict == "too_large":
         raise BudgetError(
             f"The budget {plan.budget_bytes / 1e9:.2f} GB is below the minimum "
-            f"{plan.min_budget_bytes / 1e9:.2f} GB for this model. {plan.explain()} "
+            f"{math.ceil(plan.min_budget_bytes / 1e7) / 100:.2f} GB for this model. "
+            f"{plan.explain()} "
             "Raise --budget (or the budget in settings) or lower the context length."
         )
     return plan

@@ -57,9 +57,13 @@ def kv_bytes_per_layer_token(config: dict, itemsize: int) -> int:
 
 
 def _broken(path: Path, what: str) -> CheckpointError:
+    # In the Hugging Face cache the snapshot entry is a link to a blob: the blob is what
+    # must go, or the next download finds it and links the same broken bytes again.
+    target = path.resolve()
+    where = f"{target} (the file behind {path})" if target != path.absolute() else str(path)
     return CheckpointError(
         f"{path.name} is not a valid safetensors file ({what}). The download is probably "
-        f"incomplete or corrupt: delete {path} and download the model again "
+        f"incomplete or corrupt: delete {where} and download the model again "
         "(mlx-pager download ID)."
     )
 

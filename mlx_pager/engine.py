@@ -241,6 +241,8 @@ class Engine:
     ) -> Iterator[Chunk]:
         """Stream a reply; ``stop()`` from another thread ends it after the current token.
 
+        The reply ends (``finish_reason="length"``) where the context length is reached:
+        the budget holds the KV cache of that many tokens and no more.
         ``ignore_eos``: never end early (benchmarks time a fixed number of tokens)."""
         self._stop.clear()
         if seed is not None:
@@ -251,6 +253,7 @@ class Engine:
                 f"The prompt is {len(tokens)} tokens, longer than the context length "
                 f"{self.context_length}: shorten it or raise context_length in settings."
             )
+        max_tokens = min(max_tokens, self.context_length - len(tokens))
         stats = self.stats
         stats.reset_run()
         cache = self.paged.cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
@@ -14,6 +15,11 @@ from mlx_pager.loader import load_paged
 from mlx_pager.synthetic import make_checkpoint
 
 GB = 10**9
+
+
+def gb_up(n: int) -> str:
+    """A minimum as the message states it: rounded up, so that budget runs."""
+    return f"{math.ceil(n / GB * 100) / 100:.2f}"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +39,17 @@ def test_truncated_header(good, tmp_path):
     (path / "model.safetensors").write_bytes(b"\x10\x00\x00")
     with pytest.raises(CheckpointError, match="shorter than a header.*download the model again"):
         load_paged(path, 10 * GB)
+
+
+def test_broken_file_in_the_hf_cache_names_the_blob(good, tmp_path):
+    """Deleting the snapshot link would leave the broken blob for the next download."""
+    from app_fixtures import hf_cache_with
+
+    snapshot = hf_cache_with(good, tmp_path / "hub", "test/broken")
+    blob = (snapshot / "model.safetensors").resolve()
+    blob.write_bytes(b"\x10\x00\x00")
+    with pytest.raises(CheckpointError, match=f"delete {blob} \\(the file behind"):
+        load_paged(snapshot, 10 * GB)
 
 
 def test_header_length_past_end(good, tmp_path):
@@ -98,7 +115,7 @@ def test_moe_without_switch_layers_is_refused(tmp_path, monkeypatch, found_by):
 
 def test_budget_below_minimum_states_minimum_in_gb(good):
     minimum = budget_for_slots(good, 2)  # top-2 routing: two slots is the least that runs
-    with pytest.raises(BudgetError, match=rf"below the minimum {minimum / GB:.2f} GB"):
+    with pytest.raises(BudgetError, match=rf"below the minimum {gb_up(minimum)} GB"):
         load_paged(good, minimum - 1, 256)
     load_paged(good, minimum, 256).close()  # exactly the minimum runs
 
@@ -118,7 +135,7 @@ def test_model_without_experts_runs_fully_resident(tmp_path):
 def test_dense_model_below_its_resident_size_is_too_large(tmp_path):
     path = make_checkpoint(tmp_path / "dense", "qwen3")
     minimum = budget_for_slots(path, 0)  # resident core + KV cache + headroom, no experts
-    with pytest.raises(BudgetError, match=rf"below the minimum {minimum / GB:.2f} GB"):
+    with pytest.raises(BudgetError, match=rf"below the minimum {gb_up(minimum)} GB"):
         load_paged(path, minimum - 1, 256)
     paged = load_paged(path, minimum, 256)
     assert paged.plan.verdict == "fits"

@@ -85,6 +85,18 @@ def test_streamed_text_then_one_stats_line(model, capsys):
     assert "decode 5 tok" in err and "hit" in err and "budget" in err
 
 
+def test_reply_stops_at_the_context_length(model, capsys):
+    """The budget holds the KV cache of context_length tokens: generation ends there."""
+    prompt = "The experts " * 40  # 120 tokens: the reply has room for 8
+    args = ["generate", "--model", str(model), "--prompt", prompt, "--max-tokens", "50",
+            "--context-length", "128", "--budget", "1GB", "--ignore-chat-template",
+            "--json"]  # fmt: skip
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["prompt_tokens"] == 120
+    assert stats["prompt_tokens"] + stats["generation_tokens"] == 128
+
+
 def test_dense_model_says_it_runs_fully_resident(tmp_path, capsys):
     path = make_checkpoint(tmp_path / "dense", "qwen3")
     assert main(["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "3"]) == 0
