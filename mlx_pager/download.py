@@ -788,6 +788,9 @@ class _Progress:
         self.done += n
         self.file = file
         self.report(file)
+        self.check_cancel()
+
+    def check_cancel(self) -> None:
         if self.cancel.is_set():
             raise DownloadCancelled(
                 f"Download cancelled: {format_bytes(self.done)} of "
@@ -857,8 +860,9 @@ def _fetch_file(plan: DownloadPlan, f: RemoteFile, state: _Progress, token) -> N
                             counted += len(chunk)
                             state.add(len(chunk), f.name)
             except _transient_errors() as e:
+                state.check_cancel()  # cancelled while the connection stalled: not a failure
                 failures = 1 if counted > have else failures + 1
-                if failures > RETRIES or state.cancel.is_set():
+                if failures > RETRIES:
                     raise e
                 time.sleep(RETRY_WAIT_S)
                 continue

@@ -15,7 +15,8 @@ It speaks the few endpoints huggingface_hub 2.x calls for ``model_info``,
 
 Any folder can be served under any repo id (``add_repo``). Knobs for tests:
 ``throttle`` (bytes per second for file bodies), ``fail_after`` (drop the connection
-once after that many body bytes), ``gated`` (repo ids that answer 401 GatedRepo) and
+once after that many body bytes), ``api_delay`` (seconds before each API answer),
+``gated`` (repo ids that answer 401 GatedRepo) and
 ``requests`` (every request seen, to assert ``Range`` resumes).
 """
 
@@ -71,6 +72,7 @@ class HubServer:
     requests: list[SeenRequest] = field(default_factory=list)
     throttle: int | None = None  # body bytes per second
     fail_after: int | None = None  # drop the next longer body after this many bytes
+    api_delay: float = 0.0  # a slow Hub: seconds before each /api/ answer
     gated: set[str] = field(default_factory=set)
     _httpd: ThreadingHTTPServer | None = None
     _connections: set[socket.socket] = field(default_factory=set)
@@ -167,6 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
             if repo is not None:
                 self._file(repo, m["file"], head)
             return
+        if path.startswith("/api/") and self.hub.api_delay:
+            time.sleep(self.hub.api_delay)
         if (m := API.match(path)) and not head:
             rev = m["rev"] or m["tree"] or "main"
             repo = self._repo(m["repo"], rev)

@@ -150,6 +150,28 @@ async def test_download_progress_cancel_resume_then_open(
         assert app.settings.last_model == "test/tiny-moe"
 
 
+async def test_a_download_asked_for_before_the_hub_answered_waits_for_its_size(
+    make_app, app_model, hf_cache, hub_server, tmp_path
+):
+    hub_server.add_repo("test/tiny-moe", app_model)
+    total = sum(f.size for f in hub_server.repos["test/tiny-moe"].files.values())
+    hub_server.api_delay = 1.0
+    catalogue = write_catalogue(
+        tmp_path / "catalogue.json", catalogue_entry("test/tiny-moe", "Tiny", 10**6)
+    )
+    app = make_app(hub_endpoint=hub_server.endpoint, catalogue_path=catalogue)
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        assert screen.selected == "test/tiny-moe"
+        assert not screen.estimates["test/tiny-moe"].planned  # the catalogue's guess only
+        await pilot.press("ctrl+d")
+        assert screen.downloading is None  # not before the Hub said what it takes
+        bar = screen.query_one("#download-bar")
+        await wait_for(pilot, lambda: screen.downloading == "test/tiny-moe")
+        assert bar.total == total  # the Hub's exact size, not the catalogue's 1 MB
+        await wait_for(pilot, lambda: screen.rows["test/tiny-moe"].cached, timeout=30)
+
+
 async def test_download_failure_is_shown_and_screen_stays_usable(
     make_app, app_model, hub_server, tmp_path
 ):
@@ -190,9 +212,22 @@ async def test_not_enough_disk_is_refused_with_what_to_do(
 
 
 async def test_quit_during_a_download_cancels_it(
-    make_app, app_model, hub_server, tmp_path, monkeypatch
+    make_app, app_model, hub_server, hf_cache, tmp_path, monkeypatch
 ):
+    import threading
+
+    from app import downloads
+
     monkeypatch.setattr(dl, "CHUNK_BYTES", 32 * 1024)
+    ended, download = threading.Event(), downloads.download
+
+    def tracked(*args, **kwargs):
+        try:
+            return download(*args, **kwargs)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(downloads, "download", tracked)
     hub_server.throttle = 100_000
     hub_server.add_repo("test/tiny-moe", app_model)
     app = make_app(hub_endpoint=hub_server.endpoint, catalogue_path=tmp_path / "none.json")
@@ -205,7 +240,11 @@ async def test_quit_during_a_download_cancels_it(
         await pilot.press("ctrl+d")
         await wait_for(pilot, lambda: screen.downloading)
         await pilot.press("ctrl+q")
-    assert screen._cancel.is_set()  # the worker thread ends within a chunk: exit is prompt
+    assert screen._cancel.is_set()
+    # The thread ends within a chunk (at 100 KB/s the whole download would take 10 s), and
+    # what it fetched stays, to resume.
+    assert ended.wait(timeout=2)
+    assert list(hf_cache.rglob("*.incomplete"))
 
 
 async def test_the_embedded_model_and_typed_folders_open_again(

@@ -87,6 +87,21 @@ async def test_context_length_and_policy_options(make_app, settings_file):
         assert app.engine.context_length == 512
 
 
+async def test_a_layout_that_lands_late_does_not_replace_the_current_one(make_app):
+    """Typing "512" asks for 5, 51 and 512; an answer for an older value arriving last
+    must not put its KV cache under the title of the value typed."""
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_settings(pilot)
+        stale_key, stale_layout = screen._current_key(), screen._layout
+        screen.query_one("#context_length").value = str(CONTEXT * 2)
+        await wait_for(pilot, lambda: screen._plan.kv_bytes == 2 * stale_layout.kv_bytes)
+        screen._layout_ready(stale_key, stale_layout)  # the slow worker for the old value
+        await pilot.pause()
+        assert screen._layout is not stale_layout
+        assert screen._plan.kv_bytes == 2 * stale_layout.kv_bytes
+
+
 async def test_predicted_hit_rate_from_the_session_profile(make_app):
     app = make_app(max_tokens=16)
     async with app.run_test(size=(120, 40)) as pilot:

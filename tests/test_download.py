@@ -157,6 +157,27 @@ def test_cancel_keeps_a_partial_that_resumes_with_range(hub_server, moe_folder, 
     assert not list(blobs.glob("*.incomplete"))
 
 
+def test_cancel_while_the_connection_stalls_is_a_cancel(hub_server, moe_folder, hf_cache):
+    """Cancel pressed while a read waits on a dying connection: "cancelled", not "failed"."""
+    hub_server.add_repo("org/moe", moe_folder)
+    hub_server.throttle = 100_000  # the next 256 KB chunk takes seconds to arrive
+    cancel = threading.Event()
+    timers = []
+
+    def cancel_then_drop() -> None:
+        cancel.set()
+        hub_server.close()
+
+    def progress(done, total, file):
+        if file == "model.safetensors" and done > 0 and not timers:
+            timers.append(threading.Timer(0.3, cancel_then_drop))
+            timers[0].start()
+
+    with pytest.raises(DownloadCancelled, match="resumes"):
+        download("org/moe", endpoint=hub_server.endpoint, progress=progress, cancel=cancel)
+    assert list((hf_cache / "models--org--moe" / "blobs").glob("*.incomplete"))
+
+
 def test_dropped_connection_resumes_within_the_call(hub_server, moe_folder, hf_cache):
     hub_server.add_repo("org/moe", moe_folder)
     hub_server.fail_after = 1_000_000

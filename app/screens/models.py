@@ -120,6 +120,7 @@ class ModelsScreen(Screen):
         self._cancel = threading.Event()
         self._progress_at = 0.0
         self._asking = False  # the ConfirmDownload question is up
+        self._pending: tuple[str, bool] | None = None  # (repo, ask): download once planned
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -304,6 +305,14 @@ class ModelsScreen(Screen):
         self._refresh_row(repo_id)
         if repo_id == self.selected:
             self._update_detail()
+        if self._pending is not None and self._pending[0] == repo_id:
+            ask = self._pending[1]
+            self._pending = None
+            if estimate.planned and repo_id == self.selected:
+                self._request_download(ask)
+            elif estimate.error:
+                self.notify(estimate.error, title="Cannot download", severity="error",
+                            timeout=10)  # fmt: skip
 
     # -- the detail panel ---------------------------------------------------------------
 
@@ -347,6 +356,11 @@ class ModelsScreen(Screen):
         if estimate is not None and estimate.disk_problem:
             self.notify(estimate.disk_problem, title="Not enough disk", severity="error",
                         timeout=12)  # fmt: skip
+            return
+        if estimate is None or not estimate.planned:  # no size from the Hub yet: ask first
+            self._pending = (row.repo_id, ask)
+            self.notify(f"Asking the Hub what {row.repo_id} will take…")
+            self._estimate(row)
             return
         if ask or (estimate is not None and estimate.verdict == "too_large"):
             repo_id = row.repo_id

@@ -71,7 +71,6 @@ class SettingsScreen(Screen):
         super().__init__()
         self._layouts: dict[tuple[str, int], object] = {}
         self._layout = None  # the ModelLayout being planned for
-        self._model_path: Path | None = None
         self._plan: BudgetPlan | None = None
         self._sizes = None  # mlx_pager.download.ModelSizes of the model, for the speed
 
@@ -145,14 +144,20 @@ class SettingsScreen(Screen):
             return None
         return value if 128 <= value <= 1_048_576 else None
 
+    def _open_model_path(self) -> Path | None:
+        engine = self.app.engine
+        return engine.info.path if engine is not None else None
+
+    def _current_key(self) -> tuple:
+        return (str(self._open_model_path() or self.app.model_name), self._context_length())
+
     def _inspect(self) -> None:
         context = self._context_length()
-        engine = self.app.engine
-        path = engine.info.path if engine is not None else None
+        path = self._open_model_path()
         if context is None:
             self._show_plan("Context length must be a whole number from 128 to 1048576.")
             return
-        key = (str(path or self.app.model_name), context)
+        key = self._current_key()
         if key in self._layouts:
             self._layout = self._layouts[key]
             self._show_plan()
@@ -167,10 +172,10 @@ class SettingsScreen(Screen):
 
         try:
             if path is None:
-                path = _resolve(name)
+                path = _resolve(name, self.app.config.hub_cache_dir)
             layout = inspect_model(path, context)
         except Exception as e:  # noqa: BLE001 - shown in the panel
-            self.app.call_from_thread(self._layout_failed, str(e) or type(e).__name__)
+            self.app.call_from_thread(self._layout_failed, key, str(e) or type(e).__name__)
             return
         try:
             sizes = local_sizes(path)  # for the speed estimate only
@@ -179,11 +184,15 @@ class SettingsScreen(Screen):
         self.app.call_from_thread(self._layout_ready, key, layout, sizes)
 
     def _layout_ready(self, key: tuple, layout: object, sizes: object = None) -> None:
-        self._layouts[key] = self._layout = layout
+        self._layouts[key] = layout
         self._sizes = sizes if sizes is not None else self._sizes
-        self._show_plan()
+        if key == self._current_key():  # typing "4096" asks for 409 first: keep the last
+            self._layout = layout
+            self._show_plan()
 
-    def _layout_failed(self, error: str) -> None:
+    def _layout_failed(self, key: tuple, error: str) -> None:
+        if key != self._current_key():
+            return
         self._layout = None
         self._show_plan(f"No model to plan for: {error}")
 
@@ -327,11 +336,11 @@ class SettingsScreen(Screen):
         self.app.pop_screen()
 
 
-def _resolve(name: str) -> Path:
-    """A folder as is; a Hub id through the download layer's cache lookup."""
+def _resolve(name: str, cache_dir: Path | None) -> Path:
+    """A folder as is; a Hub id in the app's Hugging Face cache."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    from mlx_pager.hub import resolve_model  # the download engineer's module
+    from mlx_pager.hub import resolve_model
 
-    return Path(resolve_model(name))
+    return Path(resolve_model(name, cache_dir=cache_dir))
