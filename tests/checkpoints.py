@@ -29,15 +29,25 @@ def open_paged(path: Path, slots: int, **kwargs) -> PagedModel:
     return load_paged(path, budget_for_slots(path, slots, context), context, **kwargs)
 
 
-def compare_with_mlx_lm(path: Path, paged: PagedModel, prompt_len: int = 32, steps: int = 32):
+def compare_with_mlx_lm(
+    path: Path,
+    paged: PagedModel,
+    prompt_len: int = 32,
+    steps: int = 32,
+    compute_dtype: mx.Dtype | None | str = "auto",
+):
     """Logits of a prompt and of greedy decode steps, stock mlx-lm against the paged model.
 
-    Returns the largest absolute difference seen and whether every step was bitwise equal;
-    asserts the greedy tokens agree.
+    ``compute_dtype`` is the one the paged model was opened with ("auto": the engine's
+    default, float32 on the CPU, applied to the reference too; None: stock mlx-lm as it
+    loads, the path a Mac runs). Returns the largest absolute difference seen and whether
+    every step was bitwise equal; asserts the greedy tokens agree.
     """
     reference, _ = load(str(path))
-    if default_compute_dtype() is not None:  # the engine's CPU cast, applied to both
-        reference.update(cast_floating(reference.parameters(), default_compute_dtype()))
+    if compute_dtype == "auto":
+        compute_dtype = default_compute_dtype()
+    if compute_dtype is not None:  # the engine's CPU cast, applied to both
+        reference.update(cast_floating(reference.parameters(), compute_dtype))
     tokens = mx.array(np.random.RandomState(0).randint(0, 300, (1, prompt_len)))
     ref_cache, paged_cache = make_prompt_cache(reference), make_prompt_cache(paged.model)
     a = reference(tokens, cache=ref_cache)

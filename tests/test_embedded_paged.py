@@ -4,6 +4,7 @@ independent implementation (transformers), and it is the default model, offline.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,9 @@ def test_default_model_is_the_embedded_one():
 def test_paged_engine_agrees_with_transformers():
     pytest.importorskip("torch")
     slots = 6  # top-4 routing: barely more than top-k, so it evicts all the time
-    paged = open_paged(MODEL, slots)
+    # float32 on every backend (a GPU would otherwise compute in the checkpoint's bf16),
+    # as transformers does here.
+    paged = open_paged(MODEL, slots, compute_dtype=mx.float32)
     try:
         assert paged.plan.slots == slots < paged.plan.num_experts
         worst = 0.0
@@ -84,4 +87,6 @@ def test_generate_without_model_runs_offline(tmp_path):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() and "decode 16 tok" in out.stderr
+    # A reply may end before 16 tokens (the model was trained to close a chat turn).
+    decoded = re.search(r"decode (\d+) tok", out.stderr)
+    assert out.stdout.strip() and decoded and 1 <= int(decoded[1]) <= 16, out.stderr

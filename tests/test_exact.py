@@ -72,6 +72,24 @@ def test_bf16_checkpoint_is_cast_like_the_reference(tmp_path):
         paged.close()
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_uncast_bf16_4bit_matches_stock_mlx_lm(tmp_path, arch):
+    """The path a Mac runs: no cast at all, 4-bit experts with bfloat16 scales and a
+    bfloat16 dense core (as mlx-community checkpoints are), against mlx-lm as it loads."""
+    import mlx.core as mx
+
+    path = make_checkpoint(tmp_path / arch, arch, quantize_bits=4, dtype=mx.bfloat16)
+    paged = open_paged(path, 3, compute_dtype=None)
+    try:
+        assert paged.model.model.embed_tokens.scales.dtype == mx.bfloat16
+        assert paged.cache.pools["down_proj.scales"].dtype == mx.bfloat16
+        worst, bitwise = compare_with_mlx_lm(path, paged, compute_dtype=None)
+        assert paged.stats.misses > paged.plan.slots, "the budget must force evictions"
+        assert bitwise, f"logits differ by up to {worst}"
+    finally:
+        paged.close()
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
 def test_prefetch_leaves_output_unchanged(tmp_path, arch):
     """Three router kinds: Linear, DeepSeek's MoEGate, gpt-oss's biased router."""
