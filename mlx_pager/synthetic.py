@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import _get_classes, quantize_model
 
 from .expert_map import MIXTRAL_NAMES
@@ -126,9 +127,14 @@ def make_checkpoint(
     shards: int = 1,
     seed: int = 0,
     dtype: mx.Dtype = mx.float32,
+    quantize_mode: str = "affine",
     **overrides,
 ) -> Path:
-    """Write a random checkpoint folder mlx-lm can load; returns its path."""
+    """Write a random checkpoint folder mlx-lm can load; returns its path.
+
+    ``quantize_mode="mxfp4"`` quantises the routed experts as gpt-oss ships them (MXFP4,
+    groups of 32, no biases) and the rest at ``quantize_bits`` affine, as the
+    mlx-community gpt-oss checkpoints do."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {"model_type": arch, **ARCH_CONFIGS.get(arch, {}), **overrides}
@@ -145,7 +151,17 @@ def make_checkpoint(
     }
     model.load_weights(list(params.items()))
     if quantize_bits:
-        model, config = quantize_model(model, config, group_size=64, bits=quantize_bits)
+        predicate = None
+        if quantize_mode != "affine":
+
+            def predicate(name: str, module: nn.Module) -> bool | dict:
+                if isinstance(module, SwitchLinear):
+                    return {"group_size": 32, "bits": 4, "mode": quantize_mode}
+                return hasattr(module, "to_quantized")
+
+        model, config = quantize_model(
+            model, config, group_size=64, bits=quantize_bits, quant_predicate=predicate
+        )
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     if per_expert:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from checkpoints import compare_with_mlx_lm, open_paged
 
@@ -70,6 +72,14 @@ def test_bf16_checkpoint_is_cast_like_the_reference(tmp_path):
         assert bitwise, f"logits differ by up to {worst}"
     finally:
         paged.close()
+
+
+def test_mxfp4_experts_as_gpt_oss_ships_them(tmp_path):
+    """mlx-community's gpt-oss: MXFP4 experts (uint8 scales, no biases), 8-bit the rest."""
+    path = make_checkpoint(tmp_path / "gpt_oss", "gpt_oss", quantize_bits=8, quantize_mode="mxfp4")
+    config = json.loads((path / "config.json").read_text())["quantization"]
+    assert config["model.layers.0.mlp.experts.up_proj"]["mode"] == "mxfp4"
+    _check(path)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
