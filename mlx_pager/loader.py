@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from .budget import BudgetPlan, check_budget, plan_budget
@@ -162,7 +162,22 @@ def estimate_kv_bytes(model: nn.Module, config: dict, context: int, itemsize: in
             total += min(context, cache.max_size) * per_token
         elif isinstance(cache, KVCache):
             total += context * per_token
-    return total + 2**20  # recurrent states of linear-attention layers: small, fixed
+        elif isinstance(cache, ArraysCache):
+            total += recurrent_state_bytes(config, itemsize)
+    return total
+
+
+def recurrent_state_bytes(config: dict, itemsize: int) -> int:
+    """One linear-attention layer's fixed state (Qwen3.5 / Qwen3-Next gated delta net): the
+    float32 state [value heads, value dim, key dim] plus the convolution's last inputs.
+    About 2 MiB a layer on Qwen3.5-35B-A3B; 1 MiB when the config does not say."""
+    cfg = text_config(config)
+    hv, dv = cfg.get("linear_num_value_heads"), cfg.get("linear_value_head_dim")
+    hk, dk = cfg.get("linear_num_key_heads"), cfg.get("linear_key_head_dim")
+    if not (hv and dv and hk and dk):
+        return 2**20
+    conv = (cfg.get("linear_conv_kernel_dim", 4) - 1) * (2 * hk * dk + hv * dv) * itemsize
+    return hv * dv * dk * 4 + conv
 
 
 def _is_float(a: mx.array) -> bool:

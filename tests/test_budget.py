@@ -38,6 +38,28 @@ def test_plan_divides_the_budget():
     assert plan_budget(dense.fixed_bytes, 200 * MB, 50 * MB, 0, 0, 1).verdict == "fits"
 
 
+def test_kv_budget_counts_the_real_caches_of_a_hybrid_model(tmp_path):
+    """qwen3_5_moe: full-attention layers grow with the context, linear-attention layers
+    hold a fixed state. The budget's KV part is what the caches hold after a full prompt."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+
+    context = 128
+    path = make_checkpoint(tmp_path / "m", "qwen3_5_moe")
+    layout = inspect_model(path, context)
+    model = layout.model
+    model.load_weights(str(path / "model.safetensors"))
+    caches = make_prompt_cache(model)
+    model(mx.zeros((1, context), dtype=mx.int32), cache=caches)
+    held = 0
+    for c in caches:
+        if isinstance(c, ArraysCache):  # the conv inputs and the recurrent state
+            held += sum(a.nbytes for a in c.cache if a is not None)
+        else:  # keys and values up to the offset (the buffer grows in steps of 256)
+            held += 2 * c.keys[..., : c.offset, :].nbytes
+    assert held <= layout.kv_bytes <= 1.05 * held
+
+
 @pytest.mark.slow
 def test_peak_rss_within_budget_plus_baseline(tmp_path):
     path = make_checkpoint(
