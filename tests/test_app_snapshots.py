@@ -181,6 +181,29 @@ def test_models(snap, make_app, app_model, hf_cache, tmp_path):
     assert snap(app, terminal_size=SIZE, run_before=run_before)
 
 
+def test_confirm_download(snap, make_app, tmp_path):
+    """The question before a download: what it costs, the disk, the verdict and why."""
+    from app.downloads import Estimate, ModelRow
+    from app.screens.models import ConfirmDownload
+
+    row = ModelRow("mlx-community/Qwen3-30B-A3B-4bit", "Qwen3 30B-A3B (4-bit)")
+    estimate = Estimate(
+        size_bytes=17_190_000_000, remaining_bytes=5_400_000_000, free_bytes=48_300_000_000,
+        verdict="paged", planned=True, tokens_per_second=6.2,
+        explain="8.00 GB holds the 1.40 GB core, the KV cache at 4096 tokens and 2,400 "
+        "of 6,144 experts. Estimated hit rate 88%, about 6.2 tokens/s.",
+    )  # fmt: skip
+
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        stats = pilot.app.engine.stats.snapshot()  # the chat behind, as in test_chat_empty
+        pilot.app.screen.query_one(StatsPanel).pin(PanelState(stats, False, "off: no profile"))
+        await pilot.app.push_screen(ConfirmDownload(row, estimate))
+        await pilot.pause()
+
+    assert snap(make_app(catalogue_path=tmp_path / "none.json"), SIZE, run_before)
+
+
 class HeatmapApp(App):
     """The heatmap alone at a real model's shape: 48 layers x 128 experts (Qwen3-30B)."""
 

@@ -34,6 +34,19 @@ from ..text import size
 VERDICT_WORD = {"fits": "fits fully", "paged": "runs paged", "too_large": "too large"}
 
 
+def fit_columns(table: DataTable, rows: list[tuple]) -> None:
+    """Widen the columns to these cells before they go in.
+
+    A DataTable measures auto-width columns only when idle, and lines it rendered before
+    that stay cached at the old widths (Textual 8.2): the list could show its columns cut
+    to their titles. Widths set first, then cells added, are right in the first frame.
+    """
+    for i, column in enumerate(table.ordered_columns):
+        cells = [Text(row[i]) if isinstance(row[i], str) else row[i] for row in rows]
+        column.auto_width = False
+        column.width = max(column.width, column.label.cell_len, *(c.cell_len for c in cells))
+
+
 class ConfirmDownload(ModalScreen[bool]):
     """Asks before a download starts: what it costs and the verdict for the budget.
     Returns True to download."""
@@ -197,8 +210,10 @@ class ModelsScreen(Screen):
                 self.estimates[repo_id] = estimate
         table = self.query_one(DataTable)
         table.clear()
-        for row in rows:
-            table.add_row(*self._cells(row), key=row.repo_id)
+        cells = [self._cells(row) for row in rows]
+        fit_columns(table, cells)
+        for row, row_cells in zip(rows, cells, strict=True):
+            table.add_row(*row_cells, key=row.repo_id)
         if self.selected in self.rows:
             table.move_cursor(row=table.get_row_index(self.selected))
             self._select(self.selected)  # asks the Hub again if its answer was reset
@@ -227,6 +242,7 @@ class ModelsScreen(Screen):
         if repo_id not in self.rows:
             return
         cells = self._cells(self.rows[repo_id])
+        fit_columns(table, [cells])
         for column, value in zip(table.columns, cells, strict=False):
             table.update_cell(repo_id, column, value)
 
@@ -271,7 +287,9 @@ class ModelsScreen(Screen):
             else:
                 row = downloads.ModelRow(repo_id=repo_id, label=repo_id, custom=True)
             self.rows[repo_id] = row
-            self.query_one(DataTable).add_row(*self._cells(row), key=repo_id)
+            cells = self._cells(row)
+            fit_columns(self.query_one(DataTable), [cells])
+            self.query_one(DataTable).add_row(*cells, key=repo_id)
         table = self.query_one(DataTable)
         table.move_cursor(row=table.get_row_index(repo_id))
         table.focus()  # Ctrl+D and friends act on the list (in the Input they edit text)
