@@ -168,6 +168,7 @@ class ModelsScreen(Screen):
             return
         self.estimates.clear()  # the budget may have changed in the settings
         self._epoch += 1
+        self._pending = None
         self.action_refresh()
 
     # -- the list ---------------------------------------------------------------------
@@ -313,7 +314,7 @@ class ModelsScreen(Screen):
 
     def _estimate_ready(self, repo_id: str, estimate: downloads.Estimate, epoch: int) -> None:
         if epoch != self._epoch:
-            return  # asked before the estimates were reset (another budget, a new listing)
+            return  # asked before the estimates were reset: the budget may have changed
         self.estimates[repo_id] = estimate
         row = self.rows.get(repo_id)
         if row is not None and estimate.size_bytes and not row.size_bytes:
