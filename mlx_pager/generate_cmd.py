@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         recorder.save(args.record_trace)
     stats = engine.stats
     if args.json:
-        print(json.dumps({"text": "".join(text), "tokens": tokens, "stats": stats.to_dict()}))
+        out = {"text": "".join(text), "tokens": tokens, "paged": engine.info.paged}
+        print(json.dumps({**out, "stats": stats.to_dict()}))
     else:
         print()
         print("=" * 10, file=sys.stderr)

@@ -49,7 +49,7 @@ def test_json_output_matches_mlx_lm(model, capsys):
     ]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["text"] == expected
+    assert out["text"] == expected and out["paged"] is True
     assert len(out["tokens"]) == 12
     assert STATS_KEYS <= out["stats"].keys()
     stats = out["stats"]
@@ -101,6 +101,9 @@ def test_dense_model_says_it_runs_fully_resident(tmp_path, capsys):
     path = make_checkpoint(tmp_path / "dense", "qwen3")
     assert main(["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "3"]) == 0
     assert "no routed experts: running fully resident" in capsys.readouterr().err
+    args = ["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "3", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["paged"] is False
 
 
 def test_errors_are_one_line_with_exit_code_2(model, capsys):
