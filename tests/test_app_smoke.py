@@ -59,7 +59,8 @@ class Tmux:
 def test_mlx_pager_in_tmux(app_model, tmp_path):
     assert SCRIPT.exists(), f"{SCRIPT} missing: pip install -e . first"
     config, data, exit_file = tmp_path / "config", tmp_path / "data", tmp_path / "exit"
-    save_settings(Settings(budget="60MB", context_length=256, last_model=str(app_model)),
+    # A context long enough for a reply of the app's 1024 tokens: seconds to stop it midway.
+    save_settings(Settings(budget="60MB", context_length=2048, last_model=str(app_model)),
                   config / "settings.toml")  # fmt: skip
     command = (
         # pytest exports COLUMNS/LINES (80x24); the app must see the tmux window's size.
