@@ -43,6 +43,14 @@ def settings_file(tmp_path) -> Path:
 
 
 @pytest.fixture
+def long_context(settings_file) -> Path:
+    """Settings whose context leaves room for a reply of thousands of tokens (a reply
+    ends at the context length)."""
+    save_settings(Settings(budget="60MB", context_length=8192), settings_file)
+    return settings_file
+
+
+@pytest.fixture
 def make_app(tmp_path, app_model, settings_file) -> Callable:
     """``make_app(**overrides)``: the app on the tiny model, with its files in tmp_path."""
 

@@ -57,7 +57,7 @@ async def test_prompt_streams_reply_and_live_stats(make_app, tmp_path):
         assert raw["messages"][0] == {"role": "user", "content": "hello experts"}
 
 
-async def test_stop_keeps_ui_live_and_partial_reply(make_app):
+async def test_stop_keeps_ui_live_and_partial_reply(make_app, long_context):
     app = make_app(max_tokens=4000)
     async with app.run_test(size=(140, 44)) as pilot:
         await wait_ready(pilot)
@@ -257,7 +257,7 @@ async def test_pasted_lines_are_all_sent_and_kept_in_history(make_app):
         assert box.value == ""
 
 
-async def test_heatmap_updates_while_the_reply_streams(make_app):
+async def test_heatmap_updates_while_the_reply_streams(make_app, long_context):
     app = make_app(max_tokens=4000, stats_interval=0.05)
     async with app.run_test(size=(140, 44)) as pilot:
         await wait_ready(pilot)
