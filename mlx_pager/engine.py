@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import psutil
 from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .budget import BudgetPlan
@@ -264,6 +265,8 @@ class Engine:
             counts_before = stats.expert_counts.copy()
         start = time.perf_counter()
         sampler = make_sampler(temp=temp, top_p=top_p)
+        # The cache stream_generate would make, made here to report what it holds.
+        kv_cache = make_prompt_cache(self.paged.model, max_kv_size=self.context_length)
         for response in stream_generate(
             self.paged.model,
             self.tokenizer,
@@ -271,9 +274,10 @@ class Engine:
             max_tokens=max_tokens,
             sampler=sampler,
             logits_processors=[ban_tokens(self.tokenizer.eos_token_ids)] if ignore_eos else None,
-            max_kv_size=self.context_length,
+            prompt_cache=kv_cache,
         ):
             with stats.lock:
+                stats.kv_used_bytes = sum(c.nbytes for c in kv_cache)
                 if response.generation_tokens == 1:
                     stats.ttft_seconds = time.perf_counter() - start
                 # Counted when the prompt's last token was done, not now: mlx-lm has run

@@ -26,7 +26,8 @@ class Stats:
     budget_bytes: int = 0
     resident_bytes: int = 0
     cache_bytes: int = 0
-    kv_bytes: int = 0
+    kv_bytes: int = 0  # reserved: the KV cache at the context length
+    kv_used_bytes: int = 0  # what this reply's KV cache holds now
     headroom_bytes: int = 0
     slots: int = 0
     hits: int = 0
@@ -82,7 +83,7 @@ class Stats:
             self.read_seconds = 0.0
             self.prefetch_issued = self.prefetch_used = 0
             self.prefetch_recall = self.prediction_precision = 0.0
-            self.prompt_tokens = self.generation_tokens = 0
+            self.prompt_tokens = self.generation_tokens = self.kv_used_bytes = 0
             self.prompt_tps = self.decode_tps = self.ttft_seconds = 0.0
 
     def snapshot(self) -> Stats:

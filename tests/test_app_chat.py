@@ -12,7 +12,7 @@ from textual.widgets import Markdown
 
 from app.conversations import conversations_dir, list_conversations
 from app.screens.chat import ChatScreen
-from app.text import clean
+from app.text import clean, size
 from app.widgets.chat_message import AssistantMessage, UserMessage
 from app.widgets.heatmap import ExpertHeatmap
 from app.widgets.prompt import PromptInput
@@ -45,9 +45,15 @@ async def test_prompt_streams_reply_and_live_stats(make_app, tmp_path):
         expected = "".join(c.text for c in app.engine.generate(messages[:1], max_tokens=24))
         assert reply == expected
 
-        stats = screen.query_one(StatsPanel).state.stats
+        panel = screen.query_one(StatsPanel)
+        stats = panel.state.stats
         assert stats.generation_tokens == 24 and stats.decode_tps > 0
         assert stats.hits + stats.misses > 0 and stats.ttft_seconds > 0
+        # The KV cache: what the reply filled, beside what the budget reserves for it.
+        assert 0 < stats.kv_used_bytes <= stats.kv_bytes
+        assert f"{size(stats.kv_used_bytes)} used of {size(stats.kv_bytes)}" in " ".join(
+            str(panel.render_line(y).text) for y in range(panel.size.height)
+        )
         heat = screen.query_one(ExpertHeatmap).counts
         assert heat.shape == (2, 8) and heat.sum() > 0
 

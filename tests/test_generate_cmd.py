@@ -54,6 +54,8 @@ def test_json_output_matches_mlx_lm(model, capsys):
     assert STATS_KEYS <= out["stats"].keys()
     stats = out["stats"]
     assert stats["misses"] > 0 and stats["budget_bytes"] == int(budget)
+    # Reserved at the context length (4096), filled by 2 + 12 tokens (in steps of 256).
+    assert 0 < stats["kv_used_bytes"] <= stats["kv_bytes"] * 256 / 4096
     # Activations per (layer, expert): every token that went through the model (mlx-lm
     # runs one step ahead, so the prompt and every generated one) picked top-2 in each of
     # the 2 MoE layers.

@@ -24,11 +24,18 @@ class PanelState:
     preload: str = "off"  # the engine's preload_status: "on: ..." or "off: why"
 
 
+def kv_note(stats: Stats) -> str:
+    """The KV part is reserved at the context length; beside it, what a reply fills."""
+    if stats.kv_used_bytes:
+        return f"{size(stats.kv_used_bytes)} used of"
+    return "at context"
+
+
 def memory_parts(stats: Stats) -> list[Part]:
     return [
         Part("core", stats.resident_bytes, CORE, "resident"),
         Part("experts", stats.cache_bytes, EXPERTS, f"{stats.slots} slots"),
-        Part("KV cache", stats.kv_bytes, KV, "at context"),
+        Part("KV cache", stats.kv_bytes, KV, kv_note(stats)),
         Part("headroom", stats.headroom_bytes, HEADROOM),
     ]
 
