@@ -263,6 +263,24 @@ async def test_pasted_lines_are_all_sent_and_kept_in_history(make_app):
         assert box.value == ""
 
 
+async def test_esc_before_the_engine_starts_still_stops(make_app, long_context):
+    """Esc while the reply waits for the engine (held by a reopen, a preload): not lost."""
+    app = make_app(max_tokens=4000)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        app.engine_lock.acquire()
+        try:
+            await pilot.press(*"hello experts", "enter")
+            await wait_for(pilot, lambda: screen.generating)
+            await pilot.press("escape")
+        finally:
+            app.engine_lock.release()
+        await wait_for(pilot, lambda: not screen.generating)
+        assert screen.conversation.messages[-1]["role"] == "assistant"
+        assert app.engine.stats.generation_tokens <= 2  # of the 4000 it would have written
+
+
 async def test_heatmap_updates_while_the_reply_streams(make_app, long_context):
     app = make_app(max_tokens=4000, stats_interval=0.05)
     async with app.run_test(size=(140, 44)) as pilot:

@@ -96,6 +96,7 @@ class ChatScreen(Screen):
         self._asked: UserMessage | None = None  # the prompt of the reply in progress
         self._reply_text = ""
         self._buffer = ReplyBuffer()
+        self._stop_asked = threading.Event()  # Esc during this reply, kept for the worker
         self._stats_dirty = True
         self._prepare_timer: Timer | None = None
 
@@ -250,13 +251,14 @@ class ChatScreen(Screen):
         self._reply, self._reply_text = reply, ""
         self._buffer = ReplyBuffer()
         self._stream = None
+        self._stop_asked = threading.Event()
         self._generate(engine, [dict(m) for m in self.conversation.messages])
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
     def _generate(self, engine: Engine, messages: list[dict[str, str]]) -> None:
         """The worker: the engine applies the chat template to the whole message list."""
         worker = get_current_worker()
-        buffer = self._buffer
+        buffer, stop_asked = self._buffer, self._stop_asked
         finish: str | None = None
         with self.app.engine_lock:
             try:
@@ -264,7 +266,9 @@ class ChatScreen(Screen):
                     if chunk.text and buffer.push(chunk.text):
                         self.post_message(ReplyUpdated())
                     finish = chunk.finish_reason
-                    if worker.is_cancelled:
+                    # Esc may have come before the engine started (waiting for the lock,
+                    # reading the prompt): generate() starts afresh, the event remembers.
+                    if worker.is_cancelled or stop_asked.is_set():
                         engine.stop()
             except Exception as e:  # noqa: BLE001 - shown in the app, which stays usable
                 self.post_message(ReplyFailed(str(e) or type(e).__name__))
@@ -346,6 +350,7 @@ class ChatScreen(Screen):
 
     def action_stop(self) -> None:
         if self.generating and self.app.engine is not None:
+            self._stop_asked.set()
             self.app.engine.stop()
 
     async def action_new_chat(self) -> None:
