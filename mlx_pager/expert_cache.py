@@ -26,6 +26,19 @@ _NP_DTYPES = {
 }  # fmt: skip
 
 
+def check_readable(expert_map: ExpertMap) -> None:
+    """Refuse, at open, experts stored in a dtype the pager cannot page (FP8 checkpoints:
+    mlx-lm dequantises them as it loads, the pager reads the bytes as stored)."""
+    stored = {pc.dtype for layer in expert_map.pieces for ps in layer.values() for pc in ps}
+    unreadable = sorted(stored - _NP_DTYPES.keys())
+    if unreadable:
+        raise ValueError(
+            f"The routed experts are stored as {', '.join(unreadable)}, which mlx-pager "
+            "cannot page. Convert the model first (`mlx_lm.convert --hf-path MODEL "
+            "--mlx-path FOLDER -q`, or pick its mlx-community version) and open the result."
+        )
+
+
 def piece_to_mx(buf: np.ndarray, piece: Piece, shape: tuple[int, ...], dtype: mx.Dtype):
     """Bytes read from disk -> an MLX array of the pool's shape and dtype."""
     if piece.dtype not in _NP_DTYPES:
@@ -51,6 +64,7 @@ class ExpertCache:
     ):
         if slots < 1:
             raise ValueError("The expert cache needs at least one slot.")
+        check_readable(expert_map)
         self.map = expert_map
         self.reader = reader
         self.slots = slots

@@ -52,6 +52,28 @@ def test_broken_file_in_the_hf_cache_names_the_blob(good, tmp_path):
         load_paged(snapshot, 10 * GB)
 
 
+def test_fp8_experts_are_refused_at_open_with_what_to_do(tmp_path):
+    """An FP8 checkpoint (Hugging Face's own, not converted): said before any forward pass."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    path = make_checkpoint(tmp_path / "fp8", "qwen3_moe", per_expert=True)
+    tensors = load_file(str(path / "model.safetensors"))
+    header, data, offset = {}, [], 0
+    for name, array in tensors.items():
+        fp8 = ".experts." in name
+        raw = np.zeros(array.shape, np.uint8).tobytes() if fp8 else array.tobytes()
+        header[name] = {"dtype": "F8_E4M3" if fp8 else "F32", "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(raw)]}  # fmt: skip
+        data.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + b"".join(data))
+    with pytest.raises(ValueError, match="stored as F8_E4M3.*mlx_lm.convert"):
+        load_paged(path, 10 * GB)
+
+
 def test_header_length_past_end(good, tmp_path):
     path = _copy(good, tmp_path / "m")
     data = (path / "model.safetensors").read_bytes()
