@@ -17,7 +17,7 @@ The cosine schedule follows the wall-time budget (``--minutes``) unless ``--step
 given; ``kill -USR1`` stops training early and still evaluates and exports.
 
 1. splits /work/shared/corpus (code, science, encyclopedia, web) into a training split
-   and a held-out slice (the last 5% of the documents of each file, never trained on),
+   and a held-out slice (the last 10% of the distinct documents of each file, never trained on),
 2. trains a byte-level BPE tokenizer (4096 tokens) on the training split,
 3. trains mlx-lm's own ``qwen3_moe`` model class in float32 with AdamW, warmup + cosine
    and the Switch/Qwen load-balancing loss on the routers,
@@ -49,7 +49,7 @@ from mlx_lm.models import qwen3_moe
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ["code", "science", "encyclopedia", "web"]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-HELDOUT_FRACTION = 0.05
+HELDOUT_FRACTION = 0.10
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -107,12 +107,21 @@ def read_documents(path: Path) -> list[str]:
 
 
 def split_corpus(corpus: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """(train, held-out) documents per domain; held-out = the last 5% of each file."""
+    """(train, held-out) documents per domain; held-out = the last 10% of each file's
+    distinct documents.
+
+    Each corpus file holds most of its documents twice (the second copy far from the
+    first), so duplicates go first: split as they stand, nearly every held-out document
+    would also be in the training split. A document is dropped from training if it is a
+    held-out one or contains one.
+    """
     splits = {}
     for domain in DOMAINS:
-        docs = read_documents(corpus / f"{domain}.txt")
+        docs = list(dict.fromkeys(read_documents(corpus / f"{domain}.txt")))
         n_held = max(1, int(len(docs) * HELDOUT_FRACTION))
-        splits[domain] = (docs[:-n_held], docs[-n_held:])
+        held = docs[-n_held:]
+        train = [d for d in docs[:-n_held] if not any(h in d for h in held)]
+        splits[domain] = (train, held)
     return splits
 
 
@@ -174,6 +183,41 @@ def encode_docs(tok, docs: list[str]) -> np.ndarray:
         ids.append(0)
         ids.extend(enc.ids)
     return np.array(ids, dtype=np.int32)
+
+
+def as_chat(doc: str, short: bool = False, max_prompt_chars: int = 300) -> str:
+    """A document as one ChatML turn: its opening as the user's message, the rest as the
+    reply, ended by <|im_end|>.
+
+    mlx-pager applies the chat template by default; trained on raw text only, the model
+    would meet <|im_start|> and <|im_end|> first at inference (untrained embeddings) and
+    never learn to end a reply. ``short``: the opening is the first line or sentence, as
+    people type prompts ("def fibonacci(n):"); else up to a third of the document. The
+    reply starts at its first non-blank character: the template's generation prompt ends
+    in a bare newline token, and a reply that began with spaces would merge them into that
+    newline in training, a token the model would then never see at inference.
+    """
+    stop = -1
+    if short:
+        ends = [doc.find("\n"), doc.find(". ") + 1]
+        ends = [i for i in ends if 0 < i <= 200]
+        stop = min(ends) if ends else -1
+    if stop <= 0:
+        cut = max(1, min(max_prompt_chars, len(doc) // 3))
+        stop = max(doc.rfind("\n", 0, cut), doc.rfind(". ", 0, cut) + 1)
+    if stop <= 0:
+        stop = doc.find(" ", max(1, min(max_prompt_chars, len(doc) // 3)))
+    prompt, reply = doc[: max(stop, 0)].strip(), doc[max(stop, 0) :].lstrip()
+    if stop <= 0 or not (prompt and reply):
+        return doc  # too short to split
+    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n"
+
+
+def chat_share(docs: list[str], share: float, seed: int) -> list[str]:
+    """``share`` of the documents (drawn with ``seed``) rewritten as chat turns, half of
+    them with a one-line prompt."""
+    rng = random.Random(seed)
+    return [as_chat(d, short=rng.random() < 0.5) if rng.random() < share else d for d in docs]
 
 
 class RecordingGate(nn.Linear):
@@ -297,6 +341,9 @@ def eval_windows(held: dict[str, np.ndarray], seq: int, n: int = 16) -> dict:
     project's experts transfer to another's, not whether a domain has its experts."""
     out = {}
     for d, s in held.items():
+        if len(s) < 2 * n * seq:
+            raise SystemExit(f"held-out {d} has {len(s)} tokens: {2 * n} windows of {seq} "
+                             "would overlap; hold out more (HELDOUT_FRACTION)")  # fmt: skip
         windows = spread_windows(s, 2 * n, seq)
         out[d] = {"learn": windows[0::2], "measure": windows[1::2]}
     return out
@@ -507,7 +554,10 @@ tags: [mlx, moe, qwen3_moe]
 A small mixture-of-experts language model trained from scratch for mlx-pager, so that
 `mlx-pager generate` works offline and expert paging is visible on a laptop. It is a
 real language model of its training text, not a chat assistant: expect fluent-looking
-code, LaTeX and encyclopedia/web prose, not answers.
+code, LaTeX and encyclopedia/web prose, not answers. {info["chat_share"]:.0%} of its training
+documents were written as one ChatML turn (the opening lines as the user's message, the
+rest as the reply), so the chat template's tokens are trained and a reply ends with
+`<|im_end|>`.
 
 ## Architecture
 
@@ -538,7 +588,8 @@ The tokenizer has the special tokens `<|endoftext|>` (0, document separator and 
 
 The four domain samples of `/work/shared/corpus` (the inputs of OLMoE's routing
 analysis: The Stack code, arXiv LaTeX, Wikipedia, C4 web). Documents are separated by
-blank lines (one per line in `web.txt`); the last 5% of the documents of each file are
+blank lines (one per line in `web.txt`); duplicate documents are dropped (each file holds most
+of its documents twice), then the last 10% of the distinct documents of each file are
 held out and never trained on (also not used for the tokenizer). `eval/` holds, per
 domain, {n_win} "learn" and {n_win} "measure" windows of {info["seq"]} held-out tokens, alternating
 over the whole held-out slice (token ids), and the training-split unigram counts, for the
@@ -547,7 +598,8 @@ tests.
 ## Training
 
 {info["steps"]} steps of {info["batch"]} x {info["seq"]} tokens ({info["tokens_seen"] / 1e6:.1f}M
-tokens, domains sampled uniformly), AdamW (lr {info["lr"]}, weight decay 0.1, betas 0.9/0.95),
+tokens, domains sampled uniformly, {info["chat_share"]:.0%} of the documents as chat turns),
+AdamW (lr {info["lr"]}, weight decay 0.1, betas 0.9/0.95),
 {info["warmup"]} warmup steps then cosine to 10%, gradient clipping 1.0, float32, plus the
 Switch/Qwen load-balancing loss `E * sum_i f_i P_i` per layer with coefficient
 {info["aux_coef"]}. Wall time {info["train_minutes"]:.0f} minutes on 2 shared x86-64 CPU cores
@@ -559,6 +611,8 @@ Switch/Qwen load-balancing loss `E * sum_i f_i P_i` per layer with coefficient
 # script's docstring), about 45x faster float32 matmul.
 nice -n 5 .venv/bin/python scripts/train_tiny_moe.py --minutes {info["minutes_arg"]:g} \\
     --batch {info["batch"]} --warmup {info["warmup"]} --eval-max-tokens {info["eval_max_tokens"]}
+# The cosine follows the wall time; `--steps {info["steps"]}` runs a step schedule of the
+# same length on any machine.
 ```
 
 ## Held-out perplexity
@@ -699,6 +753,8 @@ def main():
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--eval-max-tokens", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-share", type=float, default=0.25,
+                   help="share of training documents wrapped as ChatML turns")  # fmt: skip
     args = p.parse_args()
 
     mx.random.seed(args.seed)
@@ -706,7 +762,9 @@ def main():
     splits = split_corpus(args.corpus)
     train_texts = [d for dom in DOMAINS for d in splits[dom][0]]
     tok = train_tokenizer(train_texts, args.vocab, args.out)
-    train = {d: encode_docs(tok, splits[d][0]) for d in DOMAINS}
+    train = {
+        d: encode_docs(tok, chat_share(splits[d][0], args.chat_share, args.seed)) for d in DOMAINS
+    }
     held = {d: encode_docs(tok, splits[d][1]) for d in DOMAINS}
     for d in DOMAINS:
         print(f"{d}: train {len(train[d]):,} tokens, held-out {len(held[d]):,} tokens")
@@ -772,6 +830,7 @@ def main():
         "unigram_loss": uni_loss,
         "coverage": cov.tolist(),
         "coverage_windows": len(windows[DOMAINS[0]]["learn"]),
+        "chat_share": args.chat_share,
     }
     (eval_dir / "train-info.json").write_text(json.dumps(info, indent=2) + "\n")
     info["crosscheck"] = crosscheck_transformers(

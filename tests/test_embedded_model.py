@@ -153,7 +153,8 @@ def test_calibration_prompts():
 
 
 def test_heldout_perplexity_beats_unigram():
-    """A language model: held-out perplexity (~1k tokens a domain) far below a unigram's."""
+    """A language model: held-out perplexity (~1k tokens a domain, text it never saw) far
+    below a unigram's."""
     model, _ = mlx_model()
     counts = np.array(json.loads((MODEL / "eval" / "unigram-counts.json").read_text()))
     probs = (counts + 1.0) / (counts.sum() + len(counts))
@@ -165,8 +166,48 @@ def test_heldout_perplexity_beats_unigram():
         uni = float(-np.log(probs[np.array(y).ravel()]).mean())
         report[domain] = (math.exp(loss), math.exp(uni))
     print("held-out perplexity (model, unigram):", report)
-    for domain, (ppl, uni) in report.items():
-        assert ppl < 0.5 * uni, (domain, ppl, uni)
+    for domain, (ppl, uni) in report.items():  # measured 6x (web) to 28x (encyclopedia)
+        assert ppl < uni / 4, (domain, ppl, uni)
+
+
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+
+def training_split() -> dict[str, tuple[list[str], list[str]]]:
+    """The training script's own split of the corpus (train, held-out) per domain."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train", ROOT / "scripts" / "train_tiny_moe.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    return train.split_corpus(CORPUS)
+
+
+@pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/corpus beside the repo")
+def test_heldout_windows_were_never_trained_on():
+    """The corpus holds most documents twice: the evaluation text must be in no training
+    document, or perplexity and specialisation would be measured on memorised text."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    splits = training_split()
+    trained = "\n".join(doc for train, _ in splits.values() for doc in train)
+    for domain in DOMAINS:
+        held = "\n".join(splits[domain][1])
+        seen, stretches = 0, 0
+        for window in heldout_windows()[domain].values():
+            for row in window:
+                for piece in tokenizer.decode(row.tolist(), skip_special_tokens=False).split(
+                    "<|endoftext|>"
+                ):
+                    if len(piece) < 120:
+                        continue
+                    middle = piece[len(piece) // 2 - 40 : len(piece) // 2 + 40]
+                    assert middle in held, (domain, middle)  # it is held-out text
+                    stretches += 1
+                    seen += middle in trained
+        # An 80-character stretch may recur by chance (a licence line, LaTeX preamble).
+        assert seen <= 0.05 * stretches, (domain, seen, stretches)
 
 
 @cache
