@@ -197,16 +197,14 @@ def as_chat(doc: str, short: bool = False, max_prompt_chars: int = 300) -> str:
     in a bare newline token, and a reply that began with spaces would merge them into that
     newline in training, a token the model would then never see at inference.
     """
-    stop = -1
-    if short:
-        ends = [doc.find("\n"), doc.find(". ") + 1]
-        ends = [i for i in ends if 0 < i <= 200]
-        stop = min(ends) if ends else -1
+    cut = max(1, min(max_prompt_chars, len(doc) // 3))
+    ends = [doc.find("\n"), doc.find(". ") + 1] if short else []
+    ends = [i for i in ends if 0 < i <= 200]
+    # The first line or sentence; else the last line or sentence break before the cut;
+    # else the first word break after it.
+    stop = min(ends) if ends else max(doc.rfind("\n", 0, cut), doc.rfind(". ", 0, cut) + 1)
     if stop <= 0:
-        cut = max(1, min(max_prompt_chars, len(doc) // 3))
-        stop = max(doc.rfind("\n", 0, cut), doc.rfind(". ", 0, cut) + 1)
-    if stop <= 0:
-        stop = doc.find(" ", max(1, min(max_prompt_chars, len(doc) // 3)))
+        stop = doc.find(" ", cut)
     prompt, reply = doc[: max(stop, 0)].strip(), doc[max(stop, 0) :].lstrip()
     if stop <= 0 or not (prompt and reply):
         return doc  # too short to split
