@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -17,14 +19,24 @@ from textual.screen import ModalScreen, Screen
 from mlx_pager.settings import Settings, data_dir, load_settings, save_settings
 
 from .config import AppConfig
-
-if TYPE_CHECKING:
-    from mlx_pager.engine import Engine
 from .messages import EngineFailed, EngineOpened
 from .text import model_label
 
+if TYPE_CHECKING:
+    from mlx_pager.engine import Engine
+
 # Settings whose change needs the model reopened; the others apply on the next reply.
 ENGINE_FIELDS = ("budget", "context_length", "policy", "prefetch", "cold_precision", "read_path")
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """The engine as the screens see it: one value, replaced whole on every change."""
+
+    status: Literal["none", "opening", "ready", "error"] = "none"
+    model: str = ""  # the model open, being opened, or that failed
+    engine: Engine | None = None  # set when ready
+    error: str = ""  # set on error
 
 
 class PagerApp(App[int]):
@@ -39,17 +51,14 @@ class PagerApp(App[int]):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    # Bumped whenever the engine changes state; screens watch it.
-    engine_version: reactive[int] = reactive(0)
+    # Screens watch this; always_update: a setting applied in place (task_preload) is a
+    # change the screens must show, though the state compares equal.
+    engine_state: reactive[EngineState] = reactive(EngineState, always_update=True)
 
     def __init__(self, config: AppConfig) -> None:
         super().__init__()
         self.config = config
-        self.engine: Engine | None = None
         self.engine_lock = threading.Lock()  # held while generating, opening or closing
-        self.engine_status = "none"  # none | opening | ready | error
-        self.engine_error = ""
-        self.model_name = ""  # the model open, being opened, or that failed
         self._open_tokens = itertools.count(1)
         self._open_token = 0
         self._settings_error = ""
@@ -67,6 +76,15 @@ class PagerApp(App[int]):
     @property
     def data_dir(self) -> Path:
         return self.config.data_dir or data_dir()
+
+    @property
+    def engine(self) -> Engine | None:
+        """The open engine, or None."""
+        return self.engine_state.engine
+
+    @property
+    def model_name(self) -> str:
+        return self.engine_state.model
 
     @property
     def model_title(self) -> str:
@@ -100,9 +118,12 @@ class PagerApp(App[int]):
 
     def shutdown_engine(self, timeout: float = 30.0) -> None:
         """Close the model once generation has let go of it (called after the app exits)."""
-        engine, self.engine = self.engine, None
+        engine = self.engine
         if engine is None:
             return
+        # The app has exited: no watcher to call, so set it quietly.
+        closed = dataclasses.replace(self.engine_state, engine=None)
+        self.set_reactive(PagerApp.engine_state, closed)
         engine.stop()
         if self.engine_lock.acquire(timeout=timeout):
             try:
@@ -118,25 +139,24 @@ class PagerApp(App[int]):
         ``remember`` (default: when a model is named) stores it as the last used model.
         """
         name = model or self.settings.last_model or self.config.default_model()
-        old, self.engine = self.engine, None
+        old = self.engine
         if old is not None:
             old.stop()
-        self.model_name, self.engine_status, self.engine_error = name, "opening", ""
         self._open_token = next(self._open_tokens)
-        self.engine_version += 1
+        self.engine_state = EngineState("opening", name)
         explicit = model is not None if remember is None else remember
         self._open_worker(name, self.settings, old, self._open_token, explicit)
 
     @work(thread=True, group="engine", exit_on_error=False)
     def _open_worker(
-        self, name: str, settings: Settings, old: object, token: int, explicit: bool
+        self, name: str, settings: Settings, old: Engine | None, token: int, explicit: bool
     ) -> None:
         with self.engine_lock:
             if old is not None:
-                old.close()  # type: ignore[attr-defined]
+                old.close()
             try:
                 engine = self.config.open_engine(name, settings, self.config.hub_cache_dir)
-            except Exception as e:  # noqa: BLE001 - every failure becomes a message
+            except Exception as e:
                 text = str(e) or type(e).__name__
                 self.post_message(EngineFailed(name, text, token=token))
                 return
@@ -146,30 +166,27 @@ class PagerApp(App[int]):
         if message.token != self._open_token:  # a newer request won: drop this one
             self._close_later(message.engine)
             return
-        self.engine, self.engine_status, self.engine_error = message.engine, "ready", ""
+        self.engine_state = EngineState("ready", message.model, message.engine)
         if message.explicit and self.settings.last_model != message.model:
             self.update_settings(self.settings.replace(last_model=message.model))
-        plan = getattr(message.engine, "plan", None)
-        detail = plan.explain() if plan is not None else ""
+        detail = message.engine.plan.explain()
         self.notify(detail, title=f"Opened {model_label(message.model)}", timeout=4)
-        self.engine_version += 1
 
     def on_engine_failed(self, message: EngineFailed) -> None:
         if message.token != self._open_token:
             return
-        self.engine_status, self.engine_error = "error", message.error
+        self.engine_state = EngineState("error", message.model, error=message.error)
         self.notify(
             f"{message.error}\nF2: pick or download a model · F3: settings",
             title=f"Could not open {model_label(message.model)}",
             severity="error",
             timeout=12,
         )
-        self.engine_version += 1
 
     @work(thread=True, group="engine-close")
-    def _close_later(self, engine: object) -> None:
+    def _close_later(self, engine: Engine) -> None:
         with self.engine_lock:
-            engine.close()  # type: ignore[attr-defined]
+            engine.close()
 
     # -- settings -------------------------------------------------------------------------
 
@@ -190,9 +207,9 @@ class PagerApp(App[int]):
             return False
         if self.engine is None or any(getattr(old, f) != getattr(new, f) for f in ENGINE_FIELDS):
             self.open_model(self.model_name or None, remember=False)
-        elif hasattr(self.engine, "task_preload"):
+        else:
             self.engine.task_preload = new.task_preload  # read per prompt: no reopen
-            self.engine_version += 1
+            self.engine_state = self.engine_state
         return True
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

@@ -5,32 +5,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from mlx_pager.assets import embedded_model
+
+from mlx_pager.hub.cache import disk_free
+from mlx_pager.machine import MachineMemory, machine_memory
 from mlx_pager.settings import Settings
 
-from .machine import MachineMemory, machine_memory
+if TYPE_CHECKING:  # the engine imports MLX: the app loads it on its first open, not at start
+    from mlx_pager.engine import Engine
 
 # (model name or None, settings, Hugging Face cache folder) -> an open Engine
-OpenEngine = Callable[[str | None, Settings, Path | None], object]
+OpenEngine = Callable[[str | None, Settings, Path | None], "Engine"]
 
 
-def open_engine(model: str | None, settings: Settings, cache_dir: Path | None = None) -> object:
+def open_engine(model: str | None, settings: Settings, cache_dir: Path | None = None) -> Engine:
     """The real thing: mlx_pager's Engine, under the settings' budget."""
     from mlx_pager.engine import Engine
 
     return Engine.open(model, settings=settings, cache_dir=cache_dir)
 
 
-def disk_free(path: Path) -> int:
-    from mlx_pager.download import disk_free as free
-
-    return free(path)
-
-
 def default_model() -> str:
-    from mlx_pager.engine import default_model as engine_default
-
-    return engine_default()
+    return str(embedded_model())
 
 
 @dataclass
@@ -47,5 +45,5 @@ class AppConfig:
     stats_interval: float = 0.25  # seconds between side-panel refreshes while generating
     hub_endpoint: str | None = None  # None: huggingface.co (tests: the local Hub server)
     hub_cache_dir: Path | None = None  # None: the default Hugging Face cache
-    catalogue_path: Path | None = None  # None: assets/catalogue.json
+    catalogue_path: Path | None = None  # None: the catalogue shipped in mlx_pager.assets
     disk_free: Callable[[Path], int] = disk_free  # free bytes where the HF cache lives

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from textual.message import Message
+
+if TYPE_CHECKING:
+    from mlx_pager.engine import Engine
 
 
 @dataclass
@@ -34,7 +38,7 @@ class ReplyFailed(Message):
 class EngineOpened(Message):
     """A model finished opening on the worker thread."""
 
-    engine: object  # mlx_pager.engine.Engine; kept loose so tests may pass a stand-in
+    engine: Engine
     model: str
     token: int = 0  # which open request this answers; stale ones are dropped
     explicit: bool = False  # the user chose this model (remember it as the last used)

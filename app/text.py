@@ -47,5 +47,5 @@ def heading_colour(widget: object) -> str:
     """The theme's accent text colour, for headings drawn with Rich (no CSS variables)."""
     try:
         return widget.app.get_css_variables().get("text-accent", "#FFBE98")  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - not mounted yet
+    except Exception:
         return "#FFBE98"

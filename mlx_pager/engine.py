@@ -14,21 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import psutil
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from .assets import embedded_model
 from .budget import BudgetPlan
-from .loader import PagedModel, load_paged
+from .paging.loader import PagedModel, load_paged
 from .settings import Settings, load_settings
 from .stats import Stats, current_rss, peak_rss
-from .task_profiles import MIN_PRELOAD_GAIN, TaskProfiles
-from .tasks import TaskClassifier
+from .tasks.classifier import TaskClassifier
+from .tasks.profiles import MIN_PRELOAD_GAIN, TaskProfiles
 from .units import parse_bytes
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL = ASSETS / "tiny-moe"
+DEFAULT_MODEL = embedded_model()
 
 Messages = list[dict[str, str]]
 
@@ -58,10 +57,6 @@ class ModelInfo:
 
 def default_model() -> str:
     return str(DEFAULT_MODEL)
-
-
-def total_memory() -> int:
-    return psutil.virtual_memory().total
 
 
 def ban_tokens(token_ids) -> Callable[[mx.array, mx.array], mx.array]:
@@ -118,12 +113,12 @@ class Engine:
 
         ``overrides`` are setting names (context_length, policy, read_path) for this run.
         """
-        from .hub import resolve_model
+        from .hub.resolve import resolve_model
 
         settings = (settings or load_settings()).replace(**overrides)
         name = model or settings.last_model or default_model()
         path = resolve_model(name, cache_dir=cache_dir)
-        budget_bytes = parse_bytes(budget) if budget else settings.budget_bytes(total_memory())
+        budget_bytes = parse_bytes(budget) if budget else settings.budget_bytes()
         paged = load_paged(
             path,
             budget_bytes,

@@ -12,13 +12,31 @@ import platformdirs
 import tomli_w
 
 from .atomic import write_atomic
-from .policies import DEFAULT_POLICY
+from .machine import total_memory
+from .paging.policies import DEFAULT_POLICY, POLICIES
 from .units import parse_bytes
 
 APP_NAME = "mlx-pager"
 
 READ_PATHS = ("auto", "pread", "mmap")
 COLD_PRECISIONS = ("full", "4bit")
+POLICY_NAMES = tuple(POLICIES)
+AUTO_BUDGET_SHARE = 0.6  # budget "auto": this share of the machine's memory
+CONTEXT_RANGE = (128, 1_048_576)  # tokens
+
+
+def check_context_length(value: object) -> int:
+    """The context length as a whole number in range, or ValueError saying the range."""
+    low, high = CONTEXT_RANGE
+    try:
+        tokens = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"context_length takes a whole number of tokens from {low} to {high}, not {value!r}."
+        ) from None
+    if not low <= tokens <= high:
+        raise ValueError(f"context_length must be between {low} and {high} tokens, not {tokens}.")
+    return tokens
 
 
 def config_dir() -> Path:
@@ -51,20 +69,20 @@ class Settings:
         """Raise ValueError with what to do, so a bad value never reaches the engine."""
         if self.budget != "auto":
             parse_bytes(self.budget)
-        if not 128 <= int(self.context_length) <= 1_048_576:
-            raise ValueError("context_length must be between 128 and 1048576 tokens.")
+        check_context_length(self.context_length)
         if self.read_path not in READ_PATHS:
             raise ValueError(f"read_path must be one of {', '.join(READ_PATHS)}.")
         if self.cold_precision not in COLD_PRECISIONS:
             raise ValueError(f"cold_precision must be one of {', '.join(COLD_PRECISIONS)}.")
-        from .policies import POLICIES
-
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}.")
 
-    def budget_bytes(self, total_memory: int) -> int:
+    def budget_bytes(self, memory_bytes: int | None = None) -> int:
+        """The budget in bytes; "auto" is a share of ``memory_bytes`` (default: this
+        machine's memory). The one place the rule lives: CLI, app and engine call it."""
         if self.budget == "auto":
-            return int(0.6 * total_memory)
+            memory = total_memory() if memory_bytes is None else memory_bytes
+            return int(AUTO_BUDGET_SHARE * memory)
         return parse_bytes(self.budget)
 
     def replace(self, **changes: object) -> Settings:

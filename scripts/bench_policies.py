@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_pager.policies import POLICIES
-from mlx_pager.simulate import belady, replay
-from mlx_pager.trace import load_trace
+from mlx_pager.paging.policies import POLICIES
+from mlx_pager.sim.replay import belady, replay
+from mlx_pager.sim.trace import load_trace
 
 SHARED_TRACE = Path(__file__).parents[1] / ".." / "shared" / "traces"
 DEFAULT_TRACE = SHARED_TRACE / "deepseek-v2-lite-prefill-dev.npz"

@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_pager.policies import make_policy
-from mlx_pager.simulate import _requests, belady, next_uses, replay
-from mlx_pager.trace import load_trace
+from mlx_pager.paging.policies import make_policy
+from mlx_pager.sim.replay import _requests, belady, next_uses, replay
+from mlx_pager.sim.trace import load_trace
 
 DEFAULT_TRACE = Path(__file__).parents[1] / ".." / "shared" / "traces"
 DEFAULT_TRACE = DEFAULT_TRACE / "deepseek-v2-lite-prefill-dev.npz"

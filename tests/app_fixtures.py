@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from mlx_pager_app.main import create_app
 
-from app.machine import MachineMemory
-from app.main import create_app
-from mlx_pager.loader import inspect_model
+from mlx_pager.machine import MachineMemory
+from mlx_pager.paging.loader import inspect_model
 from mlx_pager.settings import Settings, save_settings
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.sim.synthetic import make_checkpoint
 
 CONTEXT = 256
 # Fixed machine for the settings screen, so snapshots do not depend on the host.
@@ -80,7 +80,7 @@ async def wait_for(pilot, predicate: Callable[[], object], timeout: float = 20.0
 
 
 async def wait_ready(pilot) -> None:
-    await wait_for(pilot, lambda: pilot.app.engine_status in ("ready", "error"))
+    await wait_for(pilot, lambda: pilot.app.engine_state.status in ("ready", "error"))
     await pilot.pause()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_pager.loader import (
+from mlx_pager.paging.loader import (
     PagedModel,
     cast_floating,
     default_compute_dtype,

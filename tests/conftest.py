@@ -54,6 +54,6 @@ def tiny_model(tmp_path_factory):
     """A small real MoE checkpoint (OLMoE layout, ~1 MB) that mlx-lm and the engine open:
     serve it with ``hub_server.add_repo("org/tiny", tiny_model)``. Read-only: copy it first
     to change it."""
-    from mlx_pager.synthetic import make_checkpoint
+    from mlx_pager.sim.synthetic import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("tiny_model") / "model", "olmoe")

@@ -7,16 +7,15 @@ import json
 import pytest
 from app_fixtures import *  # noqa: F403
 from app_fixtures import wait_for, wait_ready
+from mlx_pager_app.conversations import conversations_dir, list_conversations
+from mlx_pager_app.screens.chat import ChatScreen
+from mlx_pager_app.text import clean, size
+from mlx_pager_app.widgets.chat_message import AssistantMessage, UserMessage
+from mlx_pager_app.widgets.heatmap import ExpertHeatmap
+from mlx_pager_app.widgets.prompt import PromptInput
+from mlx_pager_app.widgets.stats_panel import StatsPanel
 from textual import events
 from textual.widgets import Markdown
-
-from app.conversations import conversations_dir, list_conversations
-from app.screens.chat import ChatScreen
-from app.text import clean, size
-from app.widgets.chat_message import AssistantMessage, UserMessage
-from app.widgets.heatmap import ExpertHeatmap
-from app.widgets.prompt import PromptInput
-from app.widgets.stats_panel import StatsPanel
 
 
 def reply_source(screen: ChatScreen) -> str:
@@ -29,7 +28,7 @@ async def test_prompt_streams_reply_and_live_stats(make_app, tmp_path):
     async with app.run_test(size=(140, 44)) as pilot:
         await wait_ready(pilot)
         screen = app.screen
-        assert app.engine_status == "ready"
+        assert app.engine_state.status == "ready"
         assert "tiny-moe" in str(screen.query_one("#model-status").render())
         await pilot.press(*"hello experts", "enter")
         await wait_for(pilot, lambda: len(screen.conversation.messages) == 2)
@@ -127,7 +126,7 @@ async def test_missing_model_is_an_error_panel_and_app_stays_usable(make_app, tm
     async with app.run_test(size=(140, 44)) as pilot:
         await wait_ready(pilot)
         screen = app.screen
-        assert app.engine_status == "error" and app.engine is None
+        assert app.engine_state.status == "error" and app.engine is None
         panel = screen.query_one("#error-panel")
         assert panel.display and "no-such-model" in str(panel.render())
         assert any(n.severity == "error" for n in app._notifications)
@@ -146,8 +145,8 @@ async def test_budget_too_small_at_open(make_app, settings_file, fixed_bytes):
     app = make_app()
     async with app.run_test(size=(140, 44)) as pilot:
         await wait_ready(pilot)
-        assert app.engine_status == "error"
-        assert "below the minimum" in app.engine_error
+        assert app.engine_state.status == "error"
+        assert "below the minimum" in app.engine_state.error
         assert "Raise" in str(app.screen.query_one("#error-panel").render())
 
 
@@ -306,7 +305,8 @@ async def test_heatmap_updates_while_the_reply_streams(make_app, long_context):
 
 async def test_bare_first_run_opens_the_embedded_model(tmp_path, monkeypatch):
     """No settings file, no last model, no options: the app factory as the CLI calls it."""
-    from app.main import create_app
+    from mlx_pager_app.main import create_app
+
     from mlx_pager.engine import DEFAULT_MODEL
     from mlx_pager.settings import Settings
 
@@ -318,7 +318,7 @@ async def test_bare_first_run_opens_the_embedded_model(tmp_path, monkeypatch):
         await wait_ready(pilot)
         screen = app.screen
         assert app.settings == Settings()
-        assert app.engine_status == "ready", app.engine_error
+        assert app.engine_state.status == "ready", app.engine_state.error
         assert app.engine.info.path.resolve() == DEFAULT_MODEL.resolve()
         assert "● tiny-moe" in str(screen.query_one("#model-status").render())
         await pilot.press(*"def fibonacci(n):", "enter")
@@ -335,7 +335,7 @@ def shown_paragraphs(reply: AssistantMessage) -> list[str]:
 
 async def test_reply_keeps_line_breaks_and_shows_html(make_app):
     """Model output as written: newlines break lines, HTML is text; markdown still renders."""
-    from app.conversations import Conversation
+    from mlx_pager_app.conversations import Conversation
 
     app = make_app()
     async with app.run_test(size=(140, 44)) as pilot:

@@ -9,12 +9,12 @@ import json
 from app_fixtures import *  # noqa: F403
 from app_fixtures import CONTEXT, hf_cache_with, wait_for, wait_ready
 from hub_server import HubServer, free_port_endpoint
+from mlx_pager_app.screens.models import ConfirmDownload, ModelsScreen
 from test_download import fill_disk_after
 from textual.geometry import Region
 from textual.widgets import DataTable, Input
 
-from app.screens.models import ConfirmDownload, ModelsScreen
-from mlx_pager import download as dl
+import mlx_pager.hub.fetch as dl
 from mlx_pager.settings import Settings, save_settings
 
 
@@ -48,7 +48,7 @@ def status(screen: ModelsScreen) -> str:
     return str(screen.query_one("#download-status").render())
 
 
-def on_screen(widget) -> str:  # noqa: ANN001
+def on_screen(widget) -> str:
     """What the widget shows, its wrapped lines joined: cut-off text is missing here."""
     lines = widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))
     return " ".join(" ".join(strip.text.split()) for strip in lines).strip()
@@ -145,7 +145,7 @@ async def test_download_progress_cancel_resume_then_open(
         await wait_for(pilot, lambda: screen.rows["test/tiny-moe"].cached)
         await pilot.press("ctrl+o")
         await wait_for(pilot, lambda: app.model_name == "test/tiny-moe"
-                       and app.engine_status == "ready")  # fmt: skip
+                       and app.engine_state.status == "ready")  # fmt: skip
         assert app.engine.info.path == snapshot
         assert app.settings.last_model == "test/tiny-moe"
 
@@ -216,7 +216,7 @@ async def test_quit_during_a_download_cancels_it(
 ):
     import threading
 
-    from app import downloads
+    from mlx_pager_app import downloads
 
     monkeypatch.setattr(dl, "CHUNK_BYTES", 32 * 1024)
     ended, download = threading.Event(), downloads.download
@@ -262,7 +262,7 @@ async def test_the_embedded_model_and_typed_folders_open_again(
         # Open the downloaded model, then go back to the embedded one.
         await pilot.press("ctrl+o")
         await wait_for(pilot, lambda: app.model_name == "test/tiny-moe"
-                       and app.engine_status == "ready")  # fmt: skip
+                       and app.engine_state.status == "ready")  # fmt: skip
         await pilot.press("f2")
         await wait_for(pilot, lambda: app.screen is screen and screen.loaded)
         table = screen.query_one(DataTable)
@@ -271,7 +271,7 @@ async def test_the_embedded_model_and_typed_folders_open_again(
         await wait_for(pilot, lambda: screen.selected == embedded)
         await pilot.press("enter")  # a model that is here opens, no question asked
         await wait_for(pilot, lambda: app.model_name == embedded
-                       and app.engine_status == "ready")  # fmt: skip
+                       and app.engine_state.status == "ready")  # fmt: skip
         assert app.engine.info.path.resolve() == app_model.resolve()
 
         # Any model folder typed in: listed as it is, opens without a download.
@@ -285,7 +285,7 @@ async def test_the_embedded_model_and_typed_folders_open_again(
                        and screen.estimates[folder].verdict)  # fmt: skip
         await pilot.press("ctrl+o")
         await wait_for(pilot, lambda: app.model_name == folder
-                       and app.engine_status == "ready")  # fmt: skip
+                       and app.engine_state.status == "ready")  # fmt: skip
 
         await pilot.press("f2")
         await wait_for(pilot, lambda: app.screen is screen)

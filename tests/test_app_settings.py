@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from app_fixtures import *  # noqa: F403
 from app_fixtures import CONTEXT, wait_for, wait_ready
+from mlx_pager_app.screens.settings import SettingsScreen, parse_budget
+from mlx_pager_app.widgets.budget_bar import BudgetBar
 
-from app.screens.settings import SettingsScreen, parse_budget
-from app.widgets.budget_bar import BudgetBar
 from mlx_pager.settings import load_settings
 
 
@@ -65,7 +65,7 @@ async def test_budget_changes_breakdown_verdict_and_persists(make_app, settings_
         assert load_settings(settings_file).budget == f"{fixed_bytes + 5 * one_expert}B"
         # Applied without a restart: the engine reopened on a worker under the new budget.
         await wait_ready(pilot)
-        assert app.engine is not old_engine and app.engine_status == "ready"
+        assert app.engine is not old_engine and app.engine_state.status == "ready"
         assert app.engine.plan.slots == 5 and app.engine.stats.slots == 5
 
 
@@ -121,7 +121,7 @@ async def test_predicted_hit_rate_from_the_saved_profile_after_a_restart(
     """A new session has no activations yet: the task profiles earlier ones saved count."""
     import numpy as np
 
-    from mlx_pager.task_profiles import TaskProfiles
+    from mlx_pager.tasks.profiles import TaskProfiles
 
     profiles = TaskProfiles.load(app_model, 2, 8)  # where the engine will look at open
     profiles.add("code", np.array([[50, 40, 30, 20, 10, 0, 0, 0], [0] * 8]))

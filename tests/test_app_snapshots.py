@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from app_fixtures import *  # noqa: F403
 from app_fixtures import wait_for, wait_ready
+from mlx_pager_app.conversations import Conversation, conversations_dir, save_conversation
+from mlx_pager_app.widgets.heatmap import ExpertHeatmap
+from mlx_pager_app.widgets.stats_panel import PanelState, StatsPanel
 from textual.app import App, ComposeResult
 from textual.widgets import DataTable
 
-from app.conversations import Conversation, conversations_dir, save_conversation
-from app.widgets.heatmap import ExpertHeatmap
-from app.widgets.stats_panel import PanelState, StatsPanel
 from mlx_pager.stats import Stats
 
 SIZE = (120, 36)
@@ -145,9 +145,8 @@ def test_settings(snap, make_app):
 def test_models(snap, make_app, app_model, hf_cache, tmp_path):
     from app_fixtures import hf_cache_with
     from hub_server import free_port_endpoint
+    from mlx_pager_app.screens.models import ModelsScreen
     from test_app_models import catalogue_entry, write_catalogue
-
-    from app.screens.models import ModelsScreen
 
     hf_cache_with(app_model, hf_cache, "test/tiny-moe")
     catalogue = write_catalogue(
@@ -183,8 +182,8 @@ def test_models(snap, make_app, app_model, hf_cache, tmp_path):
 
 def test_confirm_download(snap, make_app, tmp_path):
     """The question before a download: what it costs, the disk, the verdict and why."""
-    from app.downloads import Estimate, ModelRow
-    from app.screens.models import ConfirmDownload
+    from mlx_pager_app.downloads import Estimate, ModelRow
+    from mlx_pager_app.screens.models import ConfirmDownload
 
     row = ModelRow("mlx-community/Qwen3-30B-A3B-4bit", "Qwen3 30B-A3B (4-bit)")
     estimate = Estimate(

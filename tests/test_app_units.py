@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
-from app.conversations import (
+from mlx_pager_app.conversations import (
     Conversation,
     delete_conversation,
     list_conversations,
     save_conversation,
 )
-from app.screens.chat import ReplyBuffer
-from app.text import clean, model_label
-from app.widgets.heatmap import cell_info, levels, render_heatmap
+from mlx_pager_app.screens.chat import ReplyBuffer
+from mlx_pager_app.text import clean, model_label
+from mlx_pager_app.widgets.heatmap import cell_info, levels, render_heatmap
 
 
 def test_conversations_roundtrip_newest_first_and_broken_files_skipped(tmp_path):

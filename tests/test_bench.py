@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from mlx_pager.cli import main
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.sim.synthetic import make_checkpoint
 
 
 def test_bench_reports_every_section(tmp_path, capsys):

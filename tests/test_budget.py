@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from mlx_pager.budget import plan_budget
-from mlx_pager.loader import inspect_model
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.paging.loader import inspect_model
+from mlx_pager.sim.synthetic import make_checkpoint
 
 MB = 10**6
 

@@ -7,8 +7,8 @@ import numpy as np
 from checkpoints import budget_for_slots
 from mlx_lm import load
 
-from mlx_pager.loader import load_paged
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.paging.loader import load_paged
+from mlx_pager.sim.synthetic import make_checkpoint
 
 
 def _decode(model, prompt, steps=24):

@@ -16,27 +16,28 @@ import pytest
 from hub_server import HubServer, free_port_endpoint
 from safetensors.numpy import save_file
 
-from mlx_pager import download as dl
+import mlx_pager.hub.fetch as dl
 from mlx_pager.cli import main
-from mlx_pager.download import (
-    ALLOW_PATTERNS,
+from mlx_pager.engine import default_model
+from mlx_pager.estimate import (
+    engine_float_itemsize,
+    hit_rate_estimate,
+    local_sizes,
+    local_verdict,
+    verdict,
+)
+from mlx_pager.hub.cache import ALLOW_PATTERNS, cached_models
+from mlx_pager.hub.catalogue import float_share, load_catalogue
+from mlx_pager.hub.errors import (
     DownloadCancelled,
     HubUnreachable,
     ModelGated,
     ModelNotFound,
     NotEnoughDisk,
-    download,
-    engine_float_itemsize,
-    float_share,
-    hit_rate_estimate,
-    load_catalogue,
-    local_sizes,
-    local_verdict,
-    plan_download,
-    verdict,
 )
-from mlx_pager.engine import default_model
-from mlx_pager.hub import cached_models, resolve_model
+from mlx_pager.hub.fetch import download
+from mlx_pager.hub.plan import plan_download
+from mlx_pager.hub.resolve import resolve_model
 
 GB = 10**9
 LAYERS, EXPERTS, TOP_K = 2, 8, 2
@@ -227,7 +228,7 @@ def test_errors_say_what_to_do(hub_server, moe_folder, hf_cache):
 def test_hub_gone_mid_download_keeps_the_partial_for_later(
     hub_server, moe_folder, hf_cache, monkeypatch
 ):
-    monkeypatch.setattr("mlx_pager.download.RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr("mlx_pager.hub.fetch.RETRY_WAIT_S", 0.01)
     hub_server.add_repo("org/moe", moe_folder)
     hub_server.throttle = 2_000_000
 
@@ -262,7 +263,7 @@ def fill_disk_after(monkeypatch, limit: int) -> dict[str, int]:
     written: dict[str, int] = {}
 
     class FillingFile:
-        def __init__(self, f, path: str) -> None:  # noqa: ANN001
+        def __init__(self, f, path: str) -> None:
             self.f, self.path = f, path
             written.setdefault(path, 0)
 
@@ -278,7 +279,7 @@ def fill_disk_after(monkeypatch, limit: int) -> dict[str, int]:
             written[self.path] += len(chunk)
             return self.f.write(chunk)
 
-    def filling_open(path, mode="r", *args, **kwargs):  # noqa: ANN001
+    def filling_open(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
         return FillingFile(f, str(path)) if str(path).endswith(".incomplete") else f
 
@@ -396,7 +397,7 @@ def test_one_verdict_before_and_after_download_and_in_the_cli(hub_server, hf_cac
     hub_server.add_repo("org/embedded", default_model())
     budget, context = 100 * 10**6, 4096
     plan = plan_download("org/embedded", endpoint=hub_server.endpoint)
-    before = verdict(plan, budget, context)
+    before = verdict(plan.sizes, budget, context)
     path = download("org/embedded", endpoint=hub_server.endpoint, plan=plan)
     after = local_verdict(path, budget, context)
     assert before.plan == after.plan  # resident, KV cache, expert bytes and slots
@@ -404,12 +405,12 @@ def test_one_verdict_before_and_after_download_and_in_the_cli(hub_server, hf_cac
     assert before.tokens_per_second == pytest.approx(after.tokens_per_second)
     if engine_float_itemsize() == 4:  # the CPU backend: the audit's case
         assert after.verdict == "paged"  # at the checkpoint's bfloat16 it would "fit"
-        assert verdict(plan, budget, context, compute_itemsize=None).verdict == "fits"
+        assert verdict(plan.sizes, budget, context, compute_itemsize=None).verdict == "fits"
     assert main(["settings", "set", "budget", "100MB"]) == 0
     assert main(["settings", "set", "context_length", str(context)]) == 0
     capsys.readouterr()
     assert main(["models", "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)
+    (row,) = [r for r in json.loads(capsys.readouterr().out) if r["cached"]]
     assert (row["id"], row["verdict"], row["reason"]) == ("org/embedded", after.verdict,
                                                            after.reason)  # fmt: skip
 
@@ -423,7 +424,9 @@ def test_download_and_models_commands(hub_server, tiny_model, hf_cache, capsys):
     assert "org/tiny @ main" in out and "free disk" in out and "MoE layers" in out
     assert "100%" in err
     assert main(["models", "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)
+    (row,) = [r for r in rows if r["cached"]]
+    assert [r["id"] for r in rows if r["embedded"]] == [default_model()]  # always listed
     assert row["id"] == "org/tiny" and row["runnable"] and row["commit"] == commit
     assert row["verdict"] in ("fits", "paged")
     assert main(["models"]) == 0
@@ -482,7 +485,7 @@ def test_ctrl_c_keeps_a_resumable_partial(hub_server, moe_folder, hf_cache, caps
             if file == "model.safetensors" and done > 600_000:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr("mlx_pager.download_cmd._Bar", Interrupt)
+    monkeypatch.setattr("mlx_pager.cli.download._Bar", Interrupt)
     assert main(["download", "org/moe", "--endpoint", hub_server.endpoint]) == 130
     assert "run `mlx-pager download org/moe` again to resume" in capsys.readouterr().err
     assert list((hf_cache / "models--org--moe" / "blobs").glob("*.incomplete"))

@@ -10,9 +10,9 @@ import pytest
 from checkpoints import budget_for_slots
 
 from mlx_pager.budget import BudgetError
-from mlx_pager.checkpoint import CheckpointError
-from mlx_pager.loader import load_paged
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.paging.loader import load_paged
+from mlx_pager.sim.synthetic import make_checkpoint
+from mlx_pager.storage.checkpoint import CheckpointError
 
 GB = 10**9
 
@@ -120,7 +120,7 @@ def test_unsupported_architecture(good, tmp_path):
 def test_moe_without_switch_layers_is_refused(tmp_path, monkeypatch, found_by):
     """DBRX keeps its expert count in ``ffn_config`` and its experts in a list of MLPs:
     it must not load as a dense model with every expert resident."""
-    import mlx_pager.loader as loader
+    import mlx_pager.paging.loader as loader
 
     path = make_checkpoint(tmp_path / "dbrx", "dbrx")
     what = "8 routed experts per layer"  # ffn_config.moe_num_experts

@@ -7,9 +7,9 @@ import json
 import pytest
 from checkpoints import compare_with_mlx_lm, open_paged
 
-from mlx_pager.loader import TESTED_ARCHITECTURES, default_compute_dtype
-from mlx_pager.paged_switch import PagedSwitch
-from mlx_pager.synthetic import PER_EXPERT_ARCHS, make_checkpoint
+from mlx_pager.paging.loader import TESTED_ARCHITECTURES, default_compute_dtype
+from mlx_pager.paging.paged_switch import PagedSwitch
+from mlx_pager.sim.synthetic import PER_EXPERT_ARCHS, make_checkpoint
 
 
 def _check(path, slots=None, **kwargs):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_simulate import random_trace
 
-from mlx_pager.simulate import belady, replay
+from mlx_pager.sim.replay import belady, replay
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "foresight_bound.py"
 

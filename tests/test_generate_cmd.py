@@ -8,7 +8,7 @@ import pytest
 from checkpoints import budget_for_slots
 
 from mlx_pager.cli import main
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.sim.synthetic import make_checkpoint
 
 STATS_KEYS = {
     "budget_bytes",
@@ -116,7 +116,7 @@ def test_errors_are_one_line_with_exit_code_2(model, capsys):
 
 
 def test_record_trace_replays_in_the_simulator(model, tmp_path, capsys):
-    from mlx_pager.trace import load_trace
+    from mlx_pager.sim.trace import load_trace
 
     trace_path = tmp_path / "run.npz"
     assert (

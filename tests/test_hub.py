@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_pager.download import download
-from mlx_pager.hub import cached_models, is_runnable, resolve_model
+from mlx_pager.hub.cache import cached_models, is_runnable
+from mlx_pager.hub.fetch import download
+from mlx_pager.hub.resolve import resolve_model
 
 
 def test_folder_is_used_as_is(tiny_model, tmp_path):

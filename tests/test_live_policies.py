@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from checkpoints import open_paged
 
-from mlx_pager import simulate
 from mlx_pager.engine import Engine
-from mlx_pager.policies import LFU, POLICIES
-from mlx_pager.simulate import replay
-from mlx_pager.synthetic import make_checkpoint
-from mlx_pager.trace import Trace, attach_recorder
+from mlx_pager.paging.policies import LFU, POLICIES
+from mlx_pager.sim import replay as simulate
+from mlx_pager.sim.replay import replay
+from mlx_pager.sim.synthetic import make_checkpoint
+from mlx_pager.sim.trace import Trace, attach_recorder
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_live_lfu_counts_requests_as_the_simulator_does(model, monkeypatch):
     made = []
 
     def make_policy(name):
-        made.append(simulate.POLICIES[name]())
+        made.append(POLICIES[name]())
         return made[-1]
 
     monkeypatch.setattr(simulate, "make_policy", make_policy)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from mlx_pager.policies import (
+from mlx_pager.paging.policies import (
     DEFAULT_POLICY,
     LFU,
     LRU,

@@ -8,7 +8,7 @@ import numpy as np
 from checkpoints import open_paged
 
 from mlx_pager.engine import Engine
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.sim.synthetic import make_checkpoint
 
 
 def test_prefetch_accounting(tmp_path):

@@ -9,14 +9,14 @@ from checkpoints import budget_for_slots, open_paged
 from mlx_lm.utils import load_tokenizer
 
 from mlx_pager.cli import main
+from mlx_pager.cli.profile import measure_preload, run_prompts
 from mlx_pager.engine import Engine
-from mlx_pager.profile import coverage_curve, layer_skew, predicted_hit_rate, task_coverage
-from mlx_pager.profile_cmd import measure_preload, run_prompts
 from mlx_pager.settings import Settings
-from mlx_pager.synthetic import make_checkpoint
-from mlx_pager.task_profiles import TaskProfiles
-from mlx_pager.tasks import split_held_out
-from mlx_pager.trace import load_trace
+from mlx_pager.sim.synthetic import make_checkpoint
+from mlx_pager.sim.trace import load_trace
+from mlx_pager.tasks.classifier import split_held_out
+from mlx_pager.tasks.coverage import coverage_curve, layer_skew, predicted_hit_rate, task_coverage
+from mlx_pager.tasks.profiles import TaskProfiles
 
 
 def test_coverage_curve_and_skew():

@@ -11,8 +11,8 @@ import pytest
 from checkpoints import budget_for_slots
 
 from mlx_pager.engine import Engine
-from mlx_pager.loader import load_paged
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.paging.loader import load_paged
+from mlx_pager.sim.synthetic import make_checkpoint
 
 
 def proc_io() -> dict[str, int]:
@@ -93,8 +93,8 @@ def test_hf_cache_files_unchanged_after_a_run(snapshot):
 
 
 def test_readers_return_identical_bytes(snapshot):
-    from mlx_pager.disk import MmapReader, PreadReader
-    from mlx_pager.loader import inspect_model
+    from mlx_pager.paging.loader import inspect_model
+    from mlx_pager.storage.readers import MmapReader, PreadReader
 
     expert_map = inspect_model(snapshot, 256).expert_map
     pieces = [pc for e in range(4) for pc in expert_map.expert_pieces(1, e).values()]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_reads import hf_cache_layout
 
-from mlx_pager.hub import resolve_model
-from mlx_pager.synthetic import make_checkpoint
+from mlx_pager.hub.resolve import resolve_model
+from mlx_pager.sim.synthetic import make_checkpoint
 
 
 def test_folder_hub_id_and_missing(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mlx_pager.cli import main
-from mlx_pager.policies import DEFAULT_POLICY, POLICIES
-from mlx_pager.simulate import belady, next_uses, parse_capacity, replay
-from mlx_pager.trace import Trace, load_trace, save_trace
+from mlx_pager.paging.policies import DEFAULT_POLICY, POLICIES
+from mlx_pager.sim.replay import belady, next_uses, parse_capacity, replay
+from mlx_pager.sim.trace import Trace, load_trace, save_trace
 
 SHARED_TRACE = (
     Path(__file__).parents[1] / ".." / "shared" / "traces" / "deepseek-v2-lite-prefill-dev.npz"

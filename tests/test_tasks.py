@@ -7,9 +7,9 @@ import pytest
 from checkpoints import open_paged
 
 from mlx_pager.engine import Engine
-from mlx_pager.synthetic import make_checkpoint
-from mlx_pager.task_profiles import TaskProfiles
-from mlx_pager.tasks import TASKS, TaskClassifier, load_calibration, split_held_out
+from mlx_pager.sim.synthetic import make_checkpoint
+from mlx_pager.tasks.classifier import TASKS, TaskClassifier, load_calibration, split_held_out
+from mlx_pager.tasks.profiles import TaskProfiles
 
 
 def test_calibration_prompts_cover_every_task():

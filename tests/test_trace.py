@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mlx_pager.trace import Trace, TraceRecorder, attach_recorder, load_trace, save_trace
+from mlx_pager.sim.trace import Trace, TraceRecorder, attach_recorder, load_trace, save_trace
 
 
 def small_trace(tokens: int = 6, layers: int = 2, k: int = 2, experts: int = 8) -> Trace:

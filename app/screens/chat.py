@@ -119,28 +119,28 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.watch(self.app, "engine_version", self._engine_changed)
+        self.watch(self.app, "engine_state", self._engine_changed)
         self.set_interval(self.app.config.stats_interval, self.refresh_stats)
         self.query_one(PromptInput).focus()
 
     # -- engine state ---------------------------------------------------------------------
 
-    def _engine_changed(self, _version: int = 0) -> None:
+    def _engine_changed(self, _state: object = None) -> None:
         app = self.app
         status = self.query_one("#model-status", Static)
         error = self.query_one("#error-panel", Static)
         label = app.model_title
-        if app.engine_status == "ready" and app.engine is not None:
+        if app.engine_state.status == "ready" and app.engine is not None:
             info, plan = app.engine.info, app.engine.plan
             status.update(f"● {label} · {info.model_type} · {short_verdict(info, plan)}")
-        elif app.engine_status == "opening":
+        elif app.engine_state.status == "opening":
             status.update(f"◌ opening {label}…")
         else:
             status.update(f"✕ {label}: not open")
-        status.set_class(app.engine_status == "ready", "-ready")
-        failed = app.engine_status == "error"
+        status.set_class(app.engine_state.status == "ready", "-ready")
+        failed = app.engine_state.status == "error"
         error.update(
-            f"Could not open {label}.\n{app.engine_error}\n\n"
+            f"Could not open {label}.\n{app.engine_state.error}\n\n"
             "F2: pick or download a model · F3: change the memory budget or context length"
             if failed else ""
         )  # fmt: skip
@@ -164,7 +164,7 @@ class ChatScreen(Screen):
         self._stats_dirty = False
         snapshot = engine.stats.snapshot()
         settings = self.app.settings
-        preload = getattr(engine, "preload_status", "off")
+        preload = engine.preload_status
         self.query_one(StatsPanel).show(PanelState(snapshot, settings.prefetch, preload))
         counts = snapshot.expert_counts
         if counts.ndim != 2 or counts.size == 0:
@@ -183,7 +183,7 @@ class ChatScreen(Screen):
 
     def _prepare_draft(self) -> None:
         engine, draft = self.app.engine, self.query_one(PromptInput).value.strip()
-        if engine is None or self.generating or not hasattr(engine, "prepare") or not draft:
+        if engine is None or self.generating or not draft:
             return
         messages = [*self.conversation.messages, {"role": "user", "content": draft}]
         self._prepare(engine, messages)
@@ -194,7 +194,7 @@ class ChatScreen(Screen):
             return  # generating or reopening: generate() prepares for itself
         try:
             engine.prepare(messages)
-        except Exception:  # noqa: BLE001 - a guess that failed costs nothing
+        except Exception:
             return
         finally:
             self.app.engine_lock.release()
@@ -228,8 +228,8 @@ class ChatScreen(Screen):
             return
         engine = self.app.engine
         if engine is None:
-            what = "is still opening" if self.app.engine_status == "opening" else "is open"
-            hint = "wait a moment." if self.app.engine_status == "opening" else (
+            what = "is still opening" if self.app.engine_state.status == "opening" else "is open"
+            hint = "wait a moment." if self.app.engine_state.status == "opening" else (
                 "F2 picks or downloads one, F3 changes the budget.")  # fmt: skip
             self.notify(f"No model {what}: {hint}", severity="warning")
             return
@@ -270,7 +270,7 @@ class ChatScreen(Screen):
                     # reading the prompt): generate() starts afresh, the event remembers.
                     if worker.is_cancelled or stop_asked.is_set():
                         engine.stop()
-            except Exception as e:  # noqa: BLE001 - shown in the app, which stays usable
+            except Exception as e:
                 self.post_message(ReplyFailed(str(e) or type(e).__name__))
                 return
         self.post_message(ReplyFinished(finish))

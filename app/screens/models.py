@@ -8,7 +8,6 @@ Everything that touches the network or the disk runs on a worker; the download l
 from __future__ import annotations
 
 import threading
-import time
 
 from rich.text import Text
 from textual import on, work
@@ -74,18 +73,16 @@ class ConfirmDownload(ModalScreen[bool]):
         self.query_one("#confirm-no" if too_large else "#confirm-yes", Button).focus()
 
     def _summary(self) -> Text:
+        """What downloading costs and the verdict, as the detail panel and the CLI say it."""
         estimate = self.estimate
         text = Text()
-        if estimate is not None and estimate.size_bytes:
-            left = estimate.remaining_bytes if estimate.planned else estimate.size_bytes
-            about = "" if estimate.planned else "about "
-            text.append(f"{about}{size(left)} to download")
-            if estimate.planned and left < estimate.size_bytes:
-                text.append(f" (of {size(estimate.size_bytes)}: it resumes)")
-            if estimate.free_bytes is not None:
-                text.append(f", {size(estimate.free_bytes)} free on disk")
-            text.append(".\n")
         verdict = estimate.verdict if estimate is not None else ""
+        for label, value in downloads.describe_download(estimate) if estimate else []:
+            if label in ("your budget", "speed"):
+                continue  # said below, with its colour
+            style = "red" if label == "problem" else ""
+            text.append(f"{label}: ", style="dim")
+            text.append(f"{value}\n", style=style)
         if verdict:
             style = downloads.VERDICT_STYLE.get(verdict, "")
             text.append(f"Your budget: {VERDICT_WORD.get(verdict, verdict)}. ", style=style)
@@ -131,7 +128,6 @@ class ModelsScreen(Screen):
         self._listing = 0
         self._epoch = 0
         self._cancel = threading.Event()
-        self._progress_at = 0.0
         self._asking = False  # the ConfirmDownload question is up
         self._pending: tuple[str, bool] | None = None  # (repo, ask): download once planned
 
@@ -185,7 +181,7 @@ class ModelsScreen(Screen):
             rows = downloads.list_models(config)
             total = config.machine().total_bytes
             quick = {r.repo_id: downloads.quick_estimate(r, settings, total) for r in rows}
-        except Exception as e:  # noqa: BLE001 - shown, the screen stays usable
+        except Exception as e:
             self.app.call_from_thread(self._rows_failed, str(e) or type(e).__name__)
             return
         self.app.call_from_thread(self._show_rows, rows, quick, listing)
@@ -229,7 +225,7 @@ class ModelsScreen(Screen):
             verdict = Text(VERDICT_WORD.get(estimate.verdict, estimate.verdict),
                            style=downloads.VERDICT_STYLE.get(estimate.verdict, ""))  # fmt: skip
             if estimate.tokens_per_second and estimate.verdict == "paged":
-                verdict.append(f" ~{downloads.speed(estimate.tokens_per_second)}", style="dim")
+                verdict.append(f" ~{downloads.speed_text(estimate.tokens_per_second)}", style="dim")
         elif estimate is not None and estimate.error:
             verdict = Text("unknown", style="red")
         elif estimate is not None and (estimate.planned or row.cached):
@@ -275,7 +271,7 @@ class ModelsScreen(Screen):
     def _check_typed(self) -> None:
         """A Hub id (checked with the Hub) or a model folder (opens as it is)."""
         repo_id = self.query_one("#repo-id", Input).value.strip()
-        problem = downloads.check_repo_id(repo_id)
+        problem = downloads.check_model_name(repo_id)
         if problem:
             self.notify(problem, severity="warning")
             return
@@ -308,7 +304,7 @@ class ModelsScreen(Screen):
         total = config.machine().total_bytes
         try:
             estimate = downloads.estimate(config, self.app.settings, row, total)
-        except Exception as e:  # noqa: BLE001 - shown in the panel
+        except Exception as e:
             estimate = downloads.Estimate(error=str(e) or type(e).__name__)
         self.app.call_from_thread(self._estimate_ready, row.repo_id, estimate, epoch)
 
@@ -408,19 +404,16 @@ class ModelsScreen(Screen):
 
     @work(thread=True, exclusive=True, group="download", exit_on_error=False)
     def _download(self, repo_id: str, cancel: threading.Event) -> None:
-        def progress(done: int, total: int) -> None:
-            now = time.monotonic()
-            if now - self._progress_at >= 0.1 or (total and done >= total):
-                self._progress_at = now
-                self.post_message(DownloadProgress(done, total))
+        def progress(done: int, total: int) -> None:  # throttled by the fetch loop
+            self.post_message(DownloadProgress(done, total))
 
         try:
             downloads.download(self.app.config, repo_id, progress, cancel)
         except downloads.Cancelled:
             self.post_message(DownloadFinished(repo_id, "cancelled"))
-        except downloads.dl.DownloadError as e:
+        except downloads.DownloadError as e:
             self.post_message(DownloadFinished(repo_id, "failed", str(e)))
-        except Exception as e:  # noqa: BLE001 - network, disk: the message says which
+        except Exception as e:
             self.post_message(DownloadFinished(repo_id, "failed", str(e) or type(e).__name__))
         else:
             status = "cancelled" if cancel.is_set() else "done"

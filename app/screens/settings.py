@@ -7,6 +7,7 @@ on a worker, then ``layout.plan(budget)`` on every keystroke: pure arithmetic.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import on, work
@@ -17,14 +18,25 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch
 
 from mlx_pager.budget import BudgetPlan
-from mlx_pager.policies import POLICIES
-from mlx_pager.profile import predicted_hit_rate
-from mlx_pager.settings import COLD_PRECISIONS, READ_PATHS, Settings
+from mlx_pager.machine import budget_warnings
+from mlx_pager.settings import (
+    AUTO_BUDGET_SHARE,
+    COLD_PRECISIONS,
+    POLICY_NAMES,
+    READ_PATHS,
+    Settings,
+    check_context_length,
+)
+from mlx_pager.tasks.coverage import predicted_hit_rate
 from mlx_pager.units import parse_bytes
+
+if TYPE_CHECKING:
+    from mlx_pager.estimate import ModelLayout
 
 from ..text import heading_colour, model_label, percent, size
 from ..widgets.budget_bar import CORE, EXPERTS, HEADROOM, KV, BudgetBar, Part
 
+AUTO_TEXT = f"{AUTO_BUDGET_SHARE:.0%} of memory"
 READ_PATH_HELP = {"auto": "auto (pread)", "pread": "pread (fastest cold reads)",
                   "mmap": "mmap (page faults)"}  # fmt: skip
 
@@ -43,7 +55,7 @@ def parse_budget(text: str) -> str:
     if text.lower() == "auto":
         return "auto"
     if not text:
-        raise ValueError("Type a budget in GB, such as 8, or auto (60% of memory).")
+        raise ValueError(f"Type a budget in GB, such as 8, or auto ({AUTO_TEXT}).")
     value = f"{text}GB" if text.replace(".", "", 1).isdigit() else text
     if parse_bytes(value) <= 0:
         raise ValueError("The budget must be more than 0 GB.")
@@ -69,17 +81,16 @@ class SettingsScreen(Screen):
 
     def __init__(self) -> None:
         super().__init__()
-        self._layouts: dict[tuple[str, int], object] = {}
-        self._layout = None  # the ModelLayout being planned for
+        self._layouts: dict[tuple[str, int], ModelLayout] = {}
+        self._layout: ModelLayout | None = None  # the layout being planned for
         self._plan: BudgetPlan | None = None
-        self._sizes = None  # mlx_pager.download.ModelSizes of the model, for the speed
 
     def compose(self) -> ComposeResult:
         s = self.app.settings
         yield Header()
         with Horizontal(id="settings-body"):
             with VerticalScroll(id="settings-form"):
-                yield Label("Memory budget: GB, or auto (60% of memory)", classes="hint")
+                yield Label(f"Memory budget: GB, or auto ({AUTO_TEXT})", classes="hint")
                 with Horizontal(classes="field-row"):
                     yield Label("Budget")
                     yield Input(budget_text(s), id="budget")
@@ -88,7 +99,7 @@ class SettingsScreen(Screen):
                     yield Input(str(s.context_length), id="context_length", type="integer")
                 with Horizontal(classes="field-row"):
                     yield Label("Cache policy")
-                    yield Select([(p, p) for p in POLICIES], value=s.policy, allow_blank=False,
+                    yield Select([(p, p) for p in POLICY_NAMES], value=s.policy, allow_blank=False,
                                  id="policy")  # fmt: skip
                 with Horizontal(classes="field-row"):
                     yield Label("Read path")
@@ -138,11 +149,11 @@ class SettingsScreen(Screen):
     # -- the model's layout (worker) ------------------------------------------------------
 
     def _context_length(self) -> int | None:
+        """The typed context length, or None where the settings' rule refuses it."""
         try:
-            value = int(self.query_one("#context_length", Input).value)
+            return check_context_length(self.query_one("#context_length", Input).value)
         except ValueError:
             return None
-        return value if 128 <= value <= 1_048_576 else None
 
     def _open_model_path(self) -> Path | None:
         engine = self.app.engine
@@ -155,7 +166,10 @@ class SettingsScreen(Screen):
         context = self._context_length()
         path = self._open_model_path()
         if context is None:
-            self._show_plan("Context length must be a whole number from 128 to 1048576.")
+            try:
+                check_context_length(self.query_one("#context_length", Input).value)
+            except ValueError as e:
+                self._show_plan(str(e))
             return
         key = self._current_key()
         if key in self._layouts:
@@ -167,25 +181,20 @@ class SettingsScreen(Screen):
 
     @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
     def _inspect_worker(self, path: Path | None, name: str, context: int, key: tuple) -> None:
-        from mlx_pager.download import local_sizes
-        from mlx_pager.loader import inspect_model
+        from mlx_pager.estimate import inspect_local
+        from mlx_pager.hub.resolve import resolve_model
 
         try:
             if path is None:
-                path = _resolve(name, self.app.config.hub_cache_dir)
-            layout = inspect_model(path, context)
-        except Exception as e:  # noqa: BLE001 - shown in the panel
+                path = resolve_model(name, cache_dir=self.app.config.hub_cache_dir)
+            layout = inspect_local(path, context)
+        except Exception as e:
             self.app.call_from_thread(self._layout_failed, key, str(e) or type(e).__name__)
             return
-        try:
-            sizes = local_sizes(path)  # for the speed estimate only
-        except (OSError, ValueError, KeyError):
-            sizes = None
-        self.app.call_from_thread(self._layout_ready, key, layout, sizes)
+        self.app.call_from_thread(self._layout_ready, key, layout)
 
-    def _layout_ready(self, key: tuple, layout: object, sizes: object = None) -> None:
+    def _layout_ready(self, key: tuple, layout: ModelLayout) -> None:
         self._layouts[key] = layout
-        self._sizes = sizes if sizes is not None else self._sizes
         if key == self._current_key():  # typing "4096" asks for 409 first: keep the last
             self._layout = layout
             self._show_plan()
@@ -199,10 +208,10 @@ class SettingsScreen(Screen):
     # -- the plan -------------------------------------------------------------------------
 
     def _budget_bytes(self) -> int:
+        """The typed budget in bytes, by the settings' own rule ("auto": a share)."""
         value = parse_budget(self.query_one("#budget", Input).value)
-        if value == "auto":
-            return int(0.6 * self.app.config.machine().total_bytes)
-        return parse_bytes(value)
+        budget = Settings().replace(budget=value)
+        return budget.budget_bytes(self.app.config.machine().total_bytes)
 
     def _show_plan(self, problem: str = "") -> None:
         title = self.query_one("#plan-title", Label)
@@ -224,7 +233,7 @@ class SettingsScreen(Screen):
             verdict.update(Text(problem))
             return
         layout = self._layout
-        plan = layout.plan(budget)  # type: ignore[attr-defined]
+        plan = layout.plan(budget)
         self._plan = plan
         title.update(f"{model_label(self.app.model_name)} at {self._context_length():,} tokens")
         bar.update_parts(plan_parts(plan), budget)
@@ -259,7 +268,7 @@ class SettingsScreen(Screen):
         hit = predicted_hit_rate(engine.stats.snapshot().expert_counts, slots)
         if hit is not None:
             return hit, "this session's activations"
-        profiles = getattr(engine, "profiles", None)
+        profiles = engine.profiles
         saved = list(profiles.counts.values()) if profiles is not None else []
         if not saved:
             return None, ""
@@ -267,22 +276,17 @@ class SettingsScreen(Screen):
 
     def _verdict_text(self, plan: BudgetPlan) -> Text:
         text = Text(plan.explain())
-        if plan.verdict == "paged" and self._sizes is not None:
-            from mlx_pager.download import verdict
+        if plan.verdict == "paged" and self._layout is not None:
+            from mlx_pager.estimate import judge_plan
 
-            context = self._context_length() or 4096
-            estimate = verdict(self._sizes, plan.budget_bytes, context).tokens_per_second
+            layout = self._layout
+            found = judge_plan(plan, layout.moe_layers, layout.experts_per_layer)
+            estimate = found.tokens_per_second
             if estimate:
                 text.append(f"\nAbout {estimate:.1f} tokens/s (an estimate; the chat measures "
                             "it).", style="dim")  # fmt: skip
-        machine = self.app.config.machine()
-        if plan.budget_bytes > 0.75 * machine.total_bytes:
-            text.append(
-                "\nAbove 75% of this machine's memory: macOS starts compressing and "
-                "swapping, and speed falls.", style="#e5a50a",
-            )  # fmt: skip
-        if machine.gpu_limit_bytes and plan.budget_bytes > machine.gpu_limit_bytes:
-            text.append("\nAbove the GPU working-set limit.", style="#e5a50a")
+        for warning in budget_warnings(plan.budget_bytes, self.app.config.machine()):
+            text.append(f"\n{warning}", style="#e5a50a")
         return text
 
     @on(Input.Changed, "#budget")
@@ -326,7 +330,7 @@ class SettingsScreen(Screen):
             )  # fmt: skip
             return
         if self.app.apply_settings(new):
-            reopen = self.app.engine_status == "opening"
+            reopen = self.app.engine_state.status == "opening"
             self.notify("Reopening the model with the new settings…" if reopen else
                         "Saved.", title="Settings saved")  # fmt: skip
             self.app.pop_screen()
@@ -334,13 +338,3 @@ class SettingsScreen(Screen):
     @on(Button.Pressed, "#back")
     def action_back(self) -> None:
         self.app.pop_screen()
-
-
-def _resolve(name: str, cache_dir: Path | None) -> Path:
-    """A folder as is; a Hub id in the app's Hugging Face cache."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    from mlx_pager.hub import resolve_model
-
-    return Path(resolve_model(name, cache_dir=cache_dir))

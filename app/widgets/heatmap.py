@@ -17,7 +17,7 @@ from rich.text import Text
 from textual import events
 from textual.widget import Widget
 
-from mlx_pager.profile import top_share
+from mlx_pager.tasks.coverage import top_share
 
 # cold -> hot: near background, blue, teal, yellow, red
 STOPS = [(0.0, (38, 42, 54)), (0.25, (45, 80, 170)), (0.5, (30, 160, 150)),

@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import json
 
-from .settings import Settings, load_settings, save_settings, settings_path
-from .units import format_bytes
+from ..settings import Settings, load_settings, save_settings, settings_path, total_memory
+from ..units import format_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engine import total_memory
-
     settings = load_settings()
     if args.action == "set":
         if not args.pairs or len(args.pairs) % 2:

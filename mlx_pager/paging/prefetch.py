@@ -16,28 +16,12 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from .disk import Reader
-from .expert_map import ExpertMap, Piece
+from ..storage.expert_map import ExpertMap, Piece
+from ..storage.readers import Reader
 
 Key = tuple[int, int]
-
-
-def router_scores(router: nn.Module, x: mx.array) -> mx.array:
-    """Router logits for ``x``; DeepSeek's MoEGate returns choices, so use its weight."""
-    if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
-        return router(x)
-    return x @ router.weight.T
-
-
-def find_router(moe_block: nn.Module) -> nn.Module | None:
-    for name in ("gate", "router"):
-        if name in moe_block and isinstance(moe_block[name], nn.Module):
-            return moe_block[name]
-    return None
 
 
 class Prefetcher:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomic
-from .settings import data_dir
+from ..atomic import write_atomic
+from ..settings import data_dir
 
 # Hit-rate gain (1 point) preloading must show before it is turned on: a smaller one is
 # within what the measurement's few held-out prompts can tell apart, and preloading costs

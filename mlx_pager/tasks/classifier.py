@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-CALIBRATION = Path(__file__).resolve().parent.parent / "assets/prompts/calibration.jsonl"
+from ..assets import asset_path
+
+CALIBRATION = asset_path("prompts", "calibration.jsonl")
 TASKS = ("code", "math", "prose", "chat")
 
 _TOKEN = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .profile import coverage_curve, layer_skew, task_coverage
-from .tasks import split_held_out
+from ..tasks.classifier import split_held_out
+from ..tasks.coverage import coverage_curve, layer_skew, task_coverage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +102,7 @@ def measure_preload(engine, held_out, decode_tokens: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from ..engine import Engine
 
     engine = Engine.open(args.model, budget=args.budget)
     if not engine.info.paged:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     recorder = None
     if args.export_trace:
-        from .trace import attach_recorder
+        from ..sim.trace import attach_recorder
 
         recorder = attach_recorder(engine, phase="prefill")  # the prompts, one per task
     try:

@@ -10,16 +10,12 @@ import argparse
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from .download import (
-    DownloadCancelled,
-    DownloadError,
-    DownloadPlan,
-    download,
-    plan_download,
-    verdict,
-)
-from .units import format_bytes
+from ..units import format_bytes
+
+if TYPE_CHECKING:
+    from ..hub.plan import DownloadPlan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,17 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def describe_plan(plan: DownloadPlan, budget_bytes: int, context_length: int) -> list[str]:
-    """The plan in a few lines, as the command prints it."""
+    """The plan in a few lines: its files and commit, then what the listing says of it."""
+    from ..hub.listing import describe_download, estimate_from_plan
+
     lines = [
         f"{plan.repo_id} @ {plan.revision} ({plan.commit[:12]}): {len(plan.files)} files, "
         f"{format_bytes(plan.total_bytes)}",
     ]
-    if plan.cached_bytes:
-        lines.append(
-            f"  already here: {format_bytes(plan.cached_bytes)}; to fetch: "
-            f"{format_bytes(plan.remaining_bytes)}"
-        )
-    lines.append(f"  free disk: {format_bytes(plan.free_bytes)} ({plan.cache_dir})")
     if plan.sizes is not None:
         s = plan.sizes
         lines.append(
@@ -51,28 +43,18 @@ def describe_plan(plan: DownloadPlan, budget_bytes: int, context_length: int) ->
             f"({s.moe_layers} MoE layers x {s.experts} experts, top-{s.top_k}, "
             f"{format_bytes(s.one_expert_bytes)} each)"
         )
-        if s.num_experts and s.top_k:
-            v = verdict(s, budget_bytes, context_length)
-            lines.append(f"  budget {format_bytes(budget_bytes)}: {v.reason}")
-    elif plan.sizes_error:
-        lines.append(f"  {plan.sizes_error}")
+    estimate = estimate_from_plan(plan, budget_bytes, context_length)
+    estimate.disk_problem = ""  # run() reports it as the error it is
+    where = {"free disk": f" ({plan.cache_dir})", "your budget": f" ({format_bytes(budget_bytes)})"}
+    for label, text in describe_download(estimate):
+        lines.append(f"  {label}{where.get(label, '')}: {text}")
     return lines
 
 
-def _budget() -> tuple[int, int]:
-    import psutil
-
-    from .settings import load_settings
-
-    settings = load_settings()
-    return settings.budget_bytes(psutil.virtual_memory().total), settings.context_length
-
-
 class _Bar:
-    """One line on stderr, redrawn at most ten times a second."""
+    """One line on stderr; the fetch loop calls it at most every PROGRESS_INTERVAL_S."""
 
     def __init__(self) -> None:
-        self.last = 0.0
         self.start = time.monotonic()
         self.first_done: int | None = None
 
@@ -80,9 +62,6 @@ class _Bar:
         now = time.monotonic()
         if self.first_done is None:
             self.first_done = done
-        if now - self.last < 0.1 and done < total:
-            return
-        self.last = now
         pct = done / total if total else 1.0
         width = 30
         bar = "#" * int(pct * width) + "-" * (width - int(pct * width))
@@ -96,7 +75,13 @@ class _Bar:
 
 
 def run(args: argparse.Namespace) -> int:
-    budget, context = _budget()
+    from ..hub.errors import DownloadCancelled, DownloadError
+    from ..hub.fetch import download
+    from ..hub.plan import plan_download
+    from ..settings import load_settings
+
+    settings = load_settings()
+    budget, context = settings.budget_bytes(), settings.context_length
     try:
         plan = plan_download(args.repo_id, args.revision, args.endpoint)
     except DownloadError as e:

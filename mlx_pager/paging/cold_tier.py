@@ -16,8 +16,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from ..storage.expert_map import Piece
 from .expert_cache import ExpertCache, piece_to_mx
-from .expert_map import Piece
 from .paged_switch import Projection
 
 BITS = 4

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import _get_classes, quantize_model
 
-from .expert_map import MIXTRAL_NAMES
+from ..storage.expert_map import MIXTRAL_NAMES
 
 VOCAB = 320
 

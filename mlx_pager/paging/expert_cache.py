@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .disk import Reader
-from .expert_map import ExpertMap, Piece
+from ..stats import Stats
+from ..storage.expert_map import ExpertMap, Piece
+from ..storage.readers import Reader
 from .policies import Policy
-from .stats import Stats
 
 # Safetensors dtypes -> the numpy dtype that holds their bits (bf16 travels as uint16).
 _NP_DTYPES = {

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from ..engine import Engine
 
     overrides = {
         k: v
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.open(args.model, budget=args.budget, **overrides)
     recorder = None
     if args.record_trace:
-        from .trace import attach_recorder
+        from ..sim.trace import attach_recorder
 
         recorder = attach_recorder(engine, prompt)
     if not engine.info.paged and not args.json:

@@ -24,7 +24,7 @@ from mlx_lm.models.switch_layers import (
 )
 
 from .expert_cache import ExpertCache
-from .prefetch import router_scores
+from .router import router_scores
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 

@@ -19,16 +19,17 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
-from .budget import BudgetPlan, check_budget, plan_budget
-from .checkpoint import index_checkpoint, kv_bytes_per_layer_token, text_config
-from .cold_cache import LowBitCache, cold_eligible, low_bit_layout, slot_bytes
-from .disk import make_reader
+from ..budget import BudgetPlan, check_budget, plan_budget
+from ..stats import Stats
+from ..storage.checkpoint import index_checkpoint, kv_bytes_per_layer_token, text_config
+from ..storage.expert_map import ExpertMap, build_expert_map
+from ..storage.readers import make_reader
+from .cold_tier import LowBitCache, cold_eligible, low_bit_layout, slot_bytes
 from .expert_cache import ExpertCache
-from .expert_map import ExpertMap, build_expert_map
 from .paged_switch import SWITCH_TYPES, PagedSwitch, describe_projections, expert_param_shapes
-from .policies import make_policy
-from .prefetch import Prefetcher, find_router
-from .stats import Stats
+from .policies import DEFAULT_POLICY, make_policy
+from .prefetch import Prefetcher
+from .router import find_router
 
 # Architectures tested end to end with tiny checkpoints (tests/test_exact.py).
 TESTED_ARCHITECTURES = (
@@ -306,7 +307,7 @@ def load_paged(
     model_path: Path,
     budget_bytes: int,
     context_length: int = 4096,
-    policy: str = "lru",
+    policy: str = DEFAULT_POLICY,
     read_path: str = "auto",
     compute_dtype: mx.Dtype | None | str = "auto",
     prefetch: bool = False,

@@ -1,0 +1,101 @@
+"""`mlx-pager bench`: stock mlx-lm against mlx-pager, side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint folder (default: build a 0.6 GB one)")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--fractions", default="1.0,0.5,0.25", help="expert shares to hold")
+    parser.add_argument("--read-samples", type=int, default=64, help="experts per read test")
+    parser.add_argument(
+        "--policies", action="store_true", help="also compare cache policies in the live engine"
+    )
+    parser.add_argument(
+        "--corpus", metavar="DIR", help="folder of *.txt documents for the policy prompts"
+    )
+    parser.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..sim.bench import (
+        BENCH_MODEL,
+        bench_paged,
+        bench_policies,
+        bench_reads,
+        bench_stock,
+        corpus_prompts,
+    )
+    from ..sim.synthetic import make_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            path = Path(args.model)
+        else:
+            spec = dict(BENCH_MODEL)
+            path = make_checkpoint(Path(tmp) / "bench", spec.pop("arch"), **spec)
+        reads = bench_reads(path, args.read_samples)
+        default = "pread" if reads["pread_cold_ms"] <= reads["mmap_cold_ms"] else "mmap"
+        stock = bench_stock(path, args.max_tokens)
+        fractions = [float(f) for f in args.fractions.split(",")]
+        paged = [bench_paged(path, f, args.max_tokens, default) for f in fractions]
+        prefetch = bench_paged(path, min(fractions), args.max_tokens, default, prefetch=True)
+        policies = None
+        if args.policies:
+            prompts = corpus_prompts(args.corpus, 12)
+            policies = bench_policies(path, min(fractions), prompts, args.max_tokens)
+    report = {
+        "model": str(args.model or "synthetic"),
+        "stock": stock,
+        "paged": paged,
+        "prefetch": prefetch,
+        "policies": policies,
+        "reads": reads,
+        "faster_read_path": default,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"stock mlx-lm, fully resident: {stock['decode_tps']:.1f} decode tok/s")
+    print(
+        f"{'experts held':>12} {'slots':>6} {'decode tok/s':>13} {'x stock':>8} "
+        f"{'hit rate':>9} {'1st run':>8} {'disk MB/token':>14} {'read s':>7}"
+    )
+    for p in paged:
+        print(
+            f"{p['fraction']:>12.0%} {p['slots']:>6} {p['decode_tps']:>13.1f} "
+            f"{p['decode_tps'] / stock['decode_tps']:>8.2f} {p['hit_rate']:>9.1%} "
+            f"{p['cold_hit_rate']:>8.1%} {p['bytes_per_token'] / 1e6:>14.2f} "
+            f"{p['read_seconds']:>7.2f}"
+        )
+    print("(hit rate and speed: second prompt, cache warm; 1st run: filling an empty cache)")
+    base = next(p for p in paged if p["fraction"] == prefetch["fraction"])
+    print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with):")
+    for key, label, scale in (
+        ("decode_tps", "decode tok/s", 1),
+        ("read_seconds", "seconds stalled on reads", 1),
+        ("bytes_per_token", "disk MB/token", 1e-6),
+        ("hit_rate", "hit rate", 1),
+    ):
+        print(f"  {label:>26}: {base[key] * scale:.3f} -> {prefetch[key] * scale:.3f}")
+    print(
+        f"  prediction recall {prefetch['prefetch_recall']:.1%}, precision "
+        f"{prefetch['prediction_precision']:.1%}; guesses used "
+        f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}"
+    )
+    if policies:
+        print(f"live hit rate per policy at {min(fractions):.0%} of experts, corpus prompts:")
+        for name, hit in sorted(policies.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:>8}: {hit:.1%}")
+    print(f"one expert = {reads['expert_bytes'] / 1e6:.2f} MB; median read time (ms):")
+    for name in ("pread", "mmap"):
+        print(
+            f"  {name:>5}: cold {reads[f'{name}_cold_ms']:.3f}  warm {reads[f'{name}_warm_ms']:.3f}"
+        )
+    print(f"faster cold read path here: {default}")
+    return 0

@@ -1,0 +1,73 @@
+"""`mlx-pager models`: the models you can open, with sizes and verdicts for the budget.
+
+The rows are the Models screen's (``hub.listing``): what the Hugging Face cache holds,
+then the embedded model; ``--catalogue`` adds the curated models not downloaded yet.
+Verdicts are for the budget and context length in settings (`mlx-pager settings`),
+planned as the engine plans them (floats in its compute dtype: float32 on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    parser.add_argument(
+        "--catalogue", action="store_true", help="also list curated models not downloaded yet"
+    )
+
+
+def rows(budget_bytes: int, context_length: int, catalogue: bool = False) -> list[dict]:
+    """One dict per model of the listing, with its verdict."""
+    from ..hub.listing import list_models, quick_estimate
+
+    out = []
+    for row in list_models(catalogue=catalogue):
+        in_cache = bool(row.commit)
+        if not (in_cache or row.embedded or catalogue):
+            continue
+        estimate = quick_estimate(row, budget_bytes, context_length)
+        reason = estimate.error or estimate.explain
+        if in_cache and not row.cached:
+            reason = "not runnable: no config.json or weights (partial?)"
+        out.append(
+            {
+                "id": row.repo_id,
+                "label": row.label,
+                "commit": row.commit,
+                "path": str(row.path) if row.path else None,
+                "size_bytes": row.size_bytes,
+                "incomplete_bytes": row.incomplete_bytes,
+                "runnable": row.cached,
+                "cached": in_cache,
+                "embedded": row.embedded,
+                "verdict": estimate.verdict or None,
+                "reason": reason,
+                "tokens_per_second": estimate.tokens_per_second,
+            }
+        )
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..settings import load_settings
+    from ..units import format_bytes
+
+    settings = load_settings()
+    budget = settings.budget_bytes()
+    found = rows(budget, settings.context_length, args.catalogue)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    print(f"budget {format_bytes(budget)}, context {settings.context_length} tokens")
+    for r in found:
+        state = "embedded" if r["embedded"] else "cached" if r["cached"] else "not downloaded"
+        verdict_text = r["verdict"] or "-"
+        print(f"{r['label']:<55} {format_bytes(r['size_bytes']):>9}  {state:<14} {verdict_text}")
+        if r["reason"]:
+            print(f"    {r['reason']}")
+    if not any(r["cached"] for r in found):
+        print("No models in the Hugging Face cache yet. Get one with `mlx-pager download ID`.")
+    return 0

@@ -1,0 +1,54 @@
+"""This machine's memory, and what a budget above its safe share costs.
+
+The settings screen shows these beside the budget; `mlx-pager settings` and the app warn
+with the same words. MLX is imported only to ask Metal for its working-set limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+# Past about this share of RAM, macOS's memory compressor returns and speed falls (a
+# 16 GB M4 measured 7.8 tok/s at 10 GB and 6.4 at 11 GB: docs/field-notes.md).
+SAFE_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class MachineMemory:
+    total_bytes: int
+    available_bytes: int
+    gpu_limit_bytes: int | None = None  # Metal's recommended working set, Macs only
+
+
+def total_memory() -> int:
+    """The machine's memory in bytes, what budget "auto" and the warnings are shares of."""
+    return psutil.virtual_memory().total
+
+
+def machine_memory() -> MachineMemory:
+    """psutil's view, plus MLX's GPU working-set limit where the device reports one."""
+    vm = psutil.virtual_memory()
+    gpu = None
+    try:
+        import mlx.core as mx
+
+        info = mx.device_info() if mx.metal.is_available() else {}
+        gpu = int(info["max_recommended_working_set_size"]) or None
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+        gpu = None
+    return MachineMemory(vm.total, vm.available, gpu)
+
+
+def budget_warnings(budget_bytes: int, machine: MachineMemory) -> list[str]:
+    """What is wrong with a budget on this machine ('' when nothing)."""
+    warnings = []
+    if budget_bytes > SAFE_SHARE * machine.total_bytes:
+        warnings.append(
+            f"Above {SAFE_SHARE:.0%} of this machine's memory: macOS starts compressing and "
+            "swapping, and speed falls."
+        )
+    if machine.gpu_limit_bytes and budget_bytes > machine.gpu_limit_bytes:
+        warnings.append("Above the GPU working-set limit.")
+    return warnings

@@ -1,0 +1,7 @@
+"""Research tools: routing traces, their replay against the policies, benchmarks.
+
+``trace`` reads, writes and records routing traces (docs/trace-format.md), ``replay``
+replays one against every policy and Belady's optimum, ``synthetic`` writes random
+checkpoints of every supported architecture, ``bench`` measures stock mlx-lm against
+mlx-pager side by side. Nothing in the engine imports these.
+"""
