@@ -213,6 +213,7 @@ class Engine:
 
     def _run_preload(self, keys: list[tuple[int, int]]) -> None:
         loaded = self.paged.cache.preload(keys, self._preload_cancel)
+        self.paged.run.sync()  # the bytes it read
         with self.stats.lock:
             self.stats.preloaded += loaded
 
@@ -254,7 +255,7 @@ class Engine:
         stats.reset_run()
         cache = self.paged.cache
         if cache is not None:
-            cache.reset_counters(prompt_tokens=len(tokens))  # decode counts start after
+            self.paged.run.start(prompt_tokens=len(tokens))  # decode counts start after
             task = self.prepare(prompt, preload, task)
             self.wait_preload()  # before the first forward pass writes to the cache
             counts_before = stats.expert_counts.copy()
@@ -277,7 +278,7 @@ class Engine:
                     stats.ttft_seconds = time.perf_counter() - start
                 # Counted when the prompt's last token was done, not now: mlx-lm has run
                 # the first decode step before it yields the first token.
-                at_prefill = (cache.prefill_counts if cache else None) or (0, 0)
+                at_prefill = (self.paged.run.prefill_counts if cache else None) or (0, 0)
                 stats.decode_hits = stats.hits - at_prefill[0]
                 stats.decode_misses = stats.misses - at_prefill[1]
                 stats.prompt_tokens = response.prompt_tokens

@@ -175,7 +175,7 @@ def local_sizes(folder: str | Path) -> ModelSizes:
 
 
 # Share of routed-expert activations a cache holding ``fraction`` of all (layer, expert)
-# pairs serves, from NOTES.md: on Qwen3 35B-A3B over a coding session the top 1% of
+# pairs serves, from docs/field-notes.md: on Qwen3 35B-A3B over a coding session the top 1% of
 # experts took 20% of activations, the top 5% took 50%, the top 20% took 85%; on
 # Qwen3-30B-A3B a 16 GB Mac with an 8 GB budget (about 40% of experts cached) measured
 # 89-92% hits. Interpolated linearly in log(fraction) between these points.
@@ -186,7 +186,7 @@ def hit_rate_estimate(fraction: float, experts_per_layer: int = 0) -> float:
     """Expected cache hit rate when ``fraction`` of the routed experts fit in the cache.
 
     Models with few, large experts (8 per layer, Mixtral) use them nearly uniformly:
-    NOTES.md reports LRU/LFU barely beating random eviction there, so the hit rate is
+    docs/field-notes.md reports LRU/LFU barely beating random eviction there, so the hit rate is
     taken as the fraction held.
     """
 
@@ -214,7 +214,7 @@ def hit_rate_estimate(fraction: float, experts_per_layer: int = 0) -> float:
 # layer's own work 0.4-0.7 ms, the rest of the layer 0.7-1.3 ms, decode 41-124 tok/s
 # depending on load (1.3-3.7 ms per layer in all). 1 ms is the low end; with it the
 # Qwen3-30B-A3B estimate at an 8 GB budget comes to 6 tok/s on a Mac, where 6.4-7.8
-# was measured (NOTES.md), and the embedded model's to about 150 tok/s instead of
+# was measured (docs/field-notes.md), and the embedded model's to about 150 tok/s instead of
 # thousands.
 MOE_LAYER_OVERHEAD_S = 1e-3
 

@@ -43,7 +43,7 @@ class Stats:
     prefetch_issued: int = 0  # experts read ahead on a guess
     prefetch_used: int = 0  # ... that the next layer then needed
     prefetch_recall: float = 0.0  # share of routed experts the guesses contained
-    prediction_precision: float = 0.0  # share of guesses that were routed
+    prefetch_precision: float = 0.0  # share of guesses that were routed
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tokens: int = 0
@@ -70,10 +70,6 @@ class Stats:
         tokens = self.prompt_tokens + self.generation_tokens
         return self.bytes_read / tokens if tokens else 0.0
 
-    @property
-    def prefetch_precision(self) -> float:
-        return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else 0.0
-
     def reset_run(self) -> None:
         """Zero the per-run counters; sizes and the expert profile stay."""
         with self.lock:
@@ -82,7 +78,7 @@ class Stats:
             self.cold_hits = self.cold_misses = 0
             self.read_seconds = 0.0
             self.prefetch_issued = self.prefetch_used = 0
-            self.prefetch_recall = self.prediction_precision = 0.0
+            self.prefetch_recall = self.prefetch_precision = 0.0
             self.prompt_tokens = self.generation_tokens = self.kv_used_bytes = 0
             self.prompt_tps = self.decode_tps = self.ttft_seconds = 0.0
 

@@ -20,13 +20,12 @@ from mlx_pager.paging.policies import POLICIES
 from mlx_pager.sim.replay import belady, replay
 from mlx_pager.sim.trace import load_trace
 
-SHARED_TRACE = Path(__file__).parents[1] / ".." / "shared" / "traces"
-DEFAULT_TRACE = SHARED_TRACE / "deepseek-v2-lite-prefill-dev.npz"
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trace", nargs="?", default=str(DEFAULT_TRACE))
+    parser.add_argument(
+        "trace", help="routing trace (.npz), e.g. shared/traces/deepseek-v2-lite-prefill-dev.npz"
+    )
     parser.add_argument("--capacities", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--modes", nargs="+", default=["layer", "global"])

@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from mlx_pager.paging.policies import make_policy
 from mlx_pager.sim.replay import _requests, belady, next_uses, replay
 from mlx_pager.sim.trace import load_trace
-
-DEFAULT_TRACE = Path(__file__).parents[1] / ".." / "shared" / "traces"
-DEFAULT_TRACE = DEFAULT_TRACE / "deepseek-v2-lite-prefill-dev.npz"
 
 
 def foresight_hit_rate(trace, capacity: int, horizon: int, fallback: str) -> float:
@@ -63,7 +59,9 @@ def foresight_hit_rate(trace, capacity: int, horizon: int, fallback: str) -> flo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trace", nargs="?", default=str(DEFAULT_TRACE))
+    parser.add_argument(
+        "trace", help="routing trace (.npz), e.g. shared/traces/deepseek-v2-lite-prefill-dev.npz"
+    )
     parser.add_argument("--capacity", type=int, default=16)
     parser.add_argument("--horizons", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--fallbacks", nargs="+", default=["lru", "lfu-decay"])

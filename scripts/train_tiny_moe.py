@@ -16,7 +16,7 @@ float32 matmul than an optimised one; preload MKL from PyPI for the run:
 The cosine schedule follows the wall-time budget (``--minutes``) unless ``--steps`` is
 given; ``kill -USR1`` stops training early and still evaluates and exports.
 
-1. splits /work/shared/corpus (code, science, encyclopedia, web) into a training split
+1. splits the corpus folder (--corpus: code, science, encyclopedia, web) into a training split
    and a held-out slice (the last 10% of the distinct documents of each file, never trained on),
 2. trains a byte-level BPE tokenizer (4096 tokens) on the training split,
 3. trains mlx-lm's own ``qwen3_moe`` model class in float32 with AdamW, warmup + cosine
@@ -584,7 +584,7 @@ The tokenizer has the special tokens `<|endoftext|>` (0, document separator and 
 
 ## Data
 
-The four domain samples of `/work/shared/corpus` (the inputs of OLMoE's routing
+The four domain samples of the project's shared corpus (the inputs of OLMoE's routing
 analysis: The Stack code, arXiv LaTeX, Wikipedia, C4 web). Documents are separated by
 blank lines (one per line in `web.txt`); duplicate documents are dropped (each file holds most
 of its documents twice), then the last 10% of the distinct documents of each file are
@@ -735,7 +735,9 @@ def train_model(model, config: dict, train: dict[str, np.ndarray], args) -> dict
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", type=Path, default=Path("/work/shared/corpus"))
+    p.add_argument(
+        "--corpus", type=Path, required=True, help="folder of code/science/encyclopedia/web .txt"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "tiny-moe")
     p.add_argument("--out-4bit", type=Path, default=ROOT / "assets" / "tiny-moe-4bit")
     p.add_argument("--prompts", type=Path, default=ROOT / "assets" / "prompts")

@@ -28,12 +28,9 @@ def test_cold_pool_serves_unimportant_misses(tmp_path):
     full = load_paged(path, budget, 256)
     cold = load_paged(path, budget, 256, cold_precision="4bit")
     try:
-        assert full.cache.cold is None
-        assert cold.cache.slots == 9 and cold.cache.cold.slots > 3 * 4  # 6x denser slots
-        used = (
-            cold.cache.slots * cold.cache.slot_bytes
-            + cold.cache.cold.slots * cold.cache.cold.slot_bytes
-        )
+        assert full.cold is None
+        assert cold.cache.slots == 9 and cold.cold.slots > 3 * 4  # 6x denser slots
+        used = cold.cache.slots * cold.cache.slot_bytes + cold.cold.slots * cold.cold.slot_bytes
         assert used <= full.cache.slots * full.cache.slot_bytes
 
         tokens = np.random.RandomState(1).randint(0, 300, (1, 16))
@@ -61,6 +58,6 @@ def test_cold_precision_is_a_no_op_for_4bit_checkpoints(tmp_path):
     path = make_checkpoint(tmp_path / "q", "olmoe", quantize_bits=4)
     paged = load_paged(path, budget_for_slots(path, 8), 256, cold_precision="4bit")
     try:
-        assert paged.cache.cold is None and paged.stats.cold_slots == 0
+        assert paged.cold is None and paged.stats.cold_slots == 0
     finally:
         paged.close()

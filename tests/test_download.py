@@ -328,7 +328,9 @@ def test_catalogue_numbers_hold_together():
         assert abs(s.one_expert_bytes * s.num_experts - s.expert_bytes) < s.num_experts
         assert 0 < s.top_k < s.experts and e.source.startswith("estimate")
     qwen = entries["mlx-community/Qwen3-30B-A3B-4bit"].sizes
-    assert qwen.one_expert_bytes / 2**20 == pytest.approx(2.5, abs=0.05)  # NOTES.md table
+    assert qwen.one_expert_bytes / 2**20 == pytest.approx(
+        2.5, abs=0.05
+    )  # docs/field-notes.md table
     assert qwen.expert_bytes / 2**30 == pytest.approx(15.2, abs=0.05)
 
 
@@ -337,7 +339,7 @@ def test_verdicts_for_a_few_budgets():
     assert verdict(qwen, 24 * GB, 4096).verdict == "fits"
     paged = verdict(qwen, 8 * GB, 4096)
     assert paged.verdict == "paged" and "tokens/s" in paged.reason
-    # NOTES.md: 16 GB M4, 8 GB budget, 89-92% hits, 6.4 tok/s measured.
+    # docs/field-notes.md: 16 GB M4, 8 GB budget, 89-92% hits, 6.4 tok/s measured.
     assert 0.85 <= paged.hit_rate <= 0.93
     assert 4 <= paged.tokens_per_second <= 12
     smaller = verdict(qwen, 5 * GB, 4096)
@@ -368,7 +370,7 @@ def test_speed_estimate_is_sane_for_small_models_and_monotonic():
                      expert_float_values=2 * qwen.expert_float_values)  # fmt: skip
     deeper = verdict(deeper, 10**12, 4096)
     assert deeper.tokens_per_second < verdict(qwen, 10**12, 4096).tokens_per_second
-    # On a Mac (the checkpoint's dtype): near the 6.4-7.8 tok/s measured (NOTES.md).
+    # On a Mac (the checkpoint's dtype): near the 6.4-7.8 tok/s measured (docs/field-notes.md).
     mac = verdict(qwen, 8 * GB, 4096, compute_itemsize=None)
     assert 5 <= mac.tokens_per_second <= 8
 

@@ -93,22 +93,22 @@ def test_decode_counts_start_after_the_prompts_last_token(model):
     """mlx-lm runs the first decode step before it yields the first token: the decode
     counts must include it, and nothing of the prompt."""
     paged = open_paged(model, 6)
-    cache = paged.cache
+    run = paged.run
     engine = Engine(paged, "m", 256)
     prompt = "A prompt of several tokens, then a reply."
     prompt_tokens = len(engine.encode(prompt, chat_template=False))
     passes, counted = [0], []  # tokens through every layer; (tokens before, hits, misses)
-    count, next_tokens = cache.count, cache.next_tokens
+    count, passed = run.count, run.passed
 
     def logged_count(hits, misses, waited):
         counted.append((passes[0], hits, misses))
         count(hits, misses, waited)
 
-    def logged_next_tokens(n):
+    def logged_passed(n):
         passes[0] += n
-        next_tokens(n)
+        passed(n)
 
-    cache.count, cache.next_tokens = logged_count, logged_next_tokens
+    paged.cache.on_fetch, run.passed = logged_count, logged_passed
     try:
         for _ in engine.generate(prompt, max_tokens=5, chat_template=False):
             pass

@@ -26,7 +26,7 @@ def test_prefetch_accounting(tmp_path):
     assert prefetcher.issued > 0 and 0 < prefetcher.used <= prefetcher.issued
     assert stats.prefetch_used == prefetcher.used
     # Prediction scored against what the next layer really routed: width 3 of 16 per token.
-    assert 0 < stats.prediction_precision <= 1 and 0 < stats.prefetch_recall <= 1
+    assert 0 < stats.prefetch_precision <= 1 and 0 < stats.prefetch_recall <= 1
     # Demand misses, plus guesses read and never used: nothing else touched the disk.
     assert stats.bytes_read == (stats.misses + prefetcher.wasted) * expert_bytes
     assert hints == []
@@ -90,7 +90,7 @@ def test_demand_reads_do_not_wait_for_a_guess_under_way(tmp_path):
             layer.join(10)
     assert made_in_time and speculative_reading == [True]
     assert fetched and cache.resident(0, 3) and cache.resident(0, 5)
-    assert prefetcher.used == 1 and cache.stats.misses == 2
+    assert prefetcher.used == 1 and paged.stats.misses == 2
     paged.close()
 
 
@@ -107,7 +107,7 @@ def test_prediction_counts_are_per_run(tmp_path):
                     pass
             p, s = paged.cache.prefetcher, engine.stats
             results.append(
-                (p.predicted, p.correct, p.routed, s.prefetch_recall, s.prediction_precision)
+                (p.predicted, p.correct, p.routed, s.prefetch_recall, s.prefetch_precision)
             )
         finally:
             engine.close()

@@ -42,7 +42,7 @@ def test_round_trip(tmp_path):
     assert (back.num_experts, back.phase, back.model) == (8, "decode", "tiny")
     assert list(back.labels) == ["code", "prose"] and back.text[1] == "Once upon a time"
     assert back.label_source == "test"
-    # readable the way FORMAT.md promises: plain numpy, no pickle
+    # readable the way docs/trace-format.md promises: plain numpy, no pickle
     with np.load(tmp_path / "t.npz", allow_pickle=False) as z:
         assert z["expert_ids"].shape == (6, 2, 2) and z["offsets"].dtype == np.int64
 
@@ -128,7 +128,7 @@ def test_recorder_tokens_sequences_and_phase(tmp_path):
         recorder.record(layer, np.array([1, 2]), np.array([0.6, 0.4]), phase="prefill")
     recorder.save(tmp_path / "rec.npz")  # the recorder's phase: decode
     recorder.save(tmp_path / "prompts.npz", phase="prefill")
-    # One phase per file, as FORMAT.md allows, and each replays as it was routed.
+    # One phase per file, as docs/trace-format.md allows, and each replays as it was routed.
     trace = load_trace(tmp_path / "rec.npz")
     assert trace.expert_ids.shape == (2, 2, 2) and trace.phase == "decode"
     assert list(trace.offsets) == [0, 2] and trace.expert_ids[1, 0].tolist() == [5, 7]
@@ -164,20 +164,20 @@ def test_recorder_refuses_ragged_layers():
         TraceRecorder(num_experts=4).to_trace()
 
 
-def test_attach_recorder_hooks_the_cache():
-    cache = SimpleNamespace(on_tokens=None, phase="prefill")
+def test_attach_recorder_hooks_the_run():
+    cache = SimpleNamespace(on_tokens=None, phase="prefill")  # the run: its hook, its phase
     engine = SimpleNamespace(
-        paged=SimpleNamespace(cache=cache),
+        paged=SimpleNamespace(run=cache),
         info=SimpleNamespace(experts_per_layer=16, name="org/model"),
     )
     recorder = attach_recorder(engine, "hi")
-    cache.on_tokens(0, np.array([[[1, 2], [5, 6]]]))  # the prompt, tagged by the cache
+    cache.on_tokens(0, np.array([[[1, 2], [5, 6]]]))  # the prompt, tagged by the run
     cache.phase = "decode"
     cache.on_tokens(0, np.array([[[3, 4]]]))
     trace = recorder.to_trace()
     assert trace.model == "org/model" and trace.num_experts == 16 and trace.text[0] == "hi"
     assert trace.phase == "decode" and trace.expert_ids[:, 0].tolist() == [[3, 4]]
     assert recorder.to_trace("prefill").expert_ids[:, 0].tolist() == [[1, 2], [5, 6]]
-    engine.paged.cache = None
+    engine.paged.run = None
     with pytest.raises(ValueError, match="no routed experts"):
         attach_recorder(engine)

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {label:>26}: {base[key] * scale:.3f} -> {prefetch[key] * scale:.3f}")
     print(
         f"  prediction recall {prefetch['prefetch_recall']:.1%}, precision "
-        f"{prefetch['prediction_precision']:.1%}; guesses used "
+        f"{prefetch['prefetch_precision']:.1%}; guesses used "
         f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}"
     )
     if policies:

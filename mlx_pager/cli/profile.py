@@ -79,7 +79,7 @@ def measure_preload(engine, held_out, decode_tokens: int) -> dict[str, float]:
     engine.learn = False  # measure with the profile as it stands
     try:
         for mode, preload in (("without", False), ("with", True)):
-            engine.paged.cache.reset()
+            engine.paged.reset_cache()
             engine.last_task = ""
             hits = misses = 0
             for task, text in interleave(held_out):
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         train, held = split_held_out(pairs) if args.measure_preload else (pairs, [])
         by_task = run_prompts(engine, train, args.max_tokens, recorder)
         if recorder is not None:
-            engine.paged.cache.on_tokens = None  # the trace holds the profiled prompts only
+            engine.paged.run.on_tokens = None  # the trace holds the profiled prompts only
         preload = measure_preload(engine, held, args.decode_tokens) if held else None
         if preload is not None:
             engine.profiles.preload_hit = preload

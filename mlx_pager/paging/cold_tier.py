@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import numpy as np
 
 from ..storage.expert_map import Piece
-from .expert_cache import ExpertCache, piece_to_mx
+from .expert_cache import piece_to_mx
 from .paged_switch import Projection
 
 BITS = 4
@@ -53,22 +52,36 @@ def slot_bytes(layout: dict[str, tuple[tuple[int, ...], mx.Dtype]]) -> int:
     return sum(math.prod(shape) * dtype.size for shape, dtype in layout.values())
 
 
-class LowBitCache(ExpertCache):
-    def __init__(self, *args, source: dict[str, Projection], **kwargs):
+class LowBitFormat:
+    """Slots that hold a 4-bit copy of an expert, made as it is read: the cold tier is an
+    ``ExpertCache`` with this format (and its own policy and counts)."""
+
+    def __init__(
+        self,
+        source: dict[str, Projection],
+        params: list[str],
+        shapes: dict[str, tuple[int, ...]],
+        dtypes: dict[str, mx.Dtype],
+    ):
         self.source = source  # how the checkpoint stores each projection
-        super().__init__(*args, **kwargs)
+        self.params = params
+        self.shapes = shapes
+        self.dtypes = dtypes
         self.projections = {
             name: Projection(True, spec.has_bias, GROUP_SIZE, BITS, "affine")
             for name, spec in source.items()
         }
 
-    def pool_layout(self) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
+    def layout(self) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
         return low_bit_layout(self.source, self.shapes, self.dtypes)
 
-    def write(self, slot: int, pieces: dict[str, Piece], buffers: list[np.ndarray]) -> None:
+    def write(
+        self, pools: dict[str, mx.array], slot: int, pieces: dict[str, Piece], buffers: list
+    ) -> None:
+        """Dequantise (if stored quantised) and requantise to 4 bits, into the slot."""
         arrays = {
             p: piece_to_mx(buf, pieces[p], self.shapes[p], self.dtypes[p])
-            for p, buf in zip(self.map.params, buffers, strict=True)
+            for p, buf in zip(self.params, buffers, strict=True)
         }
         for name, spec in self.source.items():
             weight = arrays[f"{name}.weight"]
@@ -81,22 +94,10 @@ class LowBitCache(ExpertCache):
                     spec.bits,
                     mode=spec.mode,
                 )
-            scales_dtype = self.pools[f"{name}.scales"].dtype
+            scales_dtype = pools[f"{name}.scales"].dtype
             q, scales, biases = mx.quantize(weight.astype(scales_dtype), GROUP_SIZE, BITS)
-            self.pools[f"{name}.weight"][slot] = q
-            self.pools[f"{name}.scales"][slot] = scales
-            self.pools[f"{name}.biases"][slot] = biases
+            pools[f"{name}.weight"][slot] = q
+            pools[f"{name}.scales"][slot] = scales
+            pools[f"{name}.biases"][slot] = biases
             if spec.has_bias:
-                self.pools[f"{name}.bias"][slot] = arrays[f"{name}.bias"]
-
-    def count(self, hits: int, misses: int, waited: float) -> None:
-        with self.stats.lock:
-            self.stats.cold_hits += hits
-            self.stats.cold_misses += misses
-            self.stats.read_seconds += waited
-
-    def update_stats(self) -> None:
-        """The main cache reports the shared reader's bytes."""
-
-    def reset_counters(self) -> None:
-        pass
+                pools[f"{name}.bias"][slot] = arrays[f"{name}.bias"]

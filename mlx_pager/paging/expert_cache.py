@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from ..stats import Stats
 from ..storage.expert_map import ExpertMap, Piece
 from ..storage.readers import Reader
 from .policies import Policy
@@ -49,18 +48,48 @@ def piece_to_mx(buf: np.ndarray, piece: Piece, shape: tuple[int, ...], dtype: mx
     return array if array.dtype == dtype else array.astype(dtype)
 
 
+class StoredFormat:
+    """Slots that hold an expert as the checkpoint stores it (the default format)."""
+
+    def __init__(
+        self,
+        params: list[str],
+        shapes: dict[str, tuple[int, ...]],
+        dtypes: dict[str, mx.Dtype],
+        projections: dict,
+    ):
+        self.params = params
+        self.shapes = shapes
+        self.dtypes = dtypes
+        self.projections = projections  # name -> paged_switch.Projection, for compute
+
+    def layout(self) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
+        """Shape and dtype of one slot of each pool."""
+        return {p: (self.shapes[p], self.dtypes[p]) for p in self.params}
+
+    def write(
+        self, pools: dict[str, mx.array], slot: int, pieces: dict[str, Piece], buffers: list
+    ) -> None:
+        """One expert's bytes into its slot of every pool."""
+        for param, buf in zip(self.params, buffers, strict=True):
+            pool = pools[param]
+            pool[slot] = piece_to_mx(buf, pieces[param], self.shapes[param], pool.dtype)
+
+
 class ExpertCache:
+    """Slots and eviction. What a fetch found (hits, misses, time waited on reads) goes to
+    ``on_fetch``; replies, phases and traces are the ``PagingRun``'s business. The slot
+    format says what a slot holds: the expert as stored, or a low-bit copy (cold tier)."""
+
     def __init__(
         self,
         expert_map: ExpertMap,
         reader: Reader,
         slots: int,
         policy: Policy,
-        shapes: dict[str, tuple[int, ...]],
-        dtypes: dict[str, mx.Dtype],
-        stats: Stats,
+        slot_format: StoredFormat,
         staging_bytes: int = 16 * 2**20,
-        projections: dict | None = None,
+        on_fetch: Callable[[int, int, float], None] | None = None,
     ):
         if slots < 1:
             raise ValueError("The expert cache needs at least one slot.")
@@ -69,33 +98,20 @@ class ExpertCache:
         self.reader = reader
         self.slots = slots
         self.policy = policy
-        self.shapes = shapes
-        self.dtypes = dtypes
-        self.stats = stats
+        self.format = slot_format
+        self.projections = slot_format.projections
         self.staging_bytes = staging_bytes  # read buffers in flight, part of the headroom
-        self.projections = projections or {}  # name -> paged_switch.Projection, for compute
+        self.on_fetch = on_fetch
         self.pools = {
             name: mx.zeros((slots, *shape), dtype)
-            for name, (shape, dtype) in self.pool_layout().items()
+            for name, (shape, dtype) in slot_format.layout().items()
         }
         mx.eval(list(self.pools.values()))
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_in: list[tuple[int, int] | None] = [None] * slots
         self.free = list(range(slots - 1, -1, -1))
-        n_layers = len(expert_map.layer_paths)
-        stats.expert_counts = np.zeros((n_layers, expert_map.num_experts), np.int64)
-        self.on_tokens = None  # optional hook(layer, routed ids): trace recording
         self.prefetcher = None  # optional Prefetcher: guessed experts read ahead
-        self.cold = None  # optional LowBitCache: unimportant misses at 4 bits
-        self._bytes_at_reset = 0
         self.lock = threading.Lock()  # fetches and background preloads take turns
-        self.prompt_tokens = 0  # this run's first tokens, the prefill (see reset_counters)
-        self.tokens = 0  # tokens that went through every layer this run
-        self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
-
-    def pool_layout(self) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
-        """Shape and dtype of one slot of each pool: here, the experts as on disk."""
-        return {p: (self.shapes[p], self.dtypes[p]) for p in self.map.params}
 
     @property
     def slot_bytes(self) -> int:
@@ -112,11 +128,6 @@ class ExpertCache:
         ordered = np.concatenate([experts[hit], experts[~hit]])
         return [ordered[i : i + self.slots] for i in range(0, len(ordered), self.slots)]
 
-    def record_activations(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        """The access profiler: how many tokens each (layer, expert) served."""
-        with self.stats.lock:
-            self.stats.expert_counts[layer, experts] += counts
-
     def fetch(
         self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None
     ) -> np.ndarray:
@@ -131,25 +142,10 @@ class ExpertCache:
             return self._fetch(layer, experts, weights)
 
     def next_tokens(self, n: int) -> None:
-        """``n`` tokens went through every layer: age the policies that count tokens, and
-        note the counts when the prompt's last token is done (decode starts after it)."""
+        """``n`` tokens went through every layer: age the policies that count tokens."""
         with self.lock:
             for _ in range(n):
                 self.policy.next_token()
-        before, self.tokens = self.tokens, self.tokens + n
-        if before < self.prompt_tokens <= self.tokens:
-            with self.stats.lock:
-                self.prefill_counts = (self.stats.hits, self.stats.misses)
-        if self.cold is not None:
-            self.cold.next_tokens(n)
-
-    @property
-    def phase(self) -> str:
-        """Of the tokens going through the layers now: the prompt's, or generated ones.
-
-        Counted in tokens, not taken from mlx-lm's progress callback: it computes the
-        first generated token's pass before it reports the prompt done."""
-        return "prefill" if self.tokens < self.prompt_tokens else "decode"
 
     def _fetch(self, layer: int, experts: Sequence[int], weights) -> np.ndarray:
         keys = [(layer, int(e)) for e in experts]
@@ -162,7 +158,8 @@ class ExpertCache:
         waited = time.perf_counter() - start
         for i, key in enumerate(keys):
             self.policy.access_many(key, 1 if weights is None else round(float(weights[i])))
-        self.count(len(keys) - len(misses), len(misses), waited)
+        if self.on_fetch is not None:
+            self.on_fetch(len(keys) - len(misses), len(misses), waited)
         lut = np.zeros(self.map.num_experts, np.int32)
         for key in keys:
             lut[key[1]] = self.slot_of[key]
@@ -189,7 +186,6 @@ class ExpertCache:
                 for key in group:
                     self.policy.admit(key)
             loaded += len(group)
-        self.update_stats()
         return loaded
 
     def clear(self) -> None:
@@ -206,35 +202,6 @@ class ExpertCache:
         self.clear()
         with self.lock:
             self.policy = type(self.policy)()
-        if self.cold is not None:
-            self.cold.reset()
-
-    def count(self, hits: int, misses: int, waited: float) -> None:
-        with self.stats.lock:
-            self.stats.hits += hits
-            self.stats.misses += misses
-            self.stats.read_seconds += waited
-        self.update_stats()
-
-    def update_stats(self) -> None:
-        """Copy the reader's and the prefetcher's counters into the shared stats."""
-        with self.stats.lock:
-            self.stats.bytes_read = self.reader.bytes_read - self._bytes_at_reset
-            p = self.prefetcher
-            if p is not None:
-                self.stats.prefetch_issued = p.issued
-                self.stats.prefetch_used = p.used
-                self.stats.prefetch_recall = p.recall
-                self.stats.prediction_precision = p.precision
-
-    def reset_counters(self, prompt_tokens: int = 0) -> None:
-        """Start a new run's byte, token and prefetch counts (the stats were reset); its
-        first ``prompt_tokens`` tokens are the prefill."""
-        self._bytes_at_reset = self.reader.bytes_read
-        self.prompt_tokens, self.tokens = prompt_tokens, 0
-        self.prefill_counts = None if prompt_tokens else (0, 0)
-        if self.prefetcher is not None:
-            self.prefetcher.reset_counts()
 
     def _claim(self, pinned: set[tuple[int, int]]) -> int:
         if self.free:
@@ -285,17 +252,12 @@ class ExpertCache:
         mx.eval(list(self.pools.values()))
 
     def _place(self, key: tuple[int, int], slot: int, buffers: list[np.ndarray]) -> None:
-        self.write(slot, self.map.expert_pieces(*key), buffers)
+        self.format.write(self.pools, slot, self.map.expert_pieces(*key), buffers)
         self.slot_of[key] = slot
         self.key_in[slot] = key
 
-    def write(self, slot: int, pieces: dict[str, Piece], buffers: list[np.ndarray]) -> None:
-        """One expert's bytes into its slot of every pool."""
-        for param, buf in zip(self.map.params, buffers, strict=True):
-            pool = self.pools[param]
-            pool[slot] = piece_to_mx(buf, pieces[param], self.shapes[param], pool.dtype)
-
     def close(self) -> None:
+        """Stop the prefetcher and close the files (the reader is the model's own)."""
         if self.prefetcher is not None:
             self.prefetcher.close()
-        self.reader.close()  # shared with the cold cache, if any
+        self.reader.close()

@@ -24,12 +24,13 @@ from ..stats import Stats
 from ..storage.checkpoint import index_checkpoint, kv_bytes_per_layer_token, text_config
 from ..storage.expert_map import ExpertMap, build_expert_map
 from ..storage.readers import make_reader
-from .cold_tier import LowBitCache, cold_eligible, low_bit_layout, slot_bytes
-from .expert_cache import ExpertCache
+from .cold_tier import LowBitFormat, cold_eligible, slot_bytes
+from .expert_cache import ExpertCache, StoredFormat
 from .paged_switch import SWITCH_TYPES, PagedSwitch, describe_projections, expert_param_shapes
 from .policies import DEFAULT_POLICY, make_policy
 from .prefetch import Prefetcher
 from .router import find_router
+from .run import PagingRun
 
 # Architectures tested end to end with tiny checkpoints (tests/test_exact.py).
 TESTED_ARCHITECTURES = (
@@ -65,10 +66,18 @@ class PagedModel:
     plan: BudgetPlan
     cache: ExpertCache | None  # None: a model without routed experts, fully resident
     stats: Stats
+    run: PagingRun | None = None  # what the current reply did with the paged layers
+    cold: ExpertCache | None = None  # the cold tier's 4-bit slots (cold_precision = "4bit")
 
     @property
     def paged(self) -> bool:
         return self.cache is not None
+
+    def reset_cache(self) -> None:
+        """Evict everything, policies afresh: runs compared from the same state."""
+        for cache in (self.cache, self.cold):
+            if cache is not None:
+                cache.reset()
 
     def close(self) -> None:
         if self.cache is not None:
@@ -316,50 +325,40 @@ def load_paged(
     """Open a checkpoint folder under a byte budget; see the module docstring."""
     layout = inspect_model(model_path, context_length, compute_dtype)
     plan = check_budget(layout.plan(budget_bytes))
-    model, stats, cache = layout.model, Stats(), None
+    model, stats, cache, cold, run = layout.model, Stats(), None, None, None
     if layout.switches:
         reader = make_reader(read_path, layout.expert_map.files())
+        run = PagingRun(stats, reader, layout.moe_layers, layout.experts_per_layer)
         projections = describe_projections(layout.switches[0][1])
-        common = (layout.expert_map, reader)
-        sizes = (layout.shapes, layout.pool_dtypes, stats)
+        params = layout.expert_map.params
+        stored = StoredFormat(params, layout.shapes, layout.pool_dtypes, projections)
         slots, cold_slots = plan.slots, 0
         use_cold = cold_precision == "4bit" and cold_eligible(projections)
         if use_cold and plan.slots > layout.top_k:
             # A quarter of the expert bytes buys 4-bit slots for unimportant misses.
             slots = max(layout.top_k, plan.slots * 3 // 4)
-            cold_layout = low_bit_layout(projections, layout.shapes, layout.pool_dtypes)
-            cold_slots = (plan.slots - slots) * layout.expert_bytes // slot_bytes(cold_layout)
-        cache = ExpertCache(
-            *common,
-            slots,
-            make_policy(policy),
-            *sizes,
-            staging_bytes=plan.headroom_bytes // 4,
-            projections=projections,
-        )
+            low = LowBitFormat(projections, params, layout.shapes, layout.pool_dtypes)
+            cold_slots = (plan.slots - slots) * layout.expert_bytes // slot_bytes(low.layout())
+        staging = plan.headroom_bytes // 4
+        cache = ExpertCache(layout.expert_map, reader, slots, make_policy(policy), stored,
+                            staging, on_fetch=run.count)  # fmt: skip
         if cold_slots:
-            cache.cold = LowBitCache(
-                *common,
-                cold_slots,
-                make_policy("lru"),
-                *sizes,
-                staging_bytes=plan.headroom_bytes // 4,
-                source=projections,
-            )
+            cold = ExpertCache(layout.expert_map, reader, cold_slots, make_policy("lru"), low,
+                               staging, on_fetch=run.count_cold)  # fmt: skip
         routers = [
             find_router(_module(model, path.rsplit(".", 1)[0])) for path, _ in layout.switches
         ]
         if prefetch:
             # Guess each token's top-k only: on the bench model a top-1.5k window read 4x
             # the bytes for few extra hits (misses are the unlikely experts, by definition).
-            cache.prefetcher = Prefetcher(
-                layout.expert_map, reader, plan.headroom_bytes // 4, layout.top_k
+            cache.prefetcher = run.prefetcher = Prefetcher(
+                layout.expert_map, reader, staging, layout.top_k
             )
         # Swap before anything is evaluated: the stacked expert arrays are dropped unread.
         for layer, (path, original) in enumerate(layout.switches):
             next_router = routers[layer + 1] if layer + 1 < len(routers) else None
-            paged = PagedSwitch(original, layer, cache, routers[layer], next_router)
-            _set_module(model, path, paged)
+            switch = PagedSwitch(original, layer, cache, run, routers[layer], next_router, cold)
+            _set_module(model, path, switch)
     mx.eval(model.parameters())  # the dense core, and nothing else
     mx.set_cache_limit(plan.headroom_bytes // 4)
 
@@ -368,7 +367,7 @@ def load_paged(
     stats.kv_bytes = plan.kv_bytes
     stats.headroom_bytes = plan.headroom_bytes
     stats.slots = cache.slots if cache else 0
-    stats.cold_slots = cache.cold.slots if cache and cache.cold else 0
+    stats.cold_slots = cold.slots if cold else 0
     stats.cache_bytes = plan.cache_bytes if cache else 0
     tokenizer = load_tokenizer(layout.path, eos_token_ids=layout.config.get("eos_token_id"))
-    return PagedModel(model, tokenizer, layout.config, layout.path, plan, cache, stats)
+    return PagedModel(model, tokenizer, layout.config, layout.path, plan, cache, stats, run, cold)

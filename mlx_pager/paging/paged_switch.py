@@ -25,6 +25,7 @@ from mlx_lm.models.switch_layers import (
 
 from .expert_cache import ExpertCache
 from .router import router_scores
+from .run import PagingRun
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 
@@ -75,8 +76,10 @@ class PagedSwitch(nn.Module):
         original: nn.Module,
         layer: int,
         cache: ExpertCache,
+        run: PagingRun,
         router: nn.Module | None = None,
         next_router: nn.Module | None = None,
+        cold: ExpertCache | None = None,
     ):
         super().__init__()
         self.glu = isinstance(original, SwitchGLU)
@@ -84,6 +87,8 @@ class PagedSwitch(nn.Module):
         # Plain attributes, not module children: they hold no parameters.
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "cache", cache)
+        object.__setattr__(self, "run", run)  # what this reply did: counts, phase, hook
+        object.__setattr__(self, "cold", cold)  # the cold tier, when cold_precision is 4bit
         object.__setattr__(self, "router", router)  # this layer's: router weights
         object.__setattr__(self, "next_router", next_router)  # the next layer's: guesses
         object.__setattr__(self, "last", next_router is None)  # ends a pass: tokens done
@@ -135,7 +140,7 @@ class PagedSwitch(nn.Module):
         return x.squeeze(-2)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        cache, prefetcher, cold = self.cache, self.cache.prefetcher, self.cache.cold
+        cache, run, cold, prefetcher = self.cache, self.run, self.cold, self.cache.prefetcher
         # One host sync for this layer's choices, the next layer's guess and the weights:
         # the pager must know the experts before it computes them.
         wanted = {"indices": indices}
@@ -150,10 +155,8 @@ class PagedSwitch(nn.Module):
         experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
         requests = np.zeros(int(experts[-1]) + 1)  # tokens routed to each expert
         requests[experts] = counts
-        cache.record_activations(self.layer, experts, counts)
+        run.routed(self.layer, routed, experts, counts)
         experts = flat[np.sort(first)]  # routing order: recency policies see what happened
-        if cache.on_tokens is not None:
-            cache.on_tokens(self.layer, routed)
         low = np.zeros(0, experts.dtype)
         if "probs" in wanted:
             low = self._unimportant_misses(routed, experts, np.array(wanted["probs"]))
@@ -167,12 +170,16 @@ class PagedSwitch(nn.Module):
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
         if self.last:
-            cache.next_tokens(flat.size // routed.shape[-1])
+            n = flat.size // routed.shape[-1]
+            cache.next_tokens(n)
+            if cold is not None:
+                cold.next_tokens(n)
+            run.passed(n)
         if prefetcher is not None:
             prefetcher.finish(self.layer, routed)
             if guess is not None:  # read while this layer computes
                 prefetcher.issue(self.layer + 1, guess, cache.resident)
-            cache.update_stats()
+            run.sync()
         return y
 
     def _unimportant_misses(

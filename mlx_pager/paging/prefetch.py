@@ -1,7 +1,7 @@
 """Next-layer prefetch: guess layer L+1's experts from layer L's input, read them early.
 
 Layer L+1's router applied to layer L's MoE input recovers most of L+1's choices
-(NOTES.md: 98% of Qwen3-30B's top-8 within a top-12 window). The guesses are read on a
+(docs/field-notes.md: 98% of Qwen3-30B's top-8 within a top-12 window). The guesses are read on a
 thread of their own while layer L computes, into buffers bounded by a byte budget (part
 of the headroom), never into cache slots: a wrong guess costs bandwidth, not memory or
 evictions. Demand reads use the reader's own pool, so they never queue behind guesses: a

@@ -83,7 +83,7 @@ def bench_paged(
             "tokens": s.prompt_tokens + s.generation_tokens,
             "prefetch": prefetch,
             "prefetch_recall": s.prefetch_recall,
-            "prediction_precision": s.prediction_precision,
+            "prefetch_precision": s.prefetch_precision,
             "prefetch_used": s.prefetch_used,
             "prefetch_issued": s.prefetch_issued,
         }

@@ -1,6 +1,6 @@
 """Routing traces: which experts each token chose at each MoE layer, in the shared format.
 
-The format (``../shared/traces/FORMAT.md``) is one ``.npz``: ``expert_ids`` int16
+The format (``docs/trace-format.md``) is one ``.npz``: ``expert_ids`` int16
 ``[T, L, K]`` (-1 = not recorded), optional ``weights`` float32 ``[T, L, K]``,
 ``offsets`` int64 ``[S+1]`` (sequence boundaries), optional ``labels``/``text`` ``[S]``,
 and scalars ``num_experts``, ``phase`` (``prefill`` or ``decode``), ``model``, optional
@@ -113,7 +113,7 @@ def load_trace(path: str | Path) -> Trace:
         missing = [k for k in REQUIRED_KEYS if k not in data.files]
         if missing:
             raise ValueError(
-                f"{path} is missing {', '.join(missing)}; see traces/FORMAT.md for the keys"
+                f"{path} is missing {', '.join(missing)}; see docs/trace-format.md for the keys"
             )
         try:
             trace = Trace(
@@ -174,7 +174,7 @@ class TraceRecorder:
     ``record(layer, ids, weights, phase)`` takes one token's ``[K]`` choices or a prefill
     chunk's ``[..., K]``, of the prompt (``"prefill"``) or of the reply (``"decode"``;
     ``attach_recorder`` asks the cache which); a token is complete when every layer has
-    recorded it. A trace holds one phase (FORMAT.md), so ``to_trace`` and ``save`` write
+    recorded it. A trace holds one phase (docs/trace-format.md), so ``to_trace`` and ``save`` write
     the recorder's ``phase`` unless told the other. ``end_sequence`` closes a prompt (the
     next record starts a new one) in both.
     """
@@ -254,18 +254,18 @@ def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
 
 
 def attach_recorder(engine, text: str | None = None, phase: str = "decode") -> TraceRecorder:
-    """Record every routed token of ``engine`` from now on (its cache's ``on_tokens`` hook),
-    each tagged with the phase the cache is in; ``save`` writes ``phase``'s tokens (by
+    """Record every routed token of ``engine`` from now on (its run's ``on_tokens`` hook),
+    each tagged with the phase the run is in; ``save`` writes ``phase``'s tokens (by
     default the reply's, the ones a paged model waits on token by token)."""
-    cache = engine.paged.cache
-    if cache is None:
+    run = engine.paged.run
+    if run is None:
         raise ValueError("This model has no routed experts: there is no routing to record.")
     recorder = TraceRecorder(
         engine.info.experts_per_layer, engine.info.name, phase=phase, text=text or ""
     )
 
     def record(layer: int, expert_ids, weights=None) -> None:
-        recorder.record(layer, expert_ids, weights, phase=cache.phase)
+        recorder.record(layer, expert_ids, weights, phase=run.phase)
 
-    cache.on_tokens = record
+    run.on_tokens = record
     return recorder

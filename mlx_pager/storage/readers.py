@@ -163,7 +163,7 @@ READERS: dict[str, type[Reader]] = {"pread": PreadReader, "mmap": MmapReader}
 
 # Measured by `mlx-pager bench` on Linux (1.47 MB experts): cold, pread 1.6 ms against
 # 13.2 ms through mmap page faults; warm (page cache), mmap 0.55 ms against 0.64 ms. A pager
-# waits on cold reads, and NOTES.md reports the same order on macOS (2.8 ms vs 9.9 ms).
+# waits on cold reads, and docs/field-notes.md reports the same order on macOS (2.8 ms vs 9.9 ms).
 DEFAULT_READ_PATH = "pread"
 
 

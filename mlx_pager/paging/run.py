@@ -1,0 +1,91 @@
+"""What a reply did with the paged layers: hits and misses, bytes read, which phase the
+tokens are in, and the routing hook a trace recorder listens on.
+
+The expert cache holds slots and chooses evictions; it reports each fetch here and knows
+nothing of replies, phases or traces. One ``PagingRun`` per open model, restarted by the
+engine at the start of every reply (``start``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..stats import Stats
+from ..storage.readers import Reader
+
+# (layer, routed expert ids [..., k]) -> None: called for every MoE layer of every pass
+RoutingHook = Callable[[int, np.ndarray], None]
+
+
+class PagingRun:
+    def __init__(self, stats: Stats, reader: Reader, layers: int, experts: int):
+        self.stats = stats
+        self.reader = reader
+        self.prefetcher = None  # the Prefetcher, when one reads ahead: its counters
+        self.on_tokens: RoutingHook | None = None  # e.g. sim.trace.attach_recorder
+        self.prompt_tokens = 0  # this reply's first tokens: the prefill
+        self.tokens = 0  # tokens that went through every layer this reply
+        self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
+        self._bytes_at_start = 0
+        stats.expert_counts = np.zeros((layers, experts), np.int64)
+
+    def start(self, prompt_tokens: int = 0) -> None:
+        """A new reply (the stats were reset): its first ``prompt_tokens`` tokens are the
+        prefill; bytes, tokens and prefetch counts start from zero."""
+        self._bytes_at_start = self.reader.bytes_read
+        self.prompt_tokens, self.tokens = prompt_tokens, 0
+        self.prefill_counts = None if prompt_tokens else (0, 0)
+        if self.prefetcher is not None:
+            self.prefetcher.reset_counts()
+
+    @property
+    def phase(self) -> str:
+        """Of the tokens going through the layers now: the prompt's, or generated ones.
+
+        Counted in tokens, not taken from mlx-lm's progress callback: it computes the
+        first generated token's pass before it reports the prompt done."""
+        return "prefill" if self.tokens < self.prompt_tokens else "decode"
+
+    def routed(self, layer: int, routed: np.ndarray, experts: np.ndarray, counts: np.ndarray):
+        """A layer's routing: the access profiler counts how many tokens each expert
+        served, and the hook (a trace recorder) sees the choices."""
+        with self.stats.lock:
+            self.stats.expert_counts[layer, experts] += counts
+        if self.on_tokens is not None:
+            self.on_tokens(layer, routed)
+
+    def count(self, hits: int, misses: int, waited: float) -> None:
+        """A fetch of the full-precision cache (``ExpertCache.on_fetch``)."""
+        with self.stats.lock:
+            self.stats.hits += hits
+            self.stats.misses += misses
+            self.stats.read_seconds += waited
+        self.sync()
+
+    def count_cold(self, hits: int, misses: int, waited: float) -> None:
+        """A fetch of the cold tier's low-precision slots."""
+        with self.stats.lock:
+            self.stats.cold_hits += hits
+            self.stats.cold_misses += misses
+            self.stats.read_seconds += waited
+
+    def passed(self, n: int) -> None:
+        """``n`` tokens went through every layer; note the counts when the prompt's last
+        token is done (decode starts after it)."""
+        before, self.tokens = self.tokens, self.tokens + n
+        if before < self.prompt_tokens <= self.tokens:
+            with self.stats.lock:
+                self.prefill_counts = (self.stats.hits, self.stats.misses)
+
+    def sync(self) -> None:
+        """Copy the reader's and the prefetcher's counters into the stats."""
+        with self.stats.lock:
+            self.stats.bytes_read = self.reader.bytes_read - self._bytes_at_start
+            p = self.prefetcher
+            if p is not None:
+                self.stats.prefetch_issued = p.issued
+                self.stats.prefetch_used = p.used
+                self.stats.prefetch_recall = p.recall
+                self.stats.prefetch_precision = p.precision
