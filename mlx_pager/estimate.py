@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .budget import BudgetPlan, plan_budget
-from .storage.checkpoint import DTYPE_SIZES, index_checkpoint, kv_bytes_per_layer_token, text_config
+from .paging.kv_cache import kv_bytes_per_token
+from .storage.checkpoint import DTYPE_SIZES, declared_experts, declared_top_k, index_checkpoint
 
 if TYPE_CHECKING:
     from .paging.loader import ModelLayout
@@ -94,42 +95,20 @@ def is_expert_tensor(name: str) -> bool:
     return ".experts." in name or "switch_mlp" in name
 
 
-def _first(cfg: dict, *keys: str) -> int:
-    for key in keys:
-        if cfg.get(key):
-            return int(cfg[key])
-    return 0
-
-
-def kv_bytes_per_token(config: dict, itemsize: int = 2) -> int:
-    """KV cache per token over the full-attention layers (sliding windows and linear
-    attention layers are bounded, so they are left out: an estimate)."""
-    cfg = text_config(config)
-    layers = int(cfg.get("num_hidden_layers") or 0)
-    if cfg.get("layer_types"):
-        layers = sum(t == "full_attention" for t in cfg["layer_types"])
-    elif cfg.get("full_attention_interval"):
-        layers = layers // int(cfg["full_attention_interval"])
-    return kv_bytes_per_layer_token(config, itemsize) * layers
-
-
 def sizes_from_tensors(tensors: dict[str, tuple], config: dict) -> ModelSizes:
     """ModelSizes from ``{name: (nbytes, shape, dtype)}`` of every tensor (``dtype`` as in
     safetensors, "BF16"; without it a tensor counts as not floating point) and the config."""
-    cfg = text_config(config)
     expert = {n: v for n, v in tensors.items() if is_expert_tensor(n)}
     dense = {n: v for n, v in tensors.items() if n not in expert}
     expert_bytes = sum(v[0] for v in expert.values())
     total = sum(v[0] for v in tensors.values())
     layers = {_layer_index(n) for n in expert} - {None}
-    experts = _first(cfg, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    experts = declared_experts(config)
     if not experts and expert:
         per_expert = {n.split(".experts.")[1].split(".")[0] for n in expert if ".experts." in n}
         digits = {e for e in per_expert if e.isdigit()}
         experts = len(digits) or max(v[1][0] for v in expert.values() if v[1])
-    top_k = _first(
-        cfg, "num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_top_k"
-    )
+    top_k = declared_top_k(config)
     units = len(layers) * experts
     dense_float, dense_values = _floats(dense)
     expert_float, expert_values = _floats(expert)

@@ -120,12 +120,12 @@ def test_unsupported_architecture(good, tmp_path):
 def test_moe_without_switch_layers_is_refused(tmp_path, monkeypatch, found_by):
     """DBRX keeps its expert count in ``ffn_config`` and its experts in a list of MLPs:
     it must not load as a dense model with every expert resident."""
-    import mlx_pager.paging.loader as loader
+    import mlx_pager.storage.checkpoint as checkpoint
 
     path = make_checkpoint(tmp_path / "dbrx", "dbrx")
     what = "8 routed experts per layer"  # ffn_config.moe_num_experts
     if found_by == "modules":  # a config that names its experts in a way nobody knows
-        monkeypatch.setattr(loader, "EXPERT_COUNT_KEYS", ())
+        monkeypatch.setattr(checkpoint, "EXPERT_COUNT_KEYS", ())
         what = "routed experts"
     with pytest.raises(
         ValueError,

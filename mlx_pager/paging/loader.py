@@ -21,11 +21,12 @@ from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from ..budget import BudgetPlan, check_budget, plan_budget
 from ..stats import Stats
-from ..storage.checkpoint import index_checkpoint, kv_bytes_per_layer_token, text_config
+from ..storage.checkpoint import declared_experts, declared_top_k, index_checkpoint
 from ..storage.expert_map import ExpertMap, build_expert_map
 from ..storage.readers import make_reader
 from .cold_tier import LowBitFormat, cold_eligible, slot_bytes
 from .expert_cache import ExpertCache, StoredFormat
+from .kv_cache import kv_cache_bytes
 from .paged_switch import SWITCH_TYPES, PagedSwitch, describe_projections, expert_param_shapes
 from .policies import DEFAULT_POLICY, make_policy
 from .prefetch import Prefetcher
@@ -42,9 +43,6 @@ TESTED_ARCHITECTURES = (
     "gpt_oss",
     "qwen3_5_moe",
 )
-
-# Config keys that announce routed experts, whatever the architecture calls them.
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 # Module names and class-name words that mark an MoE block in any mlx-lm model file.
 EXPERT_MODULE_NAMES = ("experts", "moe", "block_sparse_moe")
@@ -109,19 +107,6 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(owner, last, module)
 
 
-def declared_experts(config: dict) -> int:
-    """Routed experts per layer the config announces, also nested one level down (DBRX
-    keeps ``moe_num_experts`` in ``ffn_config``); 0 for a dense model."""
-    cfg = text_config(config)
-    scopes = [cfg, *(v for v in cfg.values() if isinstance(v, dict))]
-    for scope in scopes:
-        for key in EXPERT_COUNT_KEYS:
-            value = scope.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
-                return value
-    return 0
-
-
 def find_unpageable_moe(model: nn.Module) -> tuple[str, str] | None:
     """The first module that looks like an MoE block (by name or class), as (path, class):
     without a Switch layer it means experts mlx-pager cannot page."""
@@ -152,42 +137,20 @@ def _refuse_unpageable(model: nn.Module, config: dict) -> None:
     )
 
 
-def routed_top_k(config: dict) -> int:
-    cfg = text_config(config)
-    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "experts_per_token"):
-        if cfg.get(key):
-            return int(cfg[key])
-    return 1
-
-
-def estimate_kv_bytes(model: nn.Module, config: dict, context: int, itemsize: int) -> int:
-    """KV cache at ``context`` tokens: full-attention layers grow, windows and states don't."""
-    caches = model.make_cache() if hasattr(model, "make_cache") else None
-    per_token = kv_bytes_per_layer_token(config, itemsize)
-    if caches is None:
-        return len(model.layers) * context * per_token
-    total = 0
-    for cache in caches:
+def cache_kinds(model: nn.Module) -> list[tuple[str, int]] | None:
+    """Each layer's cache as the model makes it: ("full", 0), ("window", size) or
+    ("state", 0); None when the model makes plain KV caches for every layer."""
+    if not hasattr(model, "make_cache"):
+        return None
+    kinds = []
+    for cache in model.make_cache():
         if isinstance(cache, RotatingKVCache):
-            total += min(context, cache.max_size) * per_token
+            kinds.append(("window", cache.max_size))
         elif isinstance(cache, KVCache):
-            total += context * per_token
+            kinds.append(("full", 0))
         elif isinstance(cache, ArraysCache):
-            total += recurrent_state_bytes(config, itemsize)
-    return total
-
-
-def recurrent_state_bytes(config: dict, itemsize: int) -> int:
-    """One linear-attention layer's fixed state (Qwen3.5 / Qwen3-Next gated delta net): the
-    float32 state [value heads, value dim, key dim] plus the convolution's last inputs.
-    About 2 MiB a layer on Qwen3.5-35B-A3B; 1 MiB when the config does not say."""
-    cfg = text_config(config)
-    hv, dv = cfg.get("linear_num_value_heads"), cfg.get("linear_value_head_dim")
-    hk, dk = cfg.get("linear_num_key_heads"), cfg.get("linear_key_head_dim")
-    if not (hv and dv and hk and dk):
-        return 2**20
-    conv = (cfg.get("linear_conv_kernel_dim", 4) - 1) * (2 * hk * dk + hv * dv) * itemsize
-    return hv * dv * dk * 4 + conv
+            kinds.append(("state", 0))
+    return kinds
 
 
 def _is_float(a: mx.array) -> bool:
@@ -279,7 +242,7 @@ def inspect_model(
         dense = cast_floating(dense, dtype)
         model.update(dense)
     resident = sum(a.nbytes for _, a in tree_flatten(dense))
-    kv = estimate_kv_bytes(model, config, context_length, _float_itemsize(dense))
+    kv = kv_cache_bytes(config, context_length, _float_itemsize(dense), cache_kinds(model))
     if not switches:
         return ModelLayout(model, config, model_path, [], None, {}, {}, resident, kv, 0, 0, 1)
 
@@ -308,7 +271,7 @@ def inspect_model(
         kv,
         one_expert,
         num_experts,
-        routed_top_k(config),
+        declared_top_k(config) or 1,
     )
 
 

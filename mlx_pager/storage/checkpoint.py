@@ -42,6 +42,42 @@ def text_config(config: dict) -> dict:
     return {**config, **(config.get("text_config") or {})}
 
 
+# Config keys that announce routed experts, and experts per token, whatever the
+# architecture calls them: the one table the loader and the size estimate both read.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = (
+    "num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_top_k", "top_k",
+)  # fmt: skip
+
+
+def _config_int(scope: dict, keys: tuple[str, ...]) -> int:
+    for key in keys:
+        value = scope.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def declared_experts(config: dict) -> int:
+    """Routed experts per layer the config announces, also nested one level down (DBRX
+    keeps ``moe_num_experts`` in ``ffn_config``); 0 for a dense model."""
+    cfg = text_config(config)
+    for scope in [cfg, *(v for v in cfg.values() if isinstance(v, dict))]:
+        value = _config_int(scope, EXPERT_COUNT_KEYS)
+        if value > 1:
+            return value
+    return 0
+
+
+def declared_top_k(config: dict) -> int:
+    """Experts each token is routed to, as the config says; 0 when it does not say."""
+    cfg = text_config(config)
+    for scope in [cfg, *(v for v in cfg.values() if isinstance(v, dict))]:
+        if value := _config_int(scope, TOP_K_KEYS):
+            return value
+    return 0
+
+
 def kv_bytes_per_layer_token(config: dict, itemsize: int) -> int:
     """Keys and values of one token in one full-attention layer, as mlx-lm caches them."""
     cfg = text_config(config)
