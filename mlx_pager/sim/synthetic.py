@@ -187,7 +187,3 @@ def _save_weights(path: Path, weights: dict[str, mx.array], shards: int) -> None
         weight_map.update(dict.fromkeys(part, file))
     index = {"metadata": {}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
