@@ -173,3 +173,34 @@ def test_wheel_installs_and_runs_offline(tmp_path):
     path, calibration, catalogue = result.stdout.split()
     assert Path(path).is_relative_to(fresh) and calibration == catalogue == "True"
     assert Path(mlx_pager.__file__).is_relative_to(ROOT)  # this run's own: the checkout
+
+
+def test_every_imported_package_is_declared():
+    """What the code imports is a dependency in pyproject.toml (httpx2 was imported but
+    not declared)."""
+    import ast
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    declared = set()
+    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        declared.add(re.split(r"[<>=!;\[ ]", spec, maxsplit=1)[0].lower().replace("_", "-"))
+    owners = packages_distributions()
+    stdlib = sys.stdlib_module_names
+    missing = set()
+    for folder in ("mlx_pager", "app", "assets"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in stdlib or top.startswith("mlx_pager"):
+                        continue
+                    dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+                    if not dists & declared and not (top == "mlx" and "mlx" in declared):
+                        missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, sorted(missing)
