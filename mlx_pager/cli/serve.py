@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine import Engine
-    from ..serve.server import PagedServer, describe, is_local
+    from ..serve.server import PagedServer, describe, exposure_warning
     from ..serve.state import ServerState, remove_state, write_state
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s - %(levelname)s - %(message)s")
@@ -93,13 +93,9 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         engine.close()
         raise
-    if not is_local(args.host):
-        print(
-            f"warning: listening on {args.host}, not only this machine: anyone who can reach "
-            f"port {server.port} can use the model. mlx-lm's server has only basic security "
-            "checks; pass --host 127.0.0.1 to serve this machine alone.",
-            file=sys.stderr,
-        )
+    warning = exposure_warning(args.host, server.port)
+    if warning:
+        print(warning, file=sys.stderr)
     print(describe(server), file=sys.stderr, flush=True)
 
     def terminate(signum, frame):

@@ -56,8 +56,15 @@ MLX_LM_DEFAULTS = dict(
 )
 
 
-def is_local(host: str) -> bool:
-    return host in LOCAL_HOSTS
+def exposure_warning(host: str, port: int) -> str | None:
+    """What to tell a user who serves beyond this machine; None for a loopback host."""
+    if host in LOCAL_HOSTS:
+        return None
+    return (
+        f"warning: listening on {host}, not only on this machine: anyone who can reach "
+        f"port {port} can use the model. mlx-lm's server has only basic security "
+        "checks; pass --host 127.0.0.1 to serve this machine alone."
+    )
 
 
 class KVShare:
@@ -220,11 +227,54 @@ class Admission:
             self.count -= 1
 
 
+def error_body(status: int, message: str) -> dict:
+    """An error as OpenAI's API shapes it: clients show ``message`` to their user."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+class OpenAIErrors:
+    """The handler's output stream; rewrites mlx-lm's errors, ``{"error": "text"}`` or
+    plain text, into OpenAI's shape, which clients read the message from."""
+
+    def __init__(self, stream, handler: PagedAPIHandler):
+        self.stream, self.handler = stream, handler
+
+    def write(self, data: bytes) -> int:
+        status = self.handler.status
+        if status >= 400 and self.handler.headers_done:
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                payload = {"error": data.decode(errors="replace")}
+            if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+                data = json.dumps(error_body(status, payload["error"])).encode()
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 class PagedAPIHandler(APIHandler):
     """mlx-lm's request handler, plus: the model's one id, requests checked against the
     context length and the queue before they are queued, and the paging stats."""
 
     admission: Admission  # set on the subclass each server makes
+
+    status = 200  # of the response being written
+    headers_done = False  # the body is being written
+
+    def setup(self):
+        super().setup()
+        self.wfile = OpenAIErrors(self.wfile, self)
+
+    def _set_completion_headers(self, status_code: int = 200):
+        self.status, self.headers_done = status_code, False
+        super()._set_completion_headers(status_code)
+
+    def end_headers(self):
+        super().end_headers()
+        self.headers_done = True
 
     @property
     def provider(self) -> PagedModelProvider:
@@ -239,7 +289,7 @@ class PagedAPIHandler(APIHandler):
         self.wfile.flush()
 
     def _error(self, status: int, message: str) -> None:
-        self._send_json(status, {"error": message})
+        self._send_json(status, error_body(status, message))
 
     def do_GET(self):
         if self.path == STATS_PATH:
@@ -309,7 +359,8 @@ class PagedServer:
         self.prompt_cache = BudgetedPromptCache(args.prompt_cache_size, cache_bytes)
         self.provider = PagedModelProvider(args, engine)
         self.generator = PagedResponseGenerator(self.provider, self.prompt_cache, self.kv)
-        handler = type("Handler", (PagedAPIHandler,), {"admission": Admission(args.max_queued)})
+        self.admission = Admission(args.max_queued)
+        handler = type("Handler", (PagedAPIHandler,), {"admission": self.admission})
         family, *_, address = socket.getaddrinfo(
             args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -320,6 +371,12 @@ class PagedServer:
                 address[:2],
                 lambda *a, **kw: handler(self.generator, *a, system_fingerprint=fingerprint, **kw),
             )
+        except OSError as e:
+            self.generator.stop_and_join()
+            raise OSError(
+                f"Cannot listen on {args.host}:{args.port} ({e.strerror or e}): another "
+                "server may hold that port; pick another --port (0: any free one)."
+            ) from e
         except BaseException:
             self.generator.stop_and_join()
             raise
