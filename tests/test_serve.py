@@ -126,7 +126,11 @@ def test_concurrent_clients_get_their_own_replies(server, client):
 
 
 def test_prompt_cache_serves_the_next_turn_within_the_kv_share(server, client):
-    first = [{"role": "user", "content": "Name three colours of the sea at dusk."}]
+    # Past half the context: the next turn's KV cache and a copy of this one's would not
+    # both fit in the share; the next turn takes the cached entry instead of copying it.
+    document = "The colours of the sea change at dusk. " * 70
+    first = [{"role": "user", "content": document + "Name three of them."}]
+    assert 2 * len(server.engine.encode(first)) > CONTEXT
     reply = chat(client, first, max_tokens=12)
     turn = first + [
         {"role": "assistant", "content": reply},
@@ -135,7 +139,7 @@ def test_prompt_cache_serves_the_next_turn_within_the_kv_share(server, client):
     second = client.chat.completions.create(
         model="default_model", messages=turn, max_tokens=12, temperature=0
     )
-    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    assert second.usage.prompt_tokens_details.cached_tokens > CONTEXT // 2
     assert server.prompt_cache.nbytes <= server.kv.kv_bytes
 
     # A reply that may fill the context: the prompt cache gives way before it starts.

@@ -81,16 +81,40 @@ class KVShare:
 
 
 class BudgetedPromptCache(LRUPromptCache):
-    """mlx-lm's prompt cache; ``on_fetch`` learns how many prompt tokens a request still
-    has to read after the cached prefix (the prefill, for the engine's counters)."""
+    """mlx-lm's prompt cache, inside the KV share with the request being served.
 
-    on_fetch = None
+    A request that continues a cached sequence takes that entry (mlx-lm copies it, and
+    drops the original once the longer sequence is stored): one copy of the prefix, not
+    two. Then the rest is trimmed to what the request's own KV cache (``reserve`` bytes)
+    leaves of the share, and ``on_fetch`` learns how many prompt tokens are left to read.
+    """
+
+    def __init__(self, max_size: int, max_bytes: int, share: int):
+        super().__init__(max_size, min(max_bytes, share))
+        self.share = share  # the budget's KV bytes, for this cache and the reply together
+        self.reserve = 0
+        self.on_fetch = None
 
     def fetch_nearest_cache(self, model, tokens):
-        cache, rest = super().fetch_nearest_cache(model, tokens)
+        found = self._trie.search(model, tokens)
+        prefix = found.exact if found.exact is not None else found.shorter
+        longer_wins = found.longer is not None and found.common_prefix > len(prefix or ())
+        if prefix and not (found.exact is None and longer_wins):
+            cache, rest = self._take(found.model, prefix).prompt_cache, tokens[len(prefix) :]
+        else:  # nothing, or a longer sequence mlx-lm trims a copy of: its own way
+            cache, rest = super().fetch_nearest_cache(model, tokens)
+        self.trim_to(n_bytes=min(self.max_bytes, self.share - self.reserve))
         if self.on_fetch is not None:
             self.on_fetch(len(rest))
         return cache, rest
+
+    def _take(self, model, tokens):
+        """Remove an entry and return it, with the byte counts trim_to keeps."""
+        entry = self._trie.pop(model, tokens)
+        self._lru.remove(model, tokens)
+        self._n_bytes -= entry.nbytes
+        self._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+        return entry
 
 
 class RunMeter:
@@ -174,7 +198,7 @@ class PagedModelProvider(ModelProvider):
 
 class PagedResponseGenerator(ResponseGenerator):
     """mlx-lm's generator, serving one request at a time, with the prompt cache trimmed
-    before each to what the request's KV cache leaves of the budget's share."""
+    before each reply to what the reply's KV cache leaves of the budget's share."""
 
     def __init__(self, provider: PagedModelProvider, prompt_cache: BudgetedPromptCache, kv):
         self.kv = kv
@@ -189,8 +213,7 @@ class PagedResponseGenerator(ResponseGenerator):
         except Exception as e:
             rqueue.put(e)
             return
-        need = self.kv.bytes_for(len(prompt) + args.max_tokens)
-        self.prompt_cache.trim_to(n_bytes=self.kv.kv_bytes - need)
+        self.prompt_cache.reserve = self.kv.bytes_for(len(prompt) + args.max_tokens)
         meter = RunMeter(engine, rqueue, len(prompt), self.kv)
         self.prompt_cache.on_fetch = meter.begin
         self.active = meter
@@ -198,7 +221,7 @@ class PagedResponseGenerator(ResponseGenerator):
             super()._serve_single((meter, body, args), stream)
         finally:
             self.active = None
-            self.prompt_cache.on_fetch = None
+            self.prompt_cache.on_fetch, self.prompt_cache.reserve = None, 0
 
     def cancel_active(self) -> None:
         """Stop the reply being generated (when the server shuts down)."""
@@ -352,11 +375,10 @@ class PagedServer:
                 setattr(args, name, value)
         self.engine = engine
         self.kv = KVShare(engine.plan.kv_bytes, engine.context_length)
-        cache_bytes = self.kv.kv_bytes
-        if args.prompt_cache_bytes is not None:
-            cache_bytes = min(args.prompt_cache_bytes, cache_bytes)
-        args.prompt_cache_bytes = cache_bytes
-        self.prompt_cache = BudgetedPromptCache(args.prompt_cache_size, cache_bytes)
+        share = self.kv.kv_bytes
+        cache_bytes = share if args.prompt_cache_bytes is None else args.prompt_cache_bytes
+        self.prompt_cache = BudgetedPromptCache(args.prompt_cache_size, cache_bytes, share)
+        args.prompt_cache_bytes = self.prompt_cache.max_bytes
         self.provider = PagedModelProvider(args, engine)
         self.generator = PagedResponseGenerator(self.provider, self.prompt_cache, self.kv)
         self.admission = Admission(args.max_queued)
