@@ -297,6 +297,37 @@ class Engine:
             self.profiles.add(task, stats.expert_counts - counts_before)
             self.profiles.save()
 
+    def begin_run(self, prompt_tokens: int) -> None:
+        """Zero the run's counters for a reply that mlx-lm decodes itself (the server's):
+        ``prompt_tokens`` are the ones the model will read (the rest was cached)."""
+        self.stats.reset_run()
+        if self.paged.cache is not None:
+            self.paged.cache.reset_counters(prompt_tokens=prompt_tokens)
+
+    def note_progress(
+        self,
+        prompt_tokens: int,
+        generation_tokens: int,
+        prompt_tps: float,
+        decode_tps: float,
+        ttft_seconds: float,
+        kv_used_bytes: int,
+    ) -> None:
+        """Record a step of a reply decoded outside ``generate``, as ``generate`` does."""
+        stats, cache = self.stats, self.paged.cache
+        with stats.lock:
+            at_prefill = (cache.prefill_counts if cache else None) or (0, 0)
+            stats.decode_hits = stats.hits - at_prefill[0]
+            stats.decode_misses = stats.misses - at_prefill[1]
+            stats.prompt_tokens = prompt_tokens
+            stats.generation_tokens = generation_tokens
+            stats.prompt_tps = prompt_tps
+            stats.decode_tps = decode_tps
+            stats.ttft_seconds = ttft_seconds
+            stats.kv_used_bytes = kv_used_bytes
+            stats.peak_rss_bytes = max(peak_rss(), current_rss())
+            stats.peak_mlx_bytes = mx.get_peak_memory()
+
     def stop(self) -> None:
         self._stop.set()
 

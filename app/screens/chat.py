@@ -17,6 +17,8 @@ from textual.widgets import Button, Footer, Header, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 from textual.worker import get_current_worker
 
+from mlx_pager.serve.state import ServerState, running_server
+
 from ..conversations import Conversation, conversations_dir, save_conversation
 from ..messages import ReplyFailed, ReplyFinished, ReplyUpdated
 from ..text import clean, model_label
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 
     from mlx_pager.budget import BudgetPlan
     from mlx_pager.engine import Engine, ModelInfo
+
+SERVER_CHECK_SECONDS = 2.0
 
 WELCOME = (
     "**Ask anything.** Enter sends · Ctrl+J new line · ↑/↓ earlier prompts · "
@@ -99,6 +103,7 @@ class ChatScreen(Screen):
         self._stop_asked = threading.Event()  # Esc during this reply, kept for the worker
         self._stats_dirty = True
         self._prepare_timer: Timer | None = None
+        self._server: ServerState | None = None  # `mlx-pager serve` on the same data folder
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -121,9 +126,18 @@ class ChatScreen(Screen):
     def on_mount(self) -> None:
         self.watch(self.app, "engine_state", self._engine_changed)
         self.set_interval(self.app.config.stats_interval, self.refresh_stats)
+        self._check_server()
+        self.set_interval(SERVER_CHECK_SECONDS, self._check_server)
         self.query_one(PromptInput).focus()
 
     # -- engine state ---------------------------------------------------------------------
+
+    def _check_server(self) -> None:
+        """Show a server running from the same settings: a small file, read every few s."""
+        server = running_server(self.app.data_dir)
+        if server != self._server:
+            self._server = server
+            self._engine_changed()
 
     def _engine_changed(self, _state: object = None) -> None:
         app = self.app
@@ -132,11 +146,14 @@ class ChatScreen(Screen):
         label = app.model_title
         if app.engine_state.status == "ready" and app.engine is not None:
             info, plan = app.engine.info, app.engine.plan
-            status.update(f"● {label} · {info.model_type} · {short_verdict(info, plan)}")
+            line = f"● {label} · {info.model_type} · {short_verdict(info, plan)}"
         elif app.engine_state.status == "opening":
-            status.update(f"◌ opening {label}…")
+            line = f"◌ opening {label}…"
         else:
-            status.update(f"✕ {label}: not open")
+            line = f"✕ {label}: not open"
+        if self._server is not None:
+            line += f" · server running at {self._server.url}"
+        status.update(line)
         status.set_class(app.engine_state.status == "ready", "-ready")
         failed = app.engine_state.status == "error"
         error.update(

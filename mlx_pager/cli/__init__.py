@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("mlx_pager.cli.download", "download a model into the Hugging Face cache"),
     "models": ("mlx_pager.cli.models", "list models with their verdicts for the budget"),
     "simulate": ("mlx_pager.cli.simulate", "replay a routing trace against cache policies"),
+    "serve": ("mlx_pager.cli.serve", "serve the paged model over an OpenAI-compatible HTTP API"),
 }
 
 
