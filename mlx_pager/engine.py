@@ -240,6 +240,8 @@ class Engine:
         The reply ends (``finish_reason="length"``) where the context length is reached:
         the budget holds the KV cache of that many tokens and no more.
         ``ignore_eos``: never end early (benchmarks time a fixed number of tokens)."""
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a whole number from 1, not {max_tokens!r}.")
         self._stop.clear()
         if seed is not None:
             mx.random.seed(seed)
