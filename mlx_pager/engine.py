@@ -23,6 +23,7 @@ from .budget import BudgetPlan
 from .paging.loader import PagedModel, load_paged
 from .settings import Settings, load_settings
 from .stats import Stats, current_rss, peak_rss
+from .storage.checkpoint import read_config
 from .tasks.classifier import TaskClassifier
 from .tasks.profiles import MIN_PRELOAD_GAIN, TaskProfiles
 from .units import parse_bytes
@@ -119,6 +120,7 @@ class Engine:
         name = model or settings.last_model or default_model()
         path = resolve_model(name, cache_dir=cache_dir)
         budget_bytes = parse_bytes(budget) if budget else settings.budget_bytes()
+        read_config(path)  # the fields sized from, checked before mlx-lm builds the model
         paged = load_paged(
             path,
             budget_bytes,

@@ -88,7 +88,9 @@ def validate(trace: Trace, source: str = "trace") -> None:
             f"{source}: weights shape {trace.weights.shape} differs from expert_ids {ids.shape}"
         )
     off = trace.offsets
-    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != len(ids):
+    if off.ndim != 1:
+        raise ValueError(f"{source}: offsets must be a list of token positions, got {off.shape}")
+    if len(off) < 1 or off[0] != 0 or off[-1] != len(ids):
         raise ValueError(
             f"{source}: offsets must run from 0 to the {len(ids)} tokens, got "
             f"{off[:1].tolist()}..{off[-1:].tolist()} ({len(off)} values)"
