@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzz_targets import TARGETS  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from fuzz_targets import TARGETS
+from hypothesis import HealthCheck, given, settings
 
 
 def fuzz(name: str, cases: int, hang_s: float) -> collections.Counter:

@@ -22,6 +22,7 @@ import numpy as np
 import tomli_w
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from mlx_pager_app.conversations import load_conversation
 
 from mlx_pager.settings import Settings, load_settings, save_settings
 from mlx_pager.sim.trace import REQUIRED_KEYS, load_trace
@@ -34,7 +35,6 @@ from mlx_pager.storage.checkpoint import (
     text_config,
     weight_files,
 )
-from mlx_pager_app.conversations import load_conversation
 
 # ---- shared pieces -------------------------------------------------------------------
 

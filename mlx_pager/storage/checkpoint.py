@@ -243,10 +243,10 @@ def read_config(model_dir: Path) -> dict:
             if type(value) is not int or not low <= value <= high:
                 raise broken(f"{key} is {value!r}, not a whole number from {low} to {high}")
     cfg = text_config(config)
-    needs = {"num_attention_heads": ("head_dim", "hidden_size")}
+    needs = [("head_dim", "hidden_size")]  # each: one of these sizes the KV cache
     if cfg.get("kv_lora_rank"):  # MLA: key and value sizes come from their own fields
-        needs = {f: (f,) for f in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
-    for field, any_of in needs.items():
+        needs = [("qk_nope_head_dim",), ("qk_rope_head_dim",), ("v_head_dim",)]
+    for any_of in needs:
         if cfg.get("num_attention_heads") and not any(cfg.get(k) for k in any_of):
             raise broken(f"num_attention_heads is given but not {' or '.join(any_of)}")
     return config
