@@ -258,6 +258,7 @@ class Engine:
         stats.reset_run()
         cache = self.paged.cache
         if cache is not None:
+            cache.reader.refresh()  # a weight file replaced since the last reply: reopen it
             cache.reset_counters(prompt_tokens=len(tokens))  # decode counts start after
             task = self.prepare(prompt, preload, task)
             self.wait_preload()  # before the first forward pass writes to the cache
