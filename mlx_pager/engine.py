@@ -21,12 +21,11 @@ from mlx_lm.sample_utils import make_sampler
 from .assets import embedded_model
 from .budget import BudgetPlan
 from .paging.loader import PagedModel, load_paged
-from .settings import Settings, load_settings
+from .settings import Settings, check_budget, load_settings
 from .stats import Stats, current_rss, peak_rss
 from .storage.checkpoint import read_config
 from .tasks.classifier import TaskClassifier
 from .tasks.profiles import MIN_PRELOAD_GAIN, TaskProfiles
-from .units import parse_bytes
 
 DEFAULT_MODEL = embedded_model()
 
@@ -119,7 +118,7 @@ class Engine:
         settings = (settings or load_settings()).replace(**overrides)
         name = model or settings.last_model or default_model()
         path = resolve_model(name, cache_dir=cache_dir)
-        budget_bytes = parse_bytes(budget) if budget else settings.budget_bytes()
+        budget_bytes = check_budget(budget) if budget else settings.budget_bytes()
         read_config(path)  # the fields sized from, checked before mlx-lm builds the model
         paged = load_paged(
             path,

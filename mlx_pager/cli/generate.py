@@ -8,7 +8,15 @@ import sys
 
 from ..paging.policies import POLICIES
 from ..settings import CONTEXT_RANGE
-from .ranges import MAX_TOKENS_ARG, SEED_ARG, TEMP_ARG, TOP_P_ARG, byte_size, whole
+from .ranges import (
+    MAX_TOKENS_ARG,
+    SEED_ARG,
+    TEMP_ARG,
+    TOP_P_ARG,
+    byte_size,
+    check_budget_on_machine,
+    whole,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
+    if args.budget:
+        check_budget_on_machine(args.budget, "--budget")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = Engine.open(args.model, budget=args.budget, **overrides)
     recorder = None

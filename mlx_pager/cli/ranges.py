@@ -83,6 +83,23 @@ def capacity(text: str) -> str:
     return text
 
 
+def check_budget_on_machine(budget: str, name: str = "budget") -> None:
+    """Refuse a budget past this machine's memory, warn (stderr) past its safe share:
+    the rule and its words are machine.budget_warnings, shared with the app."""
+    import sys
+
+    from ..machine import budget_refused, budget_warnings, machine_memory
+
+    if budget == "auto":
+        return
+    machine = machine_memory(ask_gpu=False)
+    warnings = budget_warnings(parse_bytes(budget), machine)
+    if budget_refused(parse_bytes(budget), machine):
+        raise ValueError(f"{name} {budget}: {warnings[0]}")
+    for warning in warnings:
+        print(f"mlx-pager: warning: {name} {budget}: {warning}", file=sys.stderr)
+
+
 MAX_TOKENS_ARG = whole(1, MAX_TOKENS)
 SEED_ARG = whole(0, SEED_MAX)
 TEMP_ARG = real(0.0, 100.0)
