@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -51,17 +52,59 @@ def save_conversation(conversation: Conversation, folder: Path) -> Path:
     return write_atomic(folder / f"{conversation.id}.json", text.encode("utf-8"))
 
 
+class ConversationError(ValueError):
+    """A saved chat that cannot be read; the message names the file."""
+
+
+MAX_CONVERSATION_BYTES = 64 * 2**20  # a chat file larger than this is not one of ours
+ROLES = ("system", "user", "assistant")
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def load_conversation(path: Path) -> Conversation:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    messages = [
-        {"role": str(m["role"]), "content": str(m["content"])} for m in data.get("messages", [])
-    ]
+    """One saved chat, or ConversationError naming the file and what is wrong."""
+    path = Path(path)
+
+    def broken(what: str) -> ConversationError:
+        return ConversationError(
+            f"{path} is not a saved conversation ({what}): move it out of {path.parent} "
+            "or delete it."
+        )
+
+    if path.stat().st_size > MAX_CONVERSATION_BYTES:
+        raise broken(f"larger than {MAX_CONVERSATION_BYTES // 2**20} MiB")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise broken(f"not JSON: {e}") from None
+    except RecursionError:
+        raise broken("JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise broken("not a JSON object")
+    messages = data.get("messages", [])
+    if not isinstance(messages, list):
+        raise broken("messages is not a list")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise broken(f"message {i} has no role among {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise broken(f"message {i} has no text content")
+        checked.append({"role": m["role"], "content": m["content"]})
+    labels = {}
+    for key in ("id", "model", "created", "updated"):
+        value = data.get(key, "")
+        if not isinstance(value, str):
+            raise broken(f"{key} is not text")
+        labels[key] = value
+    if labels["id"] and not SAFE_ID.fullmatch(labels["id"]):
+        raise broken("its id is not a plain file name")  # saving it would write elsewhere
     return Conversation(
-        id=str(data.get("id") or path.stem),
-        model=str(data.get("model", "")),
-        created=str(data.get("created", "")),
-        updated=str(data.get("updated", "")),
-        messages=messages,
+        id=labels["id"] or path.stem,
+        model=labels["model"],
+        created=labels["created"],
+        updated=labels["updated"],
+        messages=checked,
     )
 
 
@@ -73,7 +116,7 @@ def list_conversations(folder: Path) -> list[Conversation]:
     for path in folder.glob("*.json"):
         try:
             found.append(load_conversation(path))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             continue
     return sorted(found, key=lambda c: (c.updated, c.id), reverse=True)
 

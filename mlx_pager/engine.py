@@ -21,11 +21,11 @@ from mlx_lm.sample_utils import make_sampler
 from .assets import embedded_model
 from .budget import BudgetPlan
 from .paging.loader import PagedModel, load_paged
-from .settings import Settings, load_settings
+from .settings import Settings, check_budget, load_settings
 from .stats import Stats, current_rss, peak_rss
+from .storage.checkpoint import read_config
 from .tasks.classifier import TaskClassifier
 from .tasks.profiles import MIN_PRELOAD_GAIN, TaskProfiles
-from .units import parse_bytes
 
 DEFAULT_MODEL = embedded_model()
 
@@ -118,7 +118,8 @@ class Engine:
         settings = (settings or load_settings()).replace(**overrides)
         name = model or settings.last_model or default_model()
         path = resolve_model(name, cache_dir=cache_dir)
-        budget_bytes = parse_bytes(budget) if budget else settings.budget_bytes()
+        budget_bytes = check_budget(budget) if budget else settings.budget_bytes()
+        read_config(path)  # the fields sized from, checked before mlx-lm builds the model
         paged = load_paged(
             path,
             budget_bytes,
@@ -241,6 +242,8 @@ class Engine:
         The reply ends (``finish_reason="length"``) where the context length is reached:
         the budget holds the KV cache of that many tokens and no more.
         ``ignore_eos``: never end early (benchmarks time a fixed number of tokens)."""
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a whole number from 1, not {max_tokens!r}.")
         self._stop.clear()
         if seed is not None:
             mx.random.seed(seed)
@@ -255,6 +258,7 @@ class Engine:
         stats.reset_run()
         cache = self.paged.cache
         if cache is not None:
+            cache.reader.refresh()  # a weight file replaced since the last reply: reopen it
             self.paged.run.start(prompt_tokens=len(tokens))  # decode counts start after
             task = self.prepare(prompt, preload, task)
             self.wait_preload()  # before the first forward pass writes to the cache

@@ -14,7 +14,7 @@ import tomli_w
 from .atomic import write_atomic
 from .machine import total_memory
 from .paging.policies import DEFAULT_POLICY, POLICIES
-from .units import parse_bytes
+from .units import format_bytes, parse_bytes
 
 APP_NAME = "mlx-pager"
 
@@ -23,6 +23,7 @@ COLD_PRECISIONS = ("full", "4bit")
 POLICY_NAMES = tuple(POLICIES)
 AUTO_BUDGET_SHARE = 0.6  # budget "auto": this share of the machine's memory
 CONTEXT_RANGE = (128, 1_048_576)  # tokens
+BUDGET_RANGE = (10**6, 10**15)  # 1 MB to 1 PB: a budget outside is a typo
 
 
 def check_context_length(value: object) -> int:
@@ -37,6 +38,22 @@ def check_context_length(value: object) -> int:
     if not low <= tokens <= high:
         raise ValueError(f"context_length must be between {low} and {high} tokens, not {tokens}.")
     return tokens
+
+
+def check_budget(value: str) -> int:
+    """A budget as bytes, in range, or ValueError saying the range."""
+    low, high = BUDGET_RANGE
+    try:
+        nbytes = parse_bytes(value)
+    except ValueError as e:
+        raise ValueError(
+            f"budget: {e} Or write auto ({AUTO_BUDGET_SHARE:.0%} of memory)."
+        ) from None
+    if not low <= nbytes <= high:
+        raise ValueError(
+            f"budget must be from {format_bytes(low)} to {format_bytes(high)}, not {value!r}."
+        )
+    return nbytes
 
 
 def config_dir() -> Path:
@@ -68,7 +85,10 @@ class Settings:
     def validate(self) -> None:
         """Raise ValueError with what to do, so a bad value never reaches the engine."""
         if self.budget != "auto":
-            parse_bytes(self.budget)
+            check_budget(self.budget)
+        for name in ("prefetch", "task_preload"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} takes true or false, not {getattr(self, name)!r}.")
         check_context_length(self.context_length)
         if self.read_path not in READ_PATHS:
             raise ValueError(f"read_path must be one of {', '.join(READ_PATHS)}.")
@@ -83,7 +103,7 @@ class Settings:
         if self.budget == "auto":
             memory = total_memory() if memory_bytes is None else memory_bytes
             return int(AUTO_BUDGET_SHARE * memory)
-        return parse_bytes(self.budget)
+        return check_budget(self.budget)
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed from text or values, type-converted and validated."""
@@ -98,12 +118,16 @@ class Settings:
                     raise ValueError(f"{name} takes true or false, not {value!r}.")
                 value = value.lower() in ("true", "on", "1", "yes")
             elif kind == "int":
+                if isinstance(value, bool) or not isinstance(value, (int, str)):
+                    raise ValueError(f"{name} takes a whole number, not {value!r}.")
                 try:
-                    value = int(value)  # type: ignore[arg-type]
-                except ValueError as e:
-                    raise ValueError(f"{name} takes a whole number, not {value!r}.") from e
-            else:
-                value = str(value) if kind == "str" else value
+                    value = int(value)
+                except ValueError:
+                    raise ValueError(f"{name} takes a whole number, not {value!r}.") from None
+            elif kind == "str":
+                if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                    raise ValueError(f"{name} takes text, not {value!r}.")
+                value = str(value)
             converted[name] = value
         new = dataclasses.replace(self, **converted)  # type: ignore[arg-type]
         new.validate()
@@ -116,15 +140,21 @@ def load_settings(path: Path | None = None) -> Settings:
     if not path.exists():
         return Settings()
     try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else e
         raise ValueError(
-            f"The settings file {path} is not valid TOML ({e}). Fix it or delete it to "
+            f"The settings file {path} is not valid TOML ({what}). Fix it or delete it to "
             "start from the defaults."
-        ) from e
+        ) from None
     known = {f.name for f in fields(Settings)}
-    settings = Settings().replace(**{k: v for k, v in data.items() if k in known})
-    return settings
+    try:
+        return Settings().replace(**{k: v for k, v in data.items() if k in known})
+    except ValueError as e:
+        raise ValueError(
+            f"The settings file {path} has a bad value: {e} Fix it with `mlx-pager settings "
+            "set NAME VALUE`, or delete the file to start from the defaults."
+        ) from None
 
 
 def save_settings(settings: Settings, path: Path | None = None) -> Path:

@@ -16,8 +16,10 @@ It speaks the few endpoints huggingface_hub 2.x calls for ``model_info``,
 Any folder can be served under any repo id (``add_repo``). Knobs for tests:
 ``throttle`` (bytes per second for file bodies), ``fail_after`` (drop the connection
 once after that many body bytes), ``api_delay`` (seconds before each API answer),
-``gated`` (repo ids that answer 401 GatedRepo) and
-``requests`` (every request seen, to assert ``Range`` resumes).
+``gated`` (repo ids that answer 401 GatedRepo), ``busy`` (statuses, such as 503, that the
+next file GETs answer, one each, with ``Retry-After: 0``), ``corrupt_resumes`` (a body
+sent for a ``Range`` from past byte 0 has its bytes inverted: the wrong bytes after a
+resume) and ``requests`` (every request seen, to assert ``Range`` resumes).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class HubServer:
     fail_after: int | None = None  # drop the next longer body after this many bytes
     api_delay: float = 0.0  # a slow Hub: seconds before each /api/ answer
     gated: set[str] = field(default_factory=set)
+    busy: list[int] = field(default_factory=list)  # statuses for the next file GETs
+    corrupt_resumes: bool = False  # invert the bytes of bodies that resume past byte 0
     _httpd: ThreadingHTTPServer | None = None
     _connections: set[socket.socket] = field(default_factory=set)
 
@@ -251,6 +255,10 @@ class _Handler(BaseHTTPRequestHandler):
         if f is None:
             self._error(404, "EntryNotFound", f"{name} does not exist on this revision", repo)
             return
+        if self.hub.busy and not head:
+            status = self.hub.busy.pop(0)
+            self._error(status, "", "The Hub is busy: try again later.", repo, retry_after=0)
+            return
         start, end = 0, f.size - 1
         status = 200
         if (rng := self.headers.get("Range")) and not head:
@@ -275,9 +283,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
-        self._body(f.path, start, end + 1)
+        self._body(f.path, start, end + 1, corrupt=self.hub.corrupt_resumes and start > 0)
 
-    def _body(self, path: Path, start: int, stop: int) -> None:
+    def _body(self, path: Path, start: int, stop: int, corrupt: bool = False) -> None:
         fail_after = self.hub.fail_after
         if fail_after is not None and stop - start > fail_after:
             self.hub.fail_after = None  # once: the retry gets the rest
@@ -290,6 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
                 fh.seek(start)
                 while start + sent < stop:
                     chunk = fh.read(min(CHUNK, stop - start - sent))
+                    if corrupt:
+                        chunk = bytes(b ^ 0xFF for b in chunk)
                     if fail_after is not None and sent + len(chunk) > fail_after:
                         self.wfile.write(chunk[: fail_after - sent])
                         self.wfile.flush()
@@ -315,9 +325,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, status: int, code: str, message: str, repo: HubRepo | None = None) -> None:
+    def _error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        repo: HubRepo | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         body = json.dumps({"error": message}).encode()
         self.send_response(status)
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         if code:
             self.send_header("X-Error-Code", code)
         self.send_header("X-Error-Message", message)

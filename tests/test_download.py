@@ -79,7 +79,7 @@ def sha(path) -> str:
 def test_allow_patterns_are_mlx_lms():
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-    assert ALLOW_PATTERNS == DEFAULT_ALLOW_PATTERNS
+    assert ALLOW_PATTERNS == [p for p in DEFAULT_ALLOW_PATTERNS if p != "*.py"]
 
 
 def test_plan_sizes_match_the_files(hub_server, moe_folder, hf_cache):

@@ -7,12 +7,18 @@ import json
 import tempfile
 from pathlib import Path
 
+from .ranges import MAX_TOKENS_ARG, fractions, whole
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint folder (default: build a 0.6 GB one)")
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--fractions", default="1.0,0.5,0.25", help="expert shares to hold")
-    parser.add_argument("--read-samples", type=int, default=64, help="experts per read test")
+    parser.add_argument("--max-tokens", type=MAX_TOKENS_ARG, default=48)
+    parser.add_argument(
+        "--fractions", type=fractions, default="1.0,0.5,0.25", help="expert shares to hold"
+    )
+    parser.add_argument(
+        "--read-samples", type=whole(1, 100_000), default=64, help="experts per read test"
+    )
     parser.add_argument(
         "--policies", action="store_true", help="also compare cache policies in the live engine"
     )
@@ -42,13 +48,13 @@ def run(args: argparse.Namespace) -> int:
         reads = bench_reads(path, args.read_samples)
         default = "pread" if reads["pread_cold_ms"] <= reads["mmap_cold_ms"] else "mmap"
         stock = bench_stock(path, args.max_tokens)
-        fractions = [float(f) for f in args.fractions.split(",")]
-        paged = [bench_paged(path, f, args.max_tokens, default) for f in fractions]
-        prefetch = bench_paged(path, min(fractions), args.max_tokens, default, prefetch=True)
+        shares = args.fractions
+        paged = [bench_paged(path, f, args.max_tokens, default) for f in shares]
+        prefetch = bench_paged(path, min(shares), args.max_tokens, default, prefetch=True)
         policies = None
         if args.policies:
             prompts = corpus_prompts(args.corpus, 12)
-            policies = bench_policies(path, min(fractions), prompts, args.max_tokens)
+            policies = bench_policies(path, min(shares), prompts, args.max_tokens)
     report = {
         "model": str(args.model or "synthetic"),
         "stock": stock,
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}"
     )
     if policies:
-        print(f"live hit rate per policy at {min(fractions):.0%} of experts, corpus prompts:")
+        print(f"live hit rate per policy at {min(shares):.0%} of experts, corpus prompts:")
         for name, hit in sorted(policies.items(), key=lambda kv: -kv[1]):
             print(f"  {name:>8}: {hit:.1%}")
     print(f"one expert = {reads['expert_bytes'] / 1e6:.2f} MB; median read time (ms):")

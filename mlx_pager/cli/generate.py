@@ -6,6 +6,18 @@ import argparse
 import json
 import sys
 
+from ..paging.policies import POLICIES
+from ..settings import CONTEXT_RANGE
+from .ranges import (
+    MAX_TOKENS_ARG,
+    SEED_ARG,
+    TEMP_ARG,
+    TOP_P_ARG,
+    byte_size,
+    check_budget_on_machine,
+    whole,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -14,13 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the last used model, else the embedded tiny model",
     )
     parser.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
-    parser.add_argument("--max-tokens", "-m", type=int, default=100)
-    parser.add_argument("--temp", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--budget", help="memory budget, e.g. 6GB (default: settings)")
-    parser.add_argument("--context-length", type=int, help="tokens the KV cache is sized for")
-    parser.add_argument("--policy", help="expert cache policy (default: settings)")
+    parser.add_argument("--max-tokens", "-m", type=MAX_TOKENS_ARG, default=100)
+    parser.add_argument("--temp", type=TEMP_ARG, default=0.0, help="0 is greedy (0 to 100)")
+    parser.add_argument("--top-p", type=TOP_P_ARG, default=1.0, help="above 0, up to 1")
+    parser.add_argument("--seed", type=SEED_ARG, default=None)
+    parser.add_argument(
+        "--budget", type=byte_size, help="memory budget, e.g. 6GB (default: settings)"
+    )
+    parser.add_argument(
+        "--context-length", type=whole(*CONTEXT_RANGE), help="tokens the KV cache is sized for"
+    )
+    parser.add_argument(
+        "--policy", choices=list(POLICIES), help="expert cache policy (default: settings)"
+    )
     parser.add_argument("--read-path", choices=["auto", "pread", "mmap"])
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--record-trace", metavar="FILE", help="save the routing as a trace")
@@ -39,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
+    if args.budget:
+        check_budget_on_machine(args.budget, "--budget")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = Engine.open(args.model, budget=args.budget, **overrides)
     recorder = None

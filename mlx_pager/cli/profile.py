@@ -19,20 +19,24 @@ import numpy as np
 
 from ..tasks.classifier import split_held_out
 from ..tasks.coverage import coverage_curve, layer_skew, task_coverage
+from .ranges import MAX_TOKENS_ARG, byte_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hub id or folder (default: the embedded model)")
     parser.add_argument("--prompts", required=True, help="JSONL {task, text} or text lines")
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per prompt")
-    parser.add_argument("--budget", help="memory budget (default: settings)")
+    parser.add_argument("--max-tokens", type=MAX_TOKENS_ARG, default=16, help="tokens per prompt")
+    parser.add_argument("--budget", type=byte_size, help="memory budget (default: settings)")
     parser.add_argument(
         "--measure-preload",
         action="store_true",
         help="measure task preloading on held-out prompts; save the verdict",
     )
     parser.add_argument(
-        "--decode-tokens", type=int, default=32, help="decode tokens after a task switch to score"
+        "--decode-tokens",
+        type=MAX_TOKENS_ARG,
+        default=32,
+        help="decode tokens after a task switch to score",
     )
     parser.add_argument(
         "--export-trace", metavar="FILE", help="save the prompts' routing as a prefill trace"

@@ -8,6 +8,7 @@ import json
 
 from ..settings import Settings, load_settings, save_settings, settings_path, total_memory
 from ..units import format_bytes
+from .ranges import check_budget_on_machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("settings set takes NAME VALUE pairs, e.g. `settings set budget 8GB`.")
         changes = dict(zip(args.pairs[::2], args.pairs[1::2], strict=True))
         settings = settings.replace(**changes)
+        if "budget" in changes:
+            check_budget_on_machine(settings.budget)
         save_settings(settings)
     elif args.action == "reset":
         settings = Settings()

@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..paging.policies import DEFAULT_POLICY, POLICIES
+from .ranges import capacity
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--capacity",
         required=True,
+        type=capacity,
         help="experts per layer (16) or a fraction of the layer's experts (0.25)",
     )
     parser.add_argument(

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # mlx-lm's own allow patterns (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS), copied so that
-# planning a download does not import mlx; a test checks they still agree.
+# planning a download does not import mlx; a test checks they still agree. Less "*.py":
+# a repository's code is never run here (no remote code is trusted), so never fetched.
 ALLOW_PATTERNS = [
     "*.json",
     "model*.safetensors",
-    "*.py",
     "tokenizer.model",
     "*.tiktoken",
     "tiktoken.model",

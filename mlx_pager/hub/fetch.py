@@ -9,7 +9,9 @@ Multi-GB shards over a home connection must resume, so each file is fetched here
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +25,10 @@ from .plan import TIMEOUT_S, DownloadPlan, RemoteFile, plan_download
 
 CHUNK_BYTES = 256 * 1024  # progress and cancel granularity
 RETRIES = 5  # dropped connections retried (with Range) within one call
-RETRY_WAIT_S = 0.5
+RETRY_WAIT_S = 0.5  # doubled after each failure in a row, up to MAX_WAIT_S
+MAX_WAIT_S = 30.0
+BUSY_STATUSES = (429, 500, 502, 503, 504)  # the Hub is busy or failing: retried
+SHA256 = re.compile(r"[0-9a-f]{64}")
 PROGRESS_INTERVAL_S = 0.1  # the one throttle: the CLI's bar and the app redraw per call
 
 # (done_bytes, total_bytes, current_file); done counts bytes already in the cache.
@@ -155,6 +160,18 @@ def _fetch_file(plan: DownloadPlan, f: RemoteFile, state: _Progress, token) -> N
                     "GET", url, headers=h, follow_redirects=True, timeout=TIMEOUT_S
                 )
                 with stream as r:
+                    if r.status_code in BUSY_STATUSES:
+                        r.read()
+                        failures += 1
+                        if failures > RETRIES:
+                            raise DownloadError(
+                                f"{plan.endpoint} answered {r.status_code} to {failures} "
+                                f"requests in a row for {f.name} of {plan.repo_id}: it is "
+                                "busy or failing. Try again later; what arrived is kept and "
+                                "resumes."
+                            )
+                        time.sleep(_wait(failures, r.headers.get("Retry-After")))
+                        continue
                     if r.status_code >= 400:
                         r.read()
                         hf_raise_for_status(r)
@@ -172,7 +189,7 @@ def _fetch_file(plan: DownloadPlan, f: RemoteFile, state: _Progress, token) -> N
                 failures = 1 if counted > have else failures + 1
                 if failures > RETRIES:
                     raise e
-                time.sleep(RETRY_WAIT_S)
+                time.sleep(_wait(failures))
                 continue
             failures += 1  # a clean but short response: ask again for the rest
         if not part.exists() or part.stat().st_size != f.size:
@@ -181,9 +198,36 @@ def _fetch_file(plan: DownloadPlan, f: RemoteFile, state: _Progress, token) -> N
                 f"{f.name} of {plan.repo_id} arrived with {got} bytes instead of {f.size}: "
                 "download again to resume."
             )
+        _verify(plan, f, part)
         os.replace(part, blob)
     finally:
         lock.release()
+
+
+def _wait(failures: int, retry_after: str | None = None) -> float:
+    """Exponential backoff; a server's Retry-After (seconds) is honoured up to the cap."""
+    wait = RETRY_WAIT_S * 2 ** (failures - 1)
+    if retry_after and retry_after.strip().isdigit():
+        wait = max(wait, float(retry_after))
+    return min(wait, MAX_WAIT_S)
+
+
+def _verify(plan: DownloadPlan, f: RemoteFile, part: Path) -> None:
+    """An LFS file's blob is named by its sha256: check the bytes before the name, so a
+    blob never claims content it does not hold. A mismatch discards the file."""
+    if not SHA256.fullmatch(f.etag):
+        return  # a git blob id (small text files): sha1 of a header and the bytes
+    digest = hashlib.sha256()
+    with open(part, "rb") as fh:
+        while chunk := fh.read(4 * 2**20):
+            digest.update(chunk)
+    if digest.hexdigest() != f.etag:
+        part.unlink()
+        raise DownloadError(
+            f"{f.name} of {plan.repo_id} arrived corrupt: its sha256 is {digest.hexdigest()}, "
+            f"the Hub's is {f.etag}. It was discarded; download again to fetch it afresh "
+            "(if this repeats, the connection or a proxy is changing the bytes)."
+        )
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:

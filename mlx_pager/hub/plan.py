@@ -115,6 +115,11 @@ def plan_download(
     for s in info.siblings or []:
         if s.rfilename not in wanted:
             continue
+        if not _inside_snapshot(s.rfilename):
+            raise DownloadError(
+                f"{repo_id} lists a file named {s.rfilename!r}, which would land outside "
+                "its snapshot folder: refused. Report it to the repository's owner."
+            )
         etag = s.lfs.sha256 if s.lfs else s.blob_id or ""
         size = int(s.size or 0)
         if not etag:  # a Hub that lists no blob ids: ask the file itself
@@ -143,6 +148,17 @@ def plan_download(
         return replace(plan, sizes=_remote_sizes(api, repo_id, plan.commit, names, token))
     except Exception as e:
         return replace(plan, sizes_error=f"Could not read the safetensors headers: {e}")
+
+
+def _inside_snapshot(name: str) -> bool:
+    """A relative path that stays inside the snapshot: no root, no drive, no ``..``."""
+    parts = name.replace("\\", "/").split("/")
+    return (
+        bool(name)
+        and not name.startswith(("/", "\\"))
+        and ":" not in name
+        and all(p not in ("", ".", "..") for p in parts)
+    )
 
 
 def _head(repo_id: str, name: str, revision: str, endpoint: str, token) -> tuple[str, int]:

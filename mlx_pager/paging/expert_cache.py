@@ -213,6 +213,19 @@ class ExpertCache:
         return slot
 
     def _load(self, keys: list[tuple[int, int]], slots: list[int]) -> None:
+        """``_read_into``; when a read fails (a file changed under the model), every slot
+        claimed for ``keys`` goes back to the free list before the error propagates."""
+        try:
+            self._read_into(keys, slots)
+        except BaseException:
+            for key, slot in zip(keys, slots, strict=True):
+                if self.key_in[slot] == key:
+                    del self.slot_of[key]
+                self.key_in[slot] = None
+                self.free.append(slot)
+            raise
+
+    def _read_into(self, keys: list[tuple[int, int]], slots: list[int]) -> None:
         """Read misses in groups of at most ``staging_bytes``, writing each into its slot.
 
         Demand reads go first; speculative reads already under way are waited for only

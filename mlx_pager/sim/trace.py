@@ -10,7 +10,9 @@ and scalars ``num_experts``, ``phase`` (``prefill`` or ``decode``), ``model``, o
 
 from __future__ import annotations
 
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import numpy as np
 
 REQUIRED_KEYS = ("expert_ids", "offsets", "num_experts", "phase", "model")
 PHASES = ("prefill", "decode")  # a trace holds one: a recorded run writes one of them
+MAX_EXPERTS = 2**15  # expert ids are int16
+MAX_TRACE_BYTES = 4 * 2**30  # arrays of one trace, unpacked: refused above, before loading
 
 
 @dataclass
@@ -70,8 +74,10 @@ def validate(trace: Trace, source: str = "trace") -> None:
         raise ValueError(f"{source}: expert_ids must be [tokens, layers, k], got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{source}: expert_ids must be integers, got {ids.dtype}")
-    if trace.num_experts < 1:
-        raise ValueError(f"{source}: num_experts must be positive, got {trace.num_experts}")
+    if not 1 <= trace.num_experts <= MAX_EXPERTS:
+        raise ValueError(
+            f"{source}: num_experts must be from 1 to {MAX_EXPERTS}, got {trace.num_experts}"
+        )
     if ids.size and (ids.min() < -1 or ids.max() >= trace.num_experts):
         raise ValueError(
             f"{source}: expert_ids must lie in -1..{trace.num_experts - 1}, "
@@ -82,7 +88,9 @@ def validate(trace: Trace, source: str = "trace") -> None:
             f"{source}: weights shape {trace.weights.shape} differs from expert_ids {ids.shape}"
         )
     off = trace.offsets
-    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != len(ids):
+    if off.ndim != 1:
+        raise ValueError(f"{source}: offsets must be a list of token positions, got {off.shape}")
+    if len(off) < 1 or off[0] != 0 or off[-1] != len(ids):
         raise ValueError(
             f"{source}: offsets must run from 0 to the {len(ids)} tokens, got "
             f"{off[:1].tolist()}..{off[-1:].tolist()} ({len(off)} values)"
@@ -91,6 +99,8 @@ def validate(trace: Trace, source: str = "trace") -> None:
         raise ValueError(f"{source}: offsets must not decrease")
     for name in ("labels", "text"):
         value = getattr(trace, name)
+        if value is not None and np.ndim(value) != 1:
+            raise ValueError(f"{source}: {name} must be a list of strings, one per sequence")
         if value is not None and len(value) != trace.num_sequences:
             raise ValueError(
                 f"{source}: {name} has {len(value)} entries for {trace.num_sequences} sequences"
@@ -99,23 +109,76 @@ def validate(trace: Trace, source: str = "trace") -> None:
         raise ValueError(f"{source}: phase must be one of {', '.join(PHASES)}, not {trace.phase!r}")
 
 
+def _refuse(path: Path, what: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a routing trace ({what}): pass a .npz written by "
+        "`mlx-pager generate --record-trace` or `mlx-pager profile --export-trace`."
+    )
+
+
+def _check_members(path: Path) -> None:
+    """Read each array's header before numpy does: a header that announces more bytes
+    than the file holds, or Python objects (pickled data, which could run code), is
+    refused before anything is allocated or unpickled."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise _refuse(path, "a single .npy array, not an .npz of arrays")
+    if not magic.startswith(b"PK"):
+        raise _refuse(path, "not an .npz file")
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                    else:
+                        raise _refuse(path, f"{info.filename} has npy version {version}")
+                if dtype.hasobject:
+                    raise _refuse(
+                        path,
+                        f"{info.filename} holds Python objects; mlx-pager never unpickles "
+                        "data from a file",
+                    )
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise _refuse(
+                        path,
+                        f"{info.filename} announces {nbytes} bytes but holds {info.file_size}",
+                    )
+                total += nbytes
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise _refuse(path, "an array header is malformed") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
+            NotImplementedError, RuntimeError, KeyError, OverflowError):  # fmt: skip
+        raise _refuse(path, "a broken .npz archive") from None
+    if total > MAX_TRACE_BYTES:
+        raise _refuse(path, f"{total} bytes of arrays, more than the {MAX_TRACE_BYTES} replayed")
+
+
 def load_trace(path: str | Path) -> Trace:
+    """A trace file, checked: a ValueError naming the file for anything not a trace."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No trace at {path}")
+    if not path.is_file():
+        raise _refuse(path, "not a file")
+    _check_members(path)
     try:
-        data = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a routing trace (.npz): {e}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is a single .npy array, not a routing trace (.npz)")
-    with data:
-        missing = [k for k in REQUIRED_KEYS if k not in data.files]
-        if missing:
-            raise ValueError(
-                f"{path} is missing {', '.join(missing)}; see docs/trace-format.md for the keys"
-            )
-        try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in REQUIRED_KEYS if k not in data.files]
+            if missing:
+                raise ValueError(
+                    f"{path} is missing {', '.join(missing)}; see docs/trace-format.md for the keys"
+                )
             trace = Trace(
                 expert_ids=data["expert_ids"],
                 offsets=data["offsets"].astype(np.int64),
@@ -127,10 +190,22 @@ def load_trace(path: str | Path) -> Trace:
                 text=data["text"] if "text" in data.files else None,
                 label_source=str(data["label_source"]) if "label_source" in data.files else None,
             )
-        except (TypeError, ValueError) as e:  # a scalar that is an array, a non-number
-            raise ValueError(f"{path}: malformed field: {e}") from None
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: malformed field ({_safe(e)})") from None
+    except (TypeError, OverflowError):  # a scalar that is an array, a non-number
+        raise ValueError(f"{path}: malformed field (a scalar is not a single value)") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError):
+        raise _refuse(path, "a broken .npz archive") from None
     validate(trace, str(path))
     return trace
+
+
+def _safe(error: Exception) -> str:
+    """numpy's message, unless it advises loading the file unsafely: never pass that on."""
+    text = str(error)
+    return "unreadable array" if "pickle" in text.lower() else text
 
 
 def save_trace(path: str | Path, trace: Trace) -> None:

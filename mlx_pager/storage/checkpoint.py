@@ -104,6 +104,11 @@ def _broken(path: Path, what: str) -> CheckpointError:
     )
 
 
+def _counts(value: object) -> bool:
+    """A JSON list of non-negative whole numbers (not booleans, not floats)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one file's header and check every tensor lies inside the file."""
     path = Path(path)
@@ -119,7 +124,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _broken(path, f"header is not JSON: {e}") from e
+        raise _broken(path, f"header is not JSON: {e}") from None
+    except RecursionError:
+        raise _broken(path, "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _broken(path, "header is not a JSON object")
     data_start = 8 + header_len
@@ -128,11 +135,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise _broken(path, f"entry {name!r} lacks dtype, shape or data_offsets") from e
-        if dtype not in DTYPE_SIZES:
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError):
+            raise _broken(path, f"entry {name!r} lacks dtype, shape or data_offsets") from None
+        if not (_counts(shape) and _counts(offsets) and len(offsets) == 2):
+            raise _broken(
+                path, f"tensor {name!r} needs a shape and two data_offsets of whole numbers"
+            )
+        shape, (begin, end) = tuple(shape), offsets
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _broken(path, f"tensor {name!r} has unknown dtype {dtype!r}")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != expected or begin < 0:
@@ -152,13 +163,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(
-                f"{index} is not a valid shard index ({e}): download the model again."
-            ) from e
-        names = sorted(set(weight_map.values()))
+        names = shard_names(index)
         missing = [n for n in names if not (model_dir / n).exists()]
         if missing:
             raise FileNotFoundError(
@@ -174,6 +179,113 @@ def weight_files(model_dir: Path) -> list[Path]:
             "checkpoint, or its download has not finished (mlx-pager download ID)."
         )
     return files
+
+
+def _shard_problem(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        return f"shard name {name!r} is not a file name"
+    if name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name or "\\" in name:
+        return f"shard {name!r} is outside the model folder"
+    if not name.endswith(".safetensors"):
+        return f"shard {name!r} is not a .safetensors file"
+    return ""
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shards a ``model.safetensors.index.json`` names: plain file names inside the
+    model folder, never a path that climbs out of it."""
+
+    def broken(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{index} is not a valid shard index ({what}): delete it and download the "
+            "model again (mlx-pager download ID)."
+        )
+
+    if index.stat().st_size > MAX_HEADER_BYTES:
+        raise broken(f"larger than {MAX_HEADER_BYTES // 2**20} MiB")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise broken(f"not JSON: {e}") from None
+    except RecursionError:
+        raise broken("JSON nested too deeply") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise broken("no weight_map object of tensor names to files")
+    for name in weight_map.values():
+        if problem := _shard_problem(name):
+            raise broken(problem)
+    return sorted(set(weight_map.values()))
+
+
+# config.json fields the engine reads itself (mlx-lm builds the model from the rest):
+# each absent, or a whole number in this range.
+CONFIG_COUNTS = {
+    "num_hidden_layers": (1, 4096),
+    "hidden_size": (1, 2**20),
+    "num_attention_heads": (1, 2**16),
+    "num_key_value_heads": (1, 2**16),
+    "head_dim": (1, 2**16),
+    "kv_lora_rank": (0, 2**20),
+    "qk_nope_head_dim": (0, 2**16),
+    "qk_rope_head_dim": (0, 2**16),
+    "v_head_dim": (0, 2**16),
+    "num_experts": (0, 2**16),
+    "num_local_experts": (0, 2**16),
+    "n_routed_experts": (0, 2**16),
+    "moe_num_experts": (0, 2**16),
+    "num_experts_per_tok": (0, 2**16),
+    "moe_top_k": (0, 2**16),
+    "top_k": (0, 2**16),
+    "experts_per_token": (0, 2**16),
+    "linear_num_value_heads": (0, 2**16),
+    "linear_value_head_dim": (0, 2**16),
+    "linear_num_key_heads": (0, 2**16),
+    "linear_key_head_dim": (0, 2**16),
+    "linear_conv_kernel_dim": (1, 2**10),
+}
+
+
+def read_config(model_dir: Path) -> dict:
+    """``config.json``, with the fields the engine sizes memory from checked: a JSON
+    object, each count a whole number in range, ``text_config`` an object."""
+    path = Path(model_dir) / "config.json"
+
+    def broken(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is not a usable model config ({what}): delete it and download the "
+            "model again (mlx-pager download ID)."
+        )
+
+    if path.stat().st_size > MAX_HEADER_BYTES:
+        raise broken(f"larger than {MAX_HEADER_BYTES // 2**20} MiB")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise broken(f"not JSON: {e}") from None
+    except RecursionError:
+        raise broken("JSON nested too deeply") from None
+    if not isinstance(config, dict):
+        raise broken("not a JSON object")
+    if not isinstance(config.get("text_config") or {}, dict):
+        raise broken("text_config is not an object")
+    if not isinstance(config.get("model_type", ""), str):
+        raise broken("model_type is not text")
+    for scope in (config, config.get("text_config") or {}):
+        for key, (low, high) in CONFIG_COUNTS.items():
+            value = scope.get(key)
+            if value is None:
+                continue
+            if type(value) is not int or not low <= value <= high:
+                raise broken(f"{key} is {value!r}, not a whole number from {low} to {high}")
+    cfg = text_config(config)
+    needs = [("head_dim", "hidden_size")]  # each: one of these sizes the KV cache
+    if cfg.get("kv_lora_rank"):  # MLA: key and value sizes come from their own fields
+        needs = [("qk_nope_head_dim",), ("qk_rope_head_dim",), ("v_head_dim",)]
+    for any_of in needs:
+        if cfg.get("num_attention_heads") and not any(cfg.get(k) for k in any_of):
+            raise broken(f"num_attention_heads is given but not {' or '.join(any_of)}")
+    return config
 
 
 def index_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:

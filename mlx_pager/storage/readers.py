@@ -10,8 +10,10 @@ process (``MADV_DONTNEED``), so the same bytes are not held twice outside the bu
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
+import struct
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,37 @@ from .expert_map import Piece
 
 PAGE = mmap.PAGESIZE
 F_NOCACHE = 48  # macOS fcntl: bypass the unified buffer cache for this descriptor
+
+
+class ExpertReadError(OSError):
+    """A weight file changed or vanished under the open model; the message names it and
+    says what to do. The reply fails, the process and the cache go on."""
+
+
+def read_failed(path: Path, what: str) -> ExpertReadError:
+    target = Path(path).resolve()
+    where = f"{path} (the file behind it: {target})" if target != Path(path).absolute() else path
+    return ExpertReadError(
+        f"Could not read experts from {where}: {what}. The file changed or was removed while "
+        "the model was open (another download, a disk cleaner?). Restore it (`mlx-pager "
+        "download ID` completes a Hub model) and send the message again; if a different "
+        "version replaced it, open the model again."
+    )
+
+
+def _identity(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size
+
+
+def _header_digest(fd: int) -> bytes:
+    """The safetensors header's hash: a replaced file with the same header holds the
+    same tensors at the same offsets, so the open model can read it."""
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        return b""
+    (length,) = struct.unpack("<Q", head)
+    return hashlib.sha256(head + os.pread(fd, min(length, 100 * 2**20), 8)).digest()
 
 
 def _page_range(offset: int, nbytes: int) -> tuple[int, int]:
@@ -43,18 +76,52 @@ class Reader:
 
     def __init__(self, files: list[Path], threads: int = 4, drop_cache: bool = True):
         self.drop_cache = drop_cache
-        self.fds = {Path(f): os.open(f, os.O_RDONLY) for f in files}
-        if hasattr(os, "POSIX_FADV_RANDOM"):  # no readahead: experts are scattered reads
-            for fd in self.fds.values():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        if sys.platform == "darwin" and drop_cache:
-            import fcntl
-
-            for fd in self.fds.values():
-                fcntl.fcntl(fd, F_NOCACHE, 1)
+        self.fds = {Path(f): self._open(Path(f)) for f in files}
+        self.opened = {p: (_identity(fd), _header_digest(fd)) for p, fd in self.fds.items()}
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-read")
         self.bytes_read = 0
         self._lock = threading.Lock()
+
+    def _open(self, path: Path) -> int:
+        fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "POSIX_FADV_RANDOM"):  # no readahead: experts are scattered reads
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        if sys.platform == "darwin" and self.drop_cache:
+            import fcntl
+
+            fcntl.fcntl(fd, F_NOCACHE, 1)
+        return fd
+
+    def refresh(self) -> list[Path]:
+        """Reopen files replaced since they were opened (a new inode at the same path),
+        when the replacement has the same size and header; call between replies. A file
+        with a different header raises ExpertReadError: the open model's offsets no
+        longer hold. A file truncated in place, or deleted, is left: reads fail cleanly
+        until it is restored. Returns the reopened paths."""
+        reopened = []
+        for path, fd in list(self.fds.items()):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # gone: the next read of it fails with the message
+            try:
+                if (st.st_dev, st.st_ino) == _identity(fd)[:2]:
+                    continue
+                (dev, ino, size), digest = self.opened[path]
+                new = self._open(path)
+                same = os.fstat(new).st_size == size and _header_digest(new) == digest
+            except OSError as e:
+                raise read_failed(path, e.strerror or str(e)) from None
+            if not same:
+                os.close(new)
+                raise read_failed(path, "it was replaced by a file with other tensors")
+            self._swap(path, new)
+            reopened.append(path)
+        return reopened
+
+    def _swap(self, path: Path, fd: int) -> None:
+        old, self.fds[path] = self.fds[path], fd
+        os.close(old)
 
     def read_piece(self, piece: Piece) -> np.ndarray:
         raise NotImplementedError
@@ -96,16 +163,18 @@ class PreadReader(Reader):
         buf = np.empty(piece.nbytes, np.uint8)
         view, done = memoryview(buf), 0
         while done < piece.nbytes:
-            if hasattr(os, "preadv"):  # straight into the buffer
-                n = os.preadv(fd, [view[done:]], piece.offset + done)
-            else:  # some macOS Python builds lack preadv
-                chunk = os.pread(fd, piece.nbytes - done, piece.offset + done)
-                n = len(chunk)
-                view[done : done + n] = chunk
+            try:
+                if hasattr(os, "preadv"):  # straight into the buffer
+                    n = os.preadv(fd, [view[done:]], piece.offset + done)
+                else:  # some macOS Python builds lack preadv
+                    chunk = os.pread(fd, piece.nbytes - done, piece.offset + done)
+                    n = len(chunk)
+                    view[done : done + n] = chunk
+            except OSError as e:
+                raise read_failed(piece.path, e.strerror or str(e)) from None
             if n == 0:
-                raise OSError(
-                    f"{piece.path} ended early at byte {piece.offset + done}: the file changed "
-                    "or is truncated; download the model again."
+                raise read_failed(
+                    piece.path, f"it ends at byte {piece.offset + done}, inside an expert"
                 )
             done += n
         if self.drop_cache:
@@ -120,15 +189,33 @@ class MmapReader(Reader):
 
     def __init__(self, files: list[Path], threads: int = 4, drop_cache: bool = True):
         super().__init__(files, threads, drop_cache)
-        self.maps = {}
-        for path, fd in self.fds.items():
-            m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-            if hasattr(mmap, "MADV_RANDOM"):
-                m.madvise(mmap.MADV_RANDOM)
-            self.maps[path] = m
+        self.maps = {path: self._map(fd) for path, fd in self.fds.items()}
+
+    def _swap(self, path: Path, fd: int) -> None:
+        super()._swap(path, fd)
+        self.maps.pop(path).close()
+        self.maps[path] = self._map(fd)
+
+    @staticmethod
+    def _map(fd: int) -> mmap.mmap:
+        m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        if hasattr(mmap, "MADV_RANDOM"):
+            m.madvise(mmap.MADV_RANDOM)
+        return m
 
     def read_piece(self, piece: Piece) -> np.ndarray:
         m = self.maps[piece.path]
+        # A page of the map past the file's end faults with SIGBUS, which kills the
+        # process: look at the file's size first, and refuse a piece it no longer holds.
+        try:
+            size = os.fstat(self.fds[piece.path]).st_size
+        except OSError as e:
+            raise read_failed(piece.path, e.strerror or str(e)) from None
+        if size < piece.offset + piece.nbytes:
+            raise read_failed(
+                piece.path,
+                f"it is now {size} bytes, shorter than the expert at byte {piece.offset}",
+            )
         buf = np.frombuffer(m, np.uint8, piece.nbytes, piece.offset).copy()
         if self.drop_cache:
             start, length = _page_range(piece.offset, piece.nbytes)

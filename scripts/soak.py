@@ -1,0 +1,113 @@
+"""Soak: 5,000 greedy tokens at the minimum budget on the embedded model, then 200 chat
+turns through the app; resident memory, open files and threads after warm-up, and the
+tokens against stock mlx-lm's.
+
+    python scripts/soak.py [--replies 10] [--tokens 500] [--turns 200] [--json]
+
+Passes when resident memory grows under 1 MB per 1,000 tokens after the first reply
+(least squares over samples every 100 tokens), open files and threads do not change
+after warm-up, and every reply equals stock mlx-lm's. Exit status 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from soak_checks import (
+    PROMPTS,
+    soak_app,
+    soak_engine,
+    stock_chat_replies,
+    stock_outputs,
+)
+
+MAX_SLOPE_MB = 1.0  # per 1,000 tokens
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--replies", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=500, help="tokens per reply")
+    parser.add_argument("--turns", type=int, default=200, help="chat turns in the app")
+    parser.add_argument("--turns-per-chat", type=int, default=20)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    report: dict = {}
+    ok = True
+
+    start = time.perf_counter()
+    soak = soak_engine(args.replies, args.tokens)
+    seconds = time.perf_counter() - start
+    same = soak.outputs == stock_outputs(args.replies, args.tokens)
+    warm = args.tokens  # after the first reply
+    slope = soak.rss_slope_mb_per_1000(warm)
+    engine = {
+        "tokens": sum(len(o) for o in soak.outputs),
+        "replies": args.replies,
+        "seconds": round(seconds, 1),
+        "rss_first_mb": round(soak.samples[0].rss / 1e6, 1),
+        "rss_after_warmup_mb": round(soak.after_warmup(warm)[0].rss / 1e6, 1),
+        "rss_last_mb": round(soak.samples[-1].rss / 1e6, 1),
+        "rss_slope_mb_per_1000_tokens": round(slope, 3),
+        "open_files_spread": soak.spread(warm, "fds"),
+        "threads_spread": soak.spread(warm, "threads"),
+        "open_files": soak.samples[-1].fds,
+        "threads": soak.samples[-1].threads,
+        "equal_to_stock_mlx_lm": same,
+    }
+    ok &= slope < MAX_SLOPE_MB and same
+    ok &= engine["open_files_spread"] == 0 and engine["threads_spread"] == 0
+    report["engine"] = engine
+
+    if args.turns:
+        with tempfile.TemporaryDirectory() as tmp:
+            from mlx_pager.settings import Settings, save_settings
+
+            settings = Path(tmp) / "settings.toml"
+            save_settings(Settings(context_length=4096), settings)
+            start = time.perf_counter()
+            app_soak, firsts = asyncio.run(
+                soak_app(args.turns, args.turns_per_chat, Path(tmp) / "data", settings)
+            )
+            seconds = time.perf_counter() - start
+            from mlx_pager_app.conversations import conversations_dir, list_conversations
+
+            chats = list_conversations(conversations_dir(Path(tmp) / "data"))
+            saved_turns = sum(len(c.messages) // 2 for c in chats)
+        replies = stock_chat_replies([p for p, _ in firsts], 8)
+        warm_turns = args.turns_per_chat
+        app = {
+            "turns": args.turns,
+            "seconds": round(seconds, 1),
+            "rss_after_warmup_mb": round(app_soak.after_warmup(warm_turns)[0].rss / 1e6, 1),
+            "rss_last_mb": round(app_soak.samples[-1].rss / 1e6, 1),
+            "rss_slope_mb_per_100_turns": round(app_soak.rss_slope_mb_per_1000(warm_turns) / 10, 3),
+            "open_files_spread": app_soak.spread(warm_turns, "fds"),
+            "threads_spread": app_soak.spread(warm_turns, "threads"),
+            "conversations_saved": len(chats),
+            "turns_saved": saved_turns,
+            "first_replies_equal_to_stock": [r for _, r in firsts] == replies,
+        }
+        ok &= app["first_replies_equal_to_stock"] and saved_turns == args.turns
+        ok &= app["open_files_spread"] == 0
+        report["app"] = app
+    report["passed"] = bool(ok)
+    report["prompts"] = len(PROMPTS)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for part, figures in report.items():
+            print(f"{part}: {figures}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Soak runs: many replies at the minimum budget, and many chat turns through the app,
+watching resident memory, open files and threads; the greedy tokens checked against
+stock mlx-lm. scripts/soak.py runs the long version (5,000 tokens, 200 turns) and
+prints the figures; tests/test_soak.py a short one.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+PROMPTS = [
+    "The history of the printing press",
+    "def fibonacci(n):",
+    "Photosynthesis converts light into",
+    "A mixture of experts model routes each token",
+    "The river flooded the valley after",
+    "In 1905, Einstein published",
+    "import numpy as np\n",
+    "The recipe calls for two cups of",
+]
+
+
+@dataclass
+class Sample:
+    tokens: int  # generated so far (or turns, for the app)
+    rss: int
+    fds: int
+    threads: int
+
+
+@dataclass
+class Soak:
+    samples: list[Sample] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
+
+    def sample(self, tokens: int) -> None:
+        gc.collect()
+        proc = psutil.Process()
+        self.samples.append(
+            Sample(tokens, proc.memory_info().rss, open_files(), threading.active_count())
+        )
+
+    def after_warmup(self, skip: int) -> list[Sample]:
+        return [s for s in self.samples if s.tokens >= skip]
+
+    def rss_slope_mb_per_1000(self, skip: int) -> float:
+        """Least-squares slope of resident memory against tokens, after warm-up."""
+        kept = self.after_warmup(skip)
+        x = np.array([s.tokens for s in kept], float)
+        y = np.array([s.rss for s in kept], float) / 1e6
+        return float(np.polyfit(x, y, 1)[0] * 1000) if len(kept) > 2 else 0.0
+
+    def spread(self, skip: int, what: str) -> int:
+        values = [getattr(s, what) for s in self.after_warmup(skip)]
+        return max(values) - min(values) if values else 0
+
+
+def open_files() -> int:
+    fd_dir = Path("/proc/self/fd") if Path("/proc/self/fd").exists() else Path("/dev/fd")
+    return len(os.listdir(fd_dir))
+
+
+def min_budget(path: Path, context_length: int) -> int:
+    from mlx_pager.paging.loader import inspect_model
+
+    return inspect_model(path, context_length).plan(0).min_budget_bytes
+
+
+def soak_engine(replies: int, tokens_per_reply: int, context_length: int = 4096) -> Soak:
+    """``replies`` greedy replies of exactly ``tokens_per_reply`` tokens each (end of text
+    banned) on the embedded model at its minimum budget (top-k slots per step)."""
+    from mlx_pager.engine import Engine, default_model
+    from mlx_pager.settings import Settings
+
+    path = Path(default_model())
+    budget = min_budget(path, context_length)
+    engine = Engine.open(str(path), settings=Settings(context_length=context_length),
+                         budget=budget)  # fmt: skip
+    engine.learn = False  # no profile file written per reply: the soak measures the engine
+    soak = Soak()
+    done = 0
+    try:
+        soak.sample(0)
+        for i in range(replies):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            tokens = []
+            for chunk in engine.generate(prompt, tokens_per_reply, chat_template=False,
+                                         ignore_eos=True):  # fmt: skip
+                tokens.append(chunk.token)
+                done += 1
+                if done % 100 == 0:
+                    soak.sample(done)
+            soak.outputs.append(tokens)
+        soak.sample(done)
+        assert engine.plan.slots == engine.plan.top_k, "not the minimum budget"
+    finally:
+        engine.close()
+    return soak
+
+
+def stock_outputs(replies: int, tokens_per_reply: int) -> list[list[int]]:
+    """The same prompts through stock mlx-lm (the engine's CPU cast applied, as the
+    exactness tests do), end of text banned likewise."""
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_pager.engine import ban_tokens, default_model
+    from mlx_pager.paging.loader import cast_floating, default_compute_dtype
+
+    model, tokenizer = load(default_model())
+    dtype = default_compute_dtype()
+    if dtype is not None:
+        model.update(cast_floating(model.parameters(), dtype))
+    outputs = []
+    for i in range(replies):
+        prompt = tokenizer.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=True)
+        outputs.append(
+            [
+                int(r.token)
+                for r in stream_generate(
+                    model,
+                    tokenizer,
+                    prompt,
+                    max_tokens=tokens_per_reply,
+                    sampler=make_sampler(temp=0.0),
+                    logits_processors=[ban_tokens(tokenizer.eos_token_ids)],
+                )
+            ]
+        )
+    return outputs
+
+
+async def soak_app(turns: int, turns_per_chat: int, data_dir: Path, settings_path: Path,
+                   max_tokens: int = 8) -> tuple[Soak, list[tuple[str, str]]]:  # fmt: skip
+    """``turns`` chat turns through the app (Textual Pilot), a new chat every
+    ``turns_per_chat``; returns the samples (per turn) and each chat's first
+    (prompt, reply), for checking against stock mlx-lm."""
+    import time
+
+    from mlx_pager_app.main import create_app
+
+    from mlx_pager.engine import default_model
+    from mlx_pager.machine import MachineMemory
+
+    model = default_model()
+    app = create_app(
+        settings_path=settings_path,
+        data_dir=data_dir,
+        model=model,
+        default_model=lambda: model,
+        machine=lambda: MachineMemory(16 * 10**9, 9 * 10**9),
+        max_tokens=max_tokens,
+    )
+    soak, firsts = Soak(), []
+
+    async def until(predicate, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the app did not get there: {predicate}")
+            await pilot.pause(0.02)
+
+    async with app.run_test(size=(140, 44)) as pilot:
+        await until(lambda: app.engine_state.status in ("ready", "error"))
+        assert app.engine_state.status == "ready", app.engine_state.error
+        for turn in range(turns):
+            if turn and turn % turns_per_chat == 0:
+                await pilot.press("ctrl+n")
+                await pilot.pause()
+            screen = app.screen
+            before = len(screen.conversation.messages)
+            prompt = PROMPTS[turn % len(PROMPTS)]
+            await pilot.press(*prompt, "enter")
+            await until(lambda s=screen, b=before: len(s.conversation.messages) == b + 2)
+            await until(lambda s=screen: not s.generating)
+            if turn % turns_per_chat == 0:
+                firsts.append((prompt, screen.conversation.messages[-1]["content"]))
+            soak.sample(turn + 1)
+    return soak, firsts
+
+
+def stock_chat_replies(prompts: list[str], max_tokens: int) -> list[str]:
+    """Stock mlx-lm's greedy reply to one user message through the chat template."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate
+
+    from mlx_pager.engine import default_model
+    from mlx_pager.paging.loader import cast_floating, default_compute_dtype
+
+    model, tokenizer = load(default_model())
+    dtype = default_compute_dtype()
+    if dtype is not None:
+        model.update(cast_floating(model.parameters(), dtype))
+    replies = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        replies.append(generate(model, tokenizer, ids, max_tokens=max_tokens))
+    return replies
