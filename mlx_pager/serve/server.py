@@ -7,7 +7,7 @@ of one sequence at the context length, and the expert cache's slots are sized fo
 stream (a batch of B sequences routes up to B x top_k experts per layer per step).
 mlx-lm's prompt cache (the KV caches of earlier requests, so that a conversation's next
 turn reads only its new tokens) shares that reservation: before a request runs, the
-prompt cache is trimmed to what the request's own KV cache leaves of it.
+prompt cache is trimmed to what the reply's own KV cache (as mlx-lm grows it) leaves of it.
 """
 
 from __future__ import annotations
@@ -218,7 +218,9 @@ class PagedResponseGenerator(ResponseGenerator):
     """mlx-lm's generator, serving one request at a time, with the prompt cache trimmed
     before each reply to what the reply's KV cache leaves of the budget's share."""
 
-    def __init__(self, provider: PagedModelProvider, prompt_cache: BudgetedPromptCache, kv):
+    def __init__(
+        self, provider: PagedModelProvider, prompt_cache: BudgetedPromptCache, kv: KVShare
+    ):
         self.kv = kv
         self.active: RunMeter | None = None
         super().__init__(provider, prompt_cache)
