@@ -21,7 +21,13 @@ import pytest
 
 from mlx_pager.cli import build_parser, main
 from mlx_pager.engine import Engine
-from mlx_pager.serve.server import STATS_PATH, KVShare, PagedServer, exposure_warning
+from mlx_pager.serve.server import (
+    STATS_PATH,
+    BudgetedPromptCache,
+    KVShare,
+    PagedServer,
+    exposure_warning,
+)
 from mlx_pager.serve.state import running_server
 from mlx_pager.settings import Settings
 from mlx_pager.sim.synthetic import make_checkpoint
@@ -233,6 +239,37 @@ def test_kv_share_counts_buffers_in_mlx_lm_steps():
     kv = KVShare(kv_bytes=4096 * 100, context_length=4096)
     assert kv.bytes_for(1) == kv.bytes_for(256) == 256 * 100
     assert kv.bytes_for(257) == 512 * 100 and kv.bytes_for(4096) == kv.kv_bytes
+
+
+def kv_cache(tokens: int):
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    cache = KVCache()
+    cache.update_and_fetch(mx.zeros((1, 2, tokens, 4)), mx.zeros((1, 2, tokens, 4)))
+    return [cache]
+
+
+def test_prompt_cache_moves_a_prefix_and_never_outgrows_the_share():
+    kv = KVShare(kv_bytes=1024 * 2 * 2 * 4 * 4, context_length=1024)  # K and V, float32
+    cache = BudgetedPromptCache(10, 1 << 40, kv)
+    assert cache.max_bytes == kv.kv_bytes  # bounded by the share, whatever was asked
+    history = list(range(300))
+    entry = kv_cache(300)  # a 512-token buffer
+    cache.insert_cache("m", history, entry)
+    cache.insert_cache("m", [7] * 40, kv_cache(40))
+    # The next turn fits the entry's buffer: it is taken, not copied, and the other
+    # entry gives way to the reply's KV cache.
+    cache.need_tokens = 320 + 100
+    taken, rest = cache.fetch_nearest_cache("m", history + list(range(20)))
+    assert taken is entry and len(rest) == 20
+    assert len(cache) == 1 and cache.nbytes <= kv.kv_bytes - sum(c.nbytes for c in entry)
+    # A reply that needs nearly the whole context, off a 3-token prefix: growing that
+    # cache would pass the share (3 + whole steps), so it starts fresh instead.
+    cache.insert_cache("m", [1, 2, 3, 4, 5], kv_cache(5))
+    cache.need_tokens = 1000
+    reused, rest = cache.fetch_nearest_cache("m", [1, 2, 3] + [9] * 900)
+    assert reused is None and len(rest) == 903 and cache.nbytes == 0
 
 
 # -- the command, as a subprocess: state file, memory under concurrent clients ---------

@@ -7,7 +7,7 @@ of one sequence at the context length, and the expert cache's slots are sized fo
 stream (a batch of B sequences routes up to B x top_k experts per layer per step).
 mlx-lm's prompt cache (the KV caches of earlier requests, so that a conversation's next
 turn reads only its new tokens) shares that reservation: before a request runs, the
-prompt cache is trimmed to what the request's own KV cache leaves of it.
+prompt cache is trimmed to what the reply's own KV cache (as mlx-lm grows it) leaves of it.
 """
 
 from __future__ import annotations
@@ -81,18 +81,19 @@ class KVShare:
 
 
 class BudgetedPromptCache(LRUPromptCache):
-    """mlx-lm's prompt cache, inside the KV share with the request being served.
+    """mlx-lm's prompt cache, inside the KV share with the reply being served.
 
     A request that continues a cached sequence takes that entry (mlx-lm copies it, and
     drops the original once the longer sequence is stored): one copy of the prefix, not
-    two. Then the rest is trimmed to what the request's own KV cache (``reserve`` bytes)
-    leaves of the share, and ``on_fetch`` learns how many prompt tokens are left to read.
+    two. The reply's KV cache then grows to at most ``reply_bound`` bytes, and the rest
+    of the prompt cache is trimmed to what that leaves of the share. ``on_fetch`` learns
+    how many prompt tokens are left to read.
     """
 
-    def __init__(self, max_size: int, max_bytes: int, share: int):
-        super().__init__(max_size, min(max_bytes, share))
-        self.share = share  # the budget's KV bytes, for this cache and the reply together
-        self.reserve = 0
+    def __init__(self, max_size: int, max_bytes: int, kv: KVShare):
+        super().__init__(max_size, min(max_bytes, kv.kv_bytes))
+        self.kv = kv
+        self.need_tokens = 0  # prompt + max_tokens of the request being served
         self.on_fetch = None
 
     def fetch_nearest_cache(self, model, tokens):
@@ -103,10 +104,27 @@ class BudgetedPromptCache(LRUPromptCache):
             cache, rest = self._take(found.model, prefix).prompt_cache, tokens[len(prefix) :]
         else:  # nothing, or a longer sequence mlx-lm trims a copy of: its own way
             cache, rest = super().fetch_nearest_cache(model, tokens)
-        self.trim_to(n_bytes=min(self.max_bytes, self.share - self.reserve))
+        fresh = self.kv.bytes_for(self.need_tokens)
+        bound = self.reply_bound(cache, len(tokens) - len(rest))
+        if bound > max(fresh, self.kv.kv_bytes):  # reusing it would outgrow the share
+            cache, rest, bound = None, tokens, fresh
+        self.trim_to(n_bytes=min(self.max_bytes, self.kv.kv_bytes - bound))
         if self.on_fetch is not None:
             self.on_fetch(len(rest))
         return cache, rest
+
+    def reply_bound(self, cache, cached: int) -> int:
+        """The most bytes the reply's KV cache reaches from this cache. mlx-lm's KVCache
+        keeps its buffer while it has room, and past it keeps the cached tokens and adds
+        whole steps: off a step boundary, that is more than a fresh cache's."""
+        fresh = self.kv.bytes_for(self.need_tokens)
+        if cache is None:
+            return fresh
+        held = sum(c.nbytes for c in cache)
+        if self.need_tokens * self.kv.per_token <= held:
+            return held
+        grown = self.kv.per_token * cached + self.kv.bytes_for(self.need_tokens - cached)
+        return max(held, int(grown))
 
     def _take(self, model, tokens):
         """Remove an entry and return it, with the byte counts trim_to keeps."""
@@ -200,7 +218,9 @@ class PagedResponseGenerator(ResponseGenerator):
     """mlx-lm's generator, serving one request at a time, with the prompt cache trimmed
     before each reply to what the reply's KV cache leaves of the budget's share."""
 
-    def __init__(self, provider: PagedModelProvider, prompt_cache: BudgetedPromptCache, kv):
+    def __init__(
+        self, provider: PagedModelProvider, prompt_cache: BudgetedPromptCache, kv: KVShare
+    ):
         self.kv = kv
         self.active: RunMeter | None = None
         super().__init__(provider, prompt_cache)
@@ -213,7 +233,7 @@ class PagedResponseGenerator(ResponseGenerator):
         except Exception as e:
             rqueue.put(e)
             return
-        self.prompt_cache.reserve = self.kv.bytes_for(len(prompt) + args.max_tokens)
+        self.prompt_cache.need_tokens = len(prompt) + args.max_tokens
         meter = RunMeter(engine, rqueue, len(prompt), self.kv)
         self.prompt_cache.on_fetch = meter.begin
         self.active = meter
@@ -221,7 +241,7 @@ class PagedResponseGenerator(ResponseGenerator):
             super()._serve_single((meter, body, args), stream)
         finally:
             self.active = None
-            self.prompt_cache.on_fetch, self.prompt_cache.reserve = None, 0
+            self.prompt_cache.on_fetch, self.prompt_cache.need_tokens = None, 0
 
     def cancel_active(self) -> None:
         """Stop the reply being generated (when the server shuts down)."""
@@ -377,7 +397,7 @@ class PagedServer:
         self.kv = KVShare(engine.plan.kv_bytes, engine.context_length)
         share = self.kv.kv_bytes
         cache_bytes = share if args.prompt_cache_bytes is None else args.prompt_cache_bytes
-        self.prompt_cache = BudgetedPromptCache(args.prompt_cache_size, cache_bytes, share)
+        self.prompt_cache = BudgetedPromptCache(args.prompt_cache_size, cache_bytes, self.kv)
         args.prompt_cache_bytes = self.prompt_cache.max_bytes
         self.provider = PagedModelProvider(args, engine)
         self.generator = PagedResponseGenerator(self.provider, self.prompt_cache, self.kv)
