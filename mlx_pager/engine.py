@@ -306,7 +306,8 @@ class Engine:
         ``prompt_tokens`` are the ones the model will read (the rest was cached)."""
         self.stats.reset_run()
         if self.paged.cache is not None:
-            self.paged.cache.reset_counters(prompt_tokens=prompt_tokens)
+            self.paged.cache.reader.refresh()  # a weight file replaced since: reopen it
+            self.paged.run.start(prompt_tokens=prompt_tokens)
 
     def note_progress(
         self,
@@ -320,7 +321,7 @@ class Engine:
         """Record a step of a reply decoded outside ``generate``, as ``generate`` does."""
         stats, cache = self.stats, self.paged.cache
         with stats.lock:
-            at_prefill = (cache.prefill_counts if cache else None) or (0, 0)
+            at_prefill = (self.paged.run.prefill_counts if cache else None) or (0, 0)
             stats.decode_hits = stats.hits - at_prefill[0]
             stats.decode_misses = stats.misses - at_prefill[1]
             stats.prompt_tokens = prompt_tokens
