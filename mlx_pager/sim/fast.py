@@ -17,69 +17,6 @@ from numba import njit
 
 from . import pyset
 
-# -- an indexed min-heap per group, ordered by (primary, secondary) -----------------------
-
-
-@njit(cache=True)
-def _less(pa, pb, x, y) -> bool:
-    return pa[x] < pa[y] or (pa[x] == pa[y] and pb[x] < pb[y])
-
-
-@njit(cache=True)
-def _up(heap, pos, pa, pb, i) -> None:
-    key = heap[i]
-    while i > 0:
-        parent = (i - 1) >> 1
-        other = heap[parent]
-        if not _less(pa, pb, key, other):
-            break
-        heap[i] = other
-        pos[other] = i
-        i = parent
-    heap[i] = key
-    pos[key] = i
-
-
-@njit(cache=True)
-def _down(heap, n, pos, pa, pb, i) -> None:
-    key = heap[i]
-    while True:
-        child = 2 * i + 1
-        if child >= n:
-            break
-        if child + 1 < n and _less(pa, pb, heap[child + 1], heap[child]):
-            child += 1
-        if not _less(pa, pb, heap[child], key):
-            break
-        heap[i] = heap[child]
-        pos[heap[i]] = i
-        i = child
-    heap[i] = key
-    pos[key] = i
-
-
-@njit(cache=True)
-def _push(heap, size, g, pos, pa, pb, key) -> None:
-    n = size[g]
-    heap[g, n] = key
-    size[g] = n + 1
-    _up(heap[g], pos, pa, pb, n)
-
-
-@njit(cache=True)
-def _drop(heap, size, g, pos, pa, pb, key) -> None:
-    i = pos[key]
-    n = size[g] - 1
-    size[g] = n
-    pos[key] = -1
-    if i == n:
-        return
-    last = heap[g, n]
-    heap[g, i] = last
-    pos[last] = i
-    _up(heap[g], pos, pa, pb, i)
-    _down(heap[g], n, pos, pa, pb, pos[last])
-
 
 @njit(cache=True)
 def _pinned(key, row) -> bool:
@@ -87,24 +24,6 @@ def _pinned(key, row) -> bool:
         if k == key:
             return True
     return False
-
-
-@njit(cache=True)
-def _least_unpinned(heap, size, g, pos, pa, pb, row, stash) -> int:
-    """The least key of group ``g``'s heap not in ``row``, or -1; the heap is unchanged."""
-    found = -1
-    n = 0
-    while size[g] > 0:
-        key = heap[g, 0]
-        if not _pinned(key, row):
-            found = key
-            break
-        _drop(heap, size, g, pos, pa, pb, key)
-        stash[n] = key
-        n += 1
-    for j in range(n):
-        _push(heap, size, g, pos, pa, pb, stash[j])
-    return found
 
 
 @njit(cache=True)
@@ -125,23 +44,55 @@ def _missed(row, resident, out) -> int:
 
 
 # -- LRU, LFU, lfu-decay, Belady: evict the least (primary, secondary) ---------------------
+#
+# Residents are kept per layer in a dense list; with one cache for all layers, each
+# layer's least resident is cached, so a victim is the served layer's least unpinned
+# resident against 25 cached ones. Scores change only on access (and all at once when
+# lfu-decay rescales), so only the served layer and a victim's layer are rescanned.
 
 LRU, LFU, DECAY, BELADY = 0, 1, 2, 3
 
 
 @njit(cache=True)
-def _ranked(keys, weights, nxt, n_keys, groups, n_groups, limit, kind, growth, split):
+def _least(members, n, pa, pb, pin, skip) -> int:
+    """The least of ``members[:n]`` by (pa, pb), skipping keys ``pin`` marks if ``skip``."""
+    best = -1
+    for j in range(n):
+        key = members[j]
+        if skip and pin[key]:
+            continue
+        if best < 0 or pa[key] < pa[best] or (pa[key] == pa[best] and pb[key] < pb[best]):
+            best = key
+    return best
+
+
+@njit(cache=True)
+def _evict(layer_of, members, n_members, index, key) -> None:
+    d = layer_of[key]
+    i = index[key]
+    last = members[d, n_members[d] - 1]
+    members[d, i] = last
+    index[last] = i
+    n_members[d] -= 1
+    index[key] = -1
+
+
+@njit(cache=True)
+def _ranked(keys, weights, nxt, n_experts, shared, limit, kind, growth, split):
     T, L, K = keys.shape
-    resident = np.zeros(n_keys, np.bool_)
-    count = np.zeros(n_groups, np.int64)
-    heap = np.empty((n_groups, limit + K + 1), np.int64)
-    size = np.zeros(n_groups, np.int64)
-    pos = np.full(n_keys, -1, np.int64)
+    n_keys = L * n_experts
+    layer_of = np.arange(n_keys) // n_experts
+    members = np.empty((L, n_experts), np.int64)
+    n_members = np.zeros(L, np.int64)
+    index = np.full(n_keys, -1, np.int64)
+    least = np.full(L, -1, np.int64)  # shared: each layer's least resident
+    pin = np.zeros(n_keys, np.bool_)
     pa = np.zeros(n_keys)
     pb = np.zeros(n_keys, np.int64)
     history = np.zeros(n_keys)  # LFU: requests; lfu-decay: faded weight (kept when evicted)
     missed = np.empty(K, np.int64)
-    stash = np.empty(K, np.int64)
+    resident = np.zeros(n_keys, np.bool_)
+    count = 0
     clock = 0
     unit = 1.0
     hits = misses = 0
@@ -150,30 +101,47 @@ def _ranked(keys, weights, nxt, n_keys, groups, n_groups, limit, kind, growth, s
         if t == split:
             held[0], held[1] = hits, misses
         for layer in range(L):
-            g = groups[layer]
             row = keys[t, layer]
             m = _missed(row, resident, missed)
             want = 0
             for key in row:
                 if key >= 0:
                     want += 1
+                    pin[key] = True
             misses += m
             hits += want - m
-            over = count[g] + m - limit
-            for _ in range(over):
-                victim = _least_unpinned(heap, size, g, pos, pa, pb, row, stash)
-                _drop(heap, size, g, pos, pa, pb, victim)
+            used = count if shared else n_members[layer]
+            for _ in range(used + m - limit):
+                victim = _least(members[layer], n_members[layer], pa, pb, pin, True)
+                if shared:
+                    for d in range(L):
+                        other = least[d]
+                        if d == layer or other < 0:
+                            continue
+                        if (
+                            victim < 0
+                            or pa[other] < pa[victim]
+                            or (pa[other] == pa[victim] and pb[other] < pb[victim])
+                        ):
+                            victim = other
+                _evict(layer_of, members, n_members, index, victim)
                 resident[victim] = False
-                count[g] -= 1
+                count -= 1
+                d = layer_of[victim]
+                if shared and d != layer:
+                    least[d] = _least(members[d], n_members[d], pa, pb, pin, False)
             for j in range(m):
-                resident[missed[j]] = True
-                count[g] += 1
+                key = missed[j]
+                resident[key] = True
+                index[key] = n_members[layer]
+                members[layer, n_members[layer]] = key
+                n_members[layer] += 1
+                count += 1
             for k in range(K):
                 key = row[k]
                 if key < 0:
                     continue
-                if pos[key] >= 0:
-                    _drop(heap, size, g, pos, pa, pb, key)
+                pin[key] = False
                 if kind == LRU:
                     clock += 1
                     pa[key] = clock
@@ -186,42 +154,72 @@ def _ranked(keys, weights, nxt, n_keys, groups, n_groups, limit, kind, growth, s
                     pa[key], pb[key] = history[key], key
                 else:
                     pa[key], pb[key] = -nxt[t, layer, k], key
-                _push(heap, size, g, pos, pa, pb, key)
+            if shared:
+                least[layer] = _least(members[layer], n_members[layer], pa, pb, pin, False)
         if kind == DECAY:
             unit *= growth
-            if unit > 1e100:  # as DecayedLFU.next_token: every count rescaled, order kept
+            if unit > 1e100:  # as DecayedLFU.next_token: every count rescaled
                 scale = 1.0 / unit
                 unit = 1.0
                 for key in range(n_keys):
                     history[key] = history[key] * scale
-                    if pos[key] >= 0:
-                        pa[key] = history[key]
-                for g in range(n_groups):
-                    members = heap[g, : size[g]].copy()
-                    size[g] = 0
-                    for key in members:
-                        _push(heap, size, g, pos, pa, pb, key)
+                    pa[key] = history[key]
+                if shared:
+                    for d in range(L):
+                        least[d] = _least(members[d], n_members[d], pa, pb, pin, False)
     if split < 0 or split >= T:
         held[0], held[1] = hits, misses
     return hits, misses, held[0], held[1]
+
+
+@njit(cache=True)
+def next_uses(keys, n_keys):
+    """``replay.next_uses`` in one backward pass: each request's next step (t * L + l)."""
+    T, L, K = keys.shape
+    out = np.empty_like(keys)
+    last = np.full(n_keys, T * L, np.int64)
+    for t in range(T - 1, -1, -1):
+        for layer in range(L - 1, -1, -1):
+            for k in range(K):
+                key = keys[t, layer, k]
+                out[t, layer, k] = last[key] if key >= 0 else T * L
+            for k in range(K):
+                key = keys[t, layer, k]
+                if key >= 0:
+                    last[key] = t * L + layer
+    return out
 
 
 # -- SLRU: probation and protected segments, each in access order --------------------------
 
 
 @njit(cache=True)
-def _slru(keys, n_keys, groups, n_groups, limit, share, split):
+def _oldest(members, n, stamp, segment, which, pin, skip) -> int:
+    best = -1
+    for j in range(n):
+        key = members[j]
+        if segment[key] != which or (skip and pin[key]):
+            continue
+        if best < 0 or stamp[key] < stamp[best]:
+            best = key
+    return best
+
+
+@njit(cache=True)
+def _slru(keys, n_experts, shared, limit, share, split):
     T, L, K = keys.shape
-    resident = np.zeros(n_keys, np.bool_)
-    count = np.zeros(n_groups, np.int64)
-    cap = limit + K + 1
-    prob, prot = np.empty((n_groups, cap), np.int64), np.empty((n_groups, cap), np.int64)
-    n_prob, n_prot = np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64)
-    pos_prob, pos_prot = np.full(n_keys, -1, np.int64), np.full(n_keys, -1, np.int64)
-    stamp = np.zeros(n_keys)
-    ties = np.zeros(n_keys, np.int64)
+    n_keys = L * n_experts
+    layer_of = np.arange(n_keys) // n_experts
+    members = np.empty((L, n_experts), np.int64)
+    n_members = np.zeros(L, np.int64)
+    index = np.full(n_keys, -1, np.int64)
+    segment = np.zeros(n_keys, np.int64)  # 0: not resident, 1: probation, 2: protected
+    n_segment = np.zeros((L, 3), np.int64)  # per group (layer, or row 0 when shared)
+    stamp = np.zeros(n_keys, np.int64)
+    oldest = np.full((L, 3), -1, np.int64)  # shared: each layer's oldest per segment
+    pin = np.zeros(n_keys, np.bool_)
     missed = np.empty(K, np.int64)
-    stash = np.empty(K, np.int64)
+    resident = np.zeros(n_keys, np.bool_)
     clock = 0
     hits = misses = 0
     held = np.zeros(2, np.int64)
@@ -229,49 +227,91 @@ def _slru(keys, n_keys, groups, n_groups, limit, share, split):
         if t == split:
             held[0], held[1] = hits, misses
         for layer in range(L):
-            g = groups[layer]
+            g = 0 if shared else layer
             row = keys[t, layer]
             m = _missed(row, resident, missed)
             want = 0
             for key in row:
                 if key >= 0:
                     want += 1
+                    pin[key] = True
             misses += m
             hits += want - m
-            for _ in range(count[g] + m - limit):
-                victim = _least_unpinned(prob, n_prob, g, pos_prob, stamp, ties, row, stash)
-                if victim >= 0:
-                    _drop(prob, n_prob, g, pos_prob, stamp, ties, victim)
-                else:
-                    victim = _least_unpinned(prot, n_prot, g, pos_prot, stamp, ties, row, stash)
-                    _drop(prot, n_prot, g, pos_prot, stamp, ties, victim)
+            used = n_segment[g, 1] + n_segment[g, 2]
+            for _ in range(used + m - limit):
+                victim = -1
+                for which in (1, 2):
+                    victim = _oldest(members[layer], n_members[layer], stamp, segment, which,
+                                     pin, True)  # fmt: skip
+                    if shared:
+                        for d in range(L):
+                            other = oldest[d, which]
+                            if (
+                                d != layer
+                                and other >= 0
+                                and (victim < 0 or stamp[other] < stamp[victim])
+                            ):
+                                victim = other
+                    if victim >= 0:
+                        break
+                _evict(layer_of, members, n_members, index, victim)
                 resident[victim] = False
-                count[g] -= 1
+                n_segment[g, segment[victim]] -= 1
+                segment[victim] = 0
+                d = layer_of[victim]
+                if shared and d != layer:
+                    for which in (1, 2):
+                        oldest[d, which] = _oldest(members[d], n_members[d], stamp, segment,
+                                                   which, pin, False)  # fmt: skip
             for j in range(m):
-                resident[missed[j]] = True
-                count[g] += 1
+                key = missed[j]
+                resident[key] = True
+                index[key] = n_members[layer]
+                members[layer, n_members[layer]] = key
+                n_members[layer] += 1
             for key in row:
                 if key < 0:
                     continue
+                pin[key] = False
                 clock += 1
-                if pos_prot[key] >= 0:  # move to the protected end
-                    _drop(prot, n_prot, g, pos_prot, stamp, ties, key)
+                if segment[key] == 2:  # to the protected end
                     stamp[key] = clock
-                    _push(prot, n_prot, g, pos_prot, stamp, ties, key)
-                elif pos_prob[key] < 0:  # new: probation's end
+                elif segment[key] == 0:  # new: probation's end
+                    segment[key] = 1
+                    n_segment[g, 1] += 1
                     stamp[key] = clock
-                    _push(prob, n_prob, g, pos_prob, stamp, ties, key)
                 else:  # a second request: protected
-                    _drop(prob, n_prob, g, pos_prob, stamp, ties, key)
+                    segment[key] = 2
+                    n_segment[g, 1] -= 1
+                    n_segment[g, 2] += 1
                     stamp[key] = clock
-                    _push(prot, n_prot, g, pos_prot, stamp, ties, key)
-                    room = max(1, int(share * (n_prob[g] + n_prot[g])))
-                    while n_prot[g] > room:
-                        demoted = prot[g, 0]
-                        _drop(prot, n_prot, g, pos_prot, stamp, ties, demoted)
+                    room = max(1, int(share * (n_segment[g, 1] + n_segment[g, 2])))
+                    while n_segment[g, 2] > room:
+                        demoted = _oldest(members[layer], n_members[layer], stamp, segment, 2,
+                                          pin, False)  # fmt: skip
+                        if shared:
+                            for d in range(L):
+                                other = oldest[d, 2]
+                                if (
+                                    d != layer
+                                    and other >= 0
+                                    and (demoted < 0 or stamp[other] < stamp[demoted])
+                                ):
+                                    demoted = other
+                        segment[demoted] = 1
+                        n_segment[g, 2] -= 1
+                        n_segment[g, 1] += 1
                         clock += 1
                         stamp[demoted] = clock
-                        _push(prob, n_prob, g, pos_prob, stamp, ties, demoted)
+                        d = layer_of[demoted]
+                        if shared and d != layer:
+                            for which in (1, 2):
+                                oldest[d, which] = _oldest(members[d], n_members[d], stamp,
+                                                           segment, which, pin, False)  # fmt: skip
+            if shared:
+                for which in (1, 2):
+                    oldest[layer, which] = _oldest(members[layer], n_members[layer], stamp,
+                                                   segment, which, pin, False)  # fmt: skip
     if split < 0 or split >= T:
         held[0], held[1] = hits, misses
     return hits, misses, held[0], held[1]
@@ -281,16 +321,19 @@ def _slru(keys, n_keys, groups, n_groups, limit, share, split):
 
 
 @njit(cache=True)
-def _forecast(out, chance, decayed, total, basis, n_basis, mix) -> None:
-    """``_LayerModel.predict``: numpy's row sum (in ``basis`` order), then the mix."""
+def _forecast(out, follows, seen, decayed, total, basis, n_basis, mix) -> None:
+    """``_LayerModel.predict``: numpy's row sum (in ``basis`` order), then the mix. A row
+    of ``chance`` is ``follows / seen`` whenever either changes, so it is divided here."""
     n = max(n_basis, 1)
     size = out.shape[0]
     out[:] = 0.0
-    if n_basis > 0:
-        out[:] = chance[basis[0]]
-        for j in range(1, n_basis):
-            for e in range(size):
-                out[e] = out[e] + chance[basis[j], e]
+    for j in range(n_basis):
+        b = basis[j]
+        if seen[b] == 0:
+            continue  # a row never updated: zeros
+        for e in range(size):
+            c = follows[b, e] / seen[b]
+            out[e] = c if j == 0 else out[e] + c
     if total <= 0:
         for e in range(size):
             out[e] = out[e] / n
@@ -306,7 +349,7 @@ def _forecast(out, chance, decayed, total, basis, n_basis, mix) -> None:
 
 
 @njit(cache=True)
-def _finish(layer, follows, seen, chance, current, n_current, previous, n_previous, valid):
+def _finish(layer, follows, seen, current, n_current, previous, n_previous, valid):
     """``_LayerModel.finish_token``; False if the layer had no requests this token."""
     n = n_current[layer]
     if n == 0:
@@ -329,10 +372,6 @@ def _finish(layer, follows, seen, chance, current, n_current, previous, n_previo
             for j in range(m):
                 follows[layer, a, cur[j]] += 1.0
             seen[layer, a] += 1.0
-        for i in range(p):
-            a = previous[layer, i]
-            for e in range(follows.shape[2]):
-                chance[layer, a, e] = follows[layer, a, e] / seen[layer, a]
     previous[layer, :m] = cur[:m]
     n_previous[layer] = m
     n_current[layer] = 0
@@ -346,7 +385,6 @@ def _predict(keys, weights, tuple_hash, n_experts, shared, limit, mix, growth, o
     E = n_experts
     follows = np.zeros((L, E, E))
     seen = np.zeros((L, E))
-    chance = np.zeros((L, E, E))
     decayed = np.zeros((L, E))
     total = np.zeros(L)
     exists = np.zeros(L, np.bool_)
@@ -403,25 +441,31 @@ def _predict(keys, weights, tuple_hash, n_experts, shared, limit, mix, growth, o
                         n_held += 1
                 if shared:
                     if open_layer >= 0 and open_layer != layer:
-                        _finish(open_layer, follows, seen, chance, current, n_current,
+                        _finish(open_layer, follows, seen, current, n_current,
                                 previous, n_previous, valid)  # fmt: skip
                         pyset.add(dirty_keys[0], dirty_hashes[0], dirty_meta[0], open_layer,
                                   np.uint64(open_layer))  # fmt: skip
                         open_layer = -1
                 in_orders = exists[layer]
                 if in_orders:
-                    _forecast(served, chance[layer], decayed[layer], total[layer],
+                    _forecast(served, follows[layer], seen[layer], decayed[layer], total[layer],
                               held_experts, n_held, mix)  # fmt: skip
                 for _ in range(over):
                     if shared:  # refresh the cheapest resident of each changed layer
-                        for d in pyset.members(dirty_keys[0], dirty_meta[0]):
+                        for slot in range(dirty_meta[0, 0] + 1):
+                            d = dirty_keys[0, slot]
+                            if d < 0:
+                                continue
                             if not valid[d]:
-                                _forecast(forecast[d], chance[d], decayed[d], total[d],
+                                _forecast(forecast[d], follows[d], seen[d], decayed[d], total[d],
                                           previous[d], n_previous[d], mix)  # fmt: skip
                                 valid[d] = True
                             best_e = -1
                             best_v = 0.0
-                            for e in pyset.members(res_keys[d], res_meta[d]):
+                            for slot_e in range(res_meta[d, 0] + 1):
+                                e = res_keys[d, slot_e]
+                                if e < 0:
+                                    continue
                                 if best_e < 0 or forecast[d, e] < best_v:
                                     best_e, best_v = e, forecast[d, e]
                             if best_e < 0:
@@ -485,7 +529,7 @@ def _predict(keys, weights, tuple_hash, n_experts, shared, limit, mix, growth, o
                     continue
                 if shared and open_layer != layer:
                     if open_layer >= 0:
-                        _finish(open_layer, follows, seen, chance, current, n_current,
+                        _finish(open_layer, follows, seen, current, n_current,
                                 previous, n_previous, valid)  # fmt: skip
                         pyset.add(dirty_keys[0], dirty_hashes[0], dirty_meta[0], open_layer,
                                   np.uint64(open_layer))  # fmt: skip
@@ -507,7 +551,7 @@ def _predict(keys, weights, tuple_hash, n_experts, shared, limit, mix, growth, o
         # next_token
         if shared:
             if open_layer >= 0:
-                _finish(open_layer, follows, seen, chance, current, n_current, previous,
+                _finish(open_layer, follows, seen, current, n_current, previous,
                         n_previous, valid)  # fmt: skip
                 pyset.add(dirty_keys[0], dirty_hashes[0], dirty_meta[0], open_layer,
                           np.uint64(open_layer))  # fmt: skip
@@ -523,7 +567,7 @@ def _predict(keys, weights, tuple_hash, n_experts, shared, limit, mix, growth, o
         else:
             for d in range(L):
                 if open_of[d]:
-                    _finish(d, follows, seen, chance, current, n_current, previous,
+                    _finish(d, follows, seen, current, n_current, previous,
                             n_previous, valid)  # fmt: skip
                     open_of[d] = False
                 units[d] *= growth

@@ -206,8 +206,6 @@ def fast_counts(
     weights = weights.astype(np.float64)
     L, E = trace.num_layers, trace.num_experts
     limit = capacity * L if shared else capacity
-    groups = np.zeros(L, np.int64) if shared else np.arange(L, dtype=np.int64)
-    n_groups = 1 if shared else L
     at = -1 if split is None else split
     if policy == "predict":
         defaults = PredictedUse()
@@ -219,14 +217,13 @@ def fast_counts(
                              defaults._growth, defaults.own_layer, at)  # fmt: skip
     if policy == "slru":
         share = make_policy("slru").protected_share
-        return fast._slru(keys, L * E, groups, n_groups, limit, share, at)
+        return fast._slru(keys, E, shared, limit, share, at)
     kind = {"lru": fast.LRU, "lfu": fast.LFU, "lfu-decay": fast.DECAY, "belady": fast.BELADY}
     if policy not in kind:
         raise ValueError(f"No compiled replay of {policy!r}; use replay_reference.")
-    nxt = next_uses(keys) if policy == "belady" else np.zeros((0, 0, 0), np.int64)
+    nxt = fast.next_uses(keys, L * E) if policy == "belady" else np.zeros((0, 0, 0), np.int64)
     growth = DecayedLFU()._growth
-    return fast._ranked(keys, weights, nxt, L * E, groups, n_groups, limit, kind[policy],
-                        growth, at)  # fmt: skip
+    return fast._ranked(keys, weights, nxt, E, shared, limit, kind[policy], growth, at)
 
 
 def replay(
