@@ -106,3 +106,13 @@ def test_set_order_is_cpythons(tuples):
                 pyset.clear(keys[0], hashes[0], meta[0])
             order = [a * 64 + b for a, b in real] if tuples else list(real)
             assert pyset.members(keys[0], meta[0]).tolist() == order
+
+
+def test_a_policy_without_compiled_replay_runs_through_python(monkeypatch):
+    from mlx_pager.paging import policies
+
+    monkeypatch.setitem(policies.POLICIES, "lru-copy", policies.LRU)
+    trace = random_trace(1)
+    assert counts(trace, 4, "lru-copy", True, 75, False) == counts(trace, 4, "lru", True, 75, False)
+    with pytest.raises(ValueError, match="Unknown cache policy"):
+        replay(trace, 4, "mru")

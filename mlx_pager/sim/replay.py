@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..paging.policies import POLICIES, DecayedLFU, PredictedUse, make_policy
+from ..paging.policies import DecayedLFU, PredictedUse, make_policy
 from . import fast
 from .trace import Trace
 
@@ -196,12 +196,14 @@ def belady_reference(
     return Result("belady", hits, misses, trace.num_tokens, held)
 
 
+# The policies with a compiled replay; ``replay`` runs any other through the Python one.
+COMPILED = ("lru", "lfu", "slru", "lfu-decay", "predict", "belady")
+
+
 def fast_counts(
     trace: Trace, capacity: int, policy: str, shared: bool, split: int | None
 ) -> tuple[int, int, int, int]:
     """(hits, misses, hits before ``split``, misses before it) from the compiled loops."""
-    if policy != "belady" and policy not in POLICIES:
-        make_policy(policy)  # the error that names the choices
     keys, weights = _requests(trace)
     weights = weights.astype(np.float64)
     L, E = trace.num_layers, trace.num_experts
@@ -237,6 +239,9 @@ def replay(
     and misses from that token on (a held-out part, with a warm cache).
     """
     _check_capacity(trace, capacity)
+    if policy not in COMPILED:
+        make_policy(policy)  # the error that names the choices
+        return replay_reference(trace, capacity, policy, shared, split)  # not compiled (yet)
     hits, misses, before_hits, before_misses = fast_counts(trace, capacity, policy, shared, split)
     held = None if split is None or split >= trace.num_tokens else (
         hits - before_hits, misses - before_misses)  # fmt: skip
