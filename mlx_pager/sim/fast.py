@@ -4,8 +4,9 @@ The Python replay drives the policy objects one request at a time (minutes per p
 a trace of 100k tokens); these loops run the same rules compiled with numba. Each
 policy's ranking is kept as the key it evicts by: LRU the last access, LFU (requests,
 last access), lfu-decay (faded weight, key), Belady (next use, key), SLRU two segments
-in access order, so the victim is the least key among the unpinned residents, taken
-from an indexed min-heap. ``predict`` is transcribed line by line, floating-point
+in access order, so the victim is the least key among the unpinned residents: a scan
+of the served layer's residents, against each other layer's least (cached) when one
+cache serves all layers. ``predict`` is transcribed line by line, floating-point
 operations in the same order, and visits sets in CPython's order (``pyset``) where its
 ties depend on it. ``tests/test_fast_replay.py`` checks every policy in both modes.
 """
