@@ -12,7 +12,7 @@ from checkpoints import open_paged
 from mlx_pager.engine import Engine
 from mlx_pager.paging.policies import LFU, POLICIES
 from mlx_pager.sim import replay as simulate
-from mlx_pager.sim.replay import replay
+from mlx_pager.sim.replay import replay, replay_reference
 from mlx_pager.sim.synthetic import make_checkpoint
 from mlx_pager.sim.trace import Trace, attach_recorder
 
@@ -84,7 +84,8 @@ def test_live_lfu_counts_requests_as_the_simulator_does(model, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(simulate, "make_policy", make_policy)
-    replay(whole_run(recorder), per_layer, "lfu", shared=True)
+    # the Python replay: it drives policy objects whose counts can be compared
+    replay_reference(whole_run(recorder), per_layer, "lfu", shared=True)
     assert isinstance(live, LFU) and isinstance(made[0], LFU)
     assert live._counts == made[0]._counts
 
