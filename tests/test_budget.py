@@ -72,6 +72,18 @@ def test_kv_budget_counts_the_real_caches_of_a_hybrid_model(tmp_path):
     assert held <= layout.kv_bytes <= 1.05 * held
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_peak_rss_is_not_the_parents():
+    """A process started from a large one reports its own peak (ru_maxrss would not)."""
+    parent = (
+        "import subprocess, sys; big = b'x' * (300 * 10**6); "
+        "subprocess.run([sys.executable, '-c', 'from mlx_pager.stats import peak_rss; "
+        "print(peak_rss())'], check=True)"
+    )
+    child_peak = int(subprocess.check_output([sys.executable, "-c", parent], text=True))
+    assert child_peak < 150 * MB, child_peak
+
+
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory):
     return make_checkpoint(
