@@ -5,7 +5,9 @@ both turn readahead off (``POSIX_FADV_RANDOM`` / ``MADV_RANDOM``): measured here
 readahead read 44% more than the experts needed, mmap's default 5x.
 Once a piece is copied into the expert cache its pages are dropped from the page cache
 (``posix_fadvise(DONTNEED)`` on Linux, ``F_NOCACHE`` on macOS) and, for mmap, from the
-process (``MADV_DONTNEED``), so the same bytes are not held twice outside the budget.
+process (``MADV_DONTNEED``, whole 2 MiB blocks: a fault maps its neighbours too), so the
+same bytes are not held twice outside the budget; and glibc is told to return freed read
+buffers to the system rather than keep them in its arenas (``return_freed_buffers``).
 """
 
 from __future__ import annotations
