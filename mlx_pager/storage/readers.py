@@ -29,8 +29,9 @@ from .expert_map import Piece
 
 PAGE = mmap.PAGESIZE
 MMAP_CHUNK = 256 * 1024  # mmap path: pages mapped into the process at once, per thread
-# A fault maps the whole page-cache folio around it (up to a PMD, 2 MiB on x86-64 and
-# arm64 with 4 KiB pages), neighbours' bytes included: drop whole 2 MiB blocks.
+# A fault maps pages around it too (fault-around, large page-cache folios), never past
+# its PMD (2 MiB with 4 KiB pages): drop whole 2 MiB blocks, or neighbours' pages stay
+# mapped (measured: ~40 KiB more per group read, growing over a reply).
 FOLIO = 2 * 2**20
 M_MMAP_THRESHOLD = -3  # glibc mallopt
 F_NOCACHE = 48  # macOS fcntl: bypass the unified buffer cache for this descriptor
