@@ -351,10 +351,11 @@ def test_serve_command_stays_in_budget_under_concurrent_clients(tmp_path, isolat
         peak = max(peak, peak_rss_of(proc.pid))
         assert all(replies)
         assert stats["misses"] > stats["slots"]  # it really paged
-        # Four clients at once cost no more than one reply: one runs, the others wait,
-        # and the prompt cache stays inside the KV share. (The engine's one reply itself
-        # goes a few MB past budget + baseline: buffers outside the plan; hence the max.)
-        limit = max(budget + baseline, single_peak) + 4 * MB
+        # Four clients at once stay inside the budget, as one reply does: one runs, the
+        # others wait, and the prompt cache stays inside the KV share. 1 MB: VmHWM counts
+        # whole pages, and the baseline's imports vary a little from run to run.
+        limit = budget + baseline + 1 * MB
+        assert single_peak <= limit, dict(single=single_peak, baseline=baseline)
         assert peak <= limit, dict(peak=peak, baseline=baseline, single=single_peak)
     finally:
         proc.send_signal(signal.SIGTERM)
