@@ -63,6 +63,7 @@ def bench_paged(
     budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
     paged = load_paged(path, budget, read_path=read_path, prefetch=prefetch)
     engine = Engine(paged, str(path), 4096)
+    engine.keep_prompt_cache = False  # every prompt fed in full, as stock mlx-lm does here
     try:
         for _ in engine.generate(WARMUP, max_tokens, chat_template=False, ignore_eos=True):
             pass
