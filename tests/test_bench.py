@@ -36,6 +36,10 @@ def test_bench_reports_every_section(tmp_path, capsys):
     for name in ("pread", "mmap"):
         assert reads[f"{name}_cold_ms"] > 0 and reads[f"{name}_warm_ms"] > 0
     assert report["faster_read_path"] in ("pread", "mmap")
+    chat = report["chat"]  # the five-turn chat: the kept cache holds the history
+    assert chat["prompt_reused_tokens"][0] == 0
+    assert all(r > 0 for r in chat["prompt_reused_tokens"][1:])
+    assert all(t > 0 for t in chat["ttft_kept"] + chat["ttft_fresh"])
     assert set(report["policies"]) >= {"lru", "lfu", "predict"}
     assert all(0 <= hit <= 1 for hit in report["policies"].values())
 

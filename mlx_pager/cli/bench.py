@@ -25,12 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corpus", metavar="DIR", help="folder of *.txt documents for the policy prompts"
     )
+    parser.add_argument(
+        "--chat-fraction",
+        type=float,
+        default=0.25,
+        help="expert share for the five-turn chat (KV cache kept against fresh); 0 skips it",
+    )
     parser.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..sim.bench import (
         BENCH_MODEL,
+        bench_chat,
         bench_paged,
         bench_policies,
         bench_reads,
@@ -51,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         shares = args.fractions
         paged = [bench_paged(path, f, args.max_tokens, default) for f in shares]
         prefetch = bench_paged(path, min(shares), args.max_tokens, default, prefetch=True)
+        chat = None
+        if args.chat_fraction > 0:
+            chat = bench_chat(path, args.chat_fraction, args.max_tokens)
         policies = None
         if args.policies:
             prompts = corpus_prompts(args.corpus, 12)
@@ -61,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "paged": paged,
         "prefetch": prefetch,
         "policies": policies,
+        "chat": chat,
         "reads": reads,
         "faster_read_path": default,
     }
@@ -94,6 +105,17 @@ def run(args: argparse.Namespace) -> int:
         f"{prefetch['prefetch_precision']:.1%}; guesses used "
         f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}"
     )
+    if chat:
+        print(
+            f"five-turn chat at {chat['fraction']:.0%} of experts, time to first token (s), "
+            "KV cache kept vs prefill from scratch:"
+        )
+        for turn, (k, f) in enumerate(zip(chat["ttft_kept"], chat["ttft_fresh"], strict=True)):
+            print(
+                f"  turn {turn + 1}: {k:.3f} vs {f:.3f} ({f / k:.2f}x), "
+                f"{chat['prompt_reused_tokens'][turn]} tokens kept, "
+                f"{chat['prompt_fed_tokens'][turn]} fed"
+            )
     if policies:
         print(f"live hit rate per policy at {min(shares):.0%} of experts, corpus prompts:")
         for name, hit in sorted(policies.items(), key=lambda kv: -kv[1]):

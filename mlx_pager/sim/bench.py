@@ -92,6 +92,57 @@ def bench_paged(
         engine.close()
 
 
+CHAT_TURNS = [
+    "Explain how a mixture of experts model decides which experts each token uses.",
+    "Why does that make the model cheaper to run than a dense one of the same size?",
+    "What happens when the experts do not all fit in memory at once?",
+    "How can a cache of experts decide which ones to keep and which to evict?",
+    "Summarise the whole discussion so far in a few sentences.",
+]
+
+
+def _open_at(path: Path, fraction: float) -> Engine:
+    layout = inspect_model(path, 4096)
+    slots = max(layout.top_k, round(fraction * layout.moe_layers * layout.experts_per_layer))
+    budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
+    return Engine(load_paged(path, budget), str(path), 4096)
+
+
+def bench_chat(path: Path, fraction: float, max_tokens: int, repeats: int = 2) -> dict:
+    """Time to first token per turn of a five-turn chat, the KV cache kept against a
+    prefill from scratch: two engines on the same messages, turn by turn, interleaved,
+    the whole chat repeated; medians over the repeats."""
+    kept, fresh = _open_at(path, fraction), _open_at(path, fraction)
+    fresh.keep_prompt_cache = False
+    ttft = {"kept": [[] for _ in CHAT_TURNS], "fresh": [[] for _ in CHAT_TURNS]}
+    reused, fed = [0] * len(CHAT_TURNS), [0] * len(CHAT_TURNS)
+    try:
+        for _ in range(repeats):
+            kept.prompt_cache.clear()
+            messages: list[dict[str, str]] = []
+            for turn, text in enumerate(CHAT_TURNS):
+                messages.append({"role": "user", "content": text})
+                for name, engine in (("kept", kept), ("fresh", fresh)):
+                    reply = "".join(
+                        c.text for c in engine.generate(messages, max_tokens, ignore_eos=True)
+                    )
+                    ttft[name][turn].append(engine.stats.ttft_seconds)
+                    if name == "kept":
+                        reused[turn] = engine.stats.prompt_reused_tokens
+                        fed[turn] = engine.stats.prompt_tokens
+                messages.append({"role": "assistant", "content": reply})
+    finally:
+        kept.close()
+        fresh.close()
+    return {
+        "fraction": fraction,
+        "ttft_kept": [statistics.median(t) for t in ttft["kept"]],
+        "ttft_fresh": [statistics.median(t) for t in ttft["fresh"]],
+        "prompt_reused_tokens": reused,
+        "prompt_fed_tokens": fed,
+    }
+
+
 def bench_policies(path: Path, fraction: float, prompts: list[str], max_tokens: int) -> dict:
     """The live engine's hit rate per cache policy: same prompts, same budget, one run."""
     from ..paging.policies import POLICIES
