@@ -152,11 +152,15 @@ class PagedSwitch(nn.Module):
         routed = np.array(indices)
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
-        experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
-        requests = np.zeros(int(experts[-1]) + 1)  # tokens routed to each expert
-        requests[experts] = counts
-        run.routed(self.layer, routed, experts, counts)
-        experts = flat[np.sort(first)]  # routing order: recency policies see what happened
+        if flat.size == routed.shape[-1]:  # one token (decode): its top-k are distinct
+            experts, requests = flat, None  # one request each
+            run.routed(self.layer, routed, experts, 1)
+        else:
+            experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
+            requests = np.zeros(int(experts[-1]) + 1)  # tokens routed to each expert
+            requests[experts] = counts
+            run.routed(self.layer, routed, experts, counts)
+            experts = flat[np.sort(first)]  # routing order: recency policies see what happened
         low = np.zeros(0, experts.dtype)
         if "probs" in wanted:
             low = self._unimportant_misses(routed, experts, np.array(wanted["probs"]))
@@ -165,7 +169,8 @@ class PagedSwitch(nn.Module):
         if low.size:
             plan += [(cold, r) for r in cold.plan_rounds(self.layer, low)]
         if len(plan) == 1:
-            lut = cache.fetch(self.layer, plan[0][1], requests[plan[0][1]])
+            group = plan[0][1]
+            lut = cache.fetch(self.layer, group, None if requests is None else requests[group])
             y = self._compute(x, mx.array(lut[routed]), cache)
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
@@ -194,7 +199,7 @@ class PagedSwitch(nn.Module):
         top = np.zeros(probs.shape[-1])
         np.maximum.at(top, routed.reshape(-1), weights.reshape(-1))
         low = top[experts] < 0.5 / k
-        resident = np.array([self.cache.resident(self.layer, int(e)) for e in experts])
+        resident = self.cache.slot_table[self.layer, experts] >= 0
         return experts[low & ~resident]
 
     def _compute_in_rounds(
@@ -206,7 +211,7 @@ class PagedSwitch(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         outputs, order = [], []
         for pool, group in plan:
-            lut = pool.fetch(self.layer, group, requests[group])
+            lut = pool.fetch(self.layer, group, None if requests is None else requests[group])
             pairs = np.flatnonzero(np.isin(flat, group))
             pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]
             slots = mx.array(lut[flat[pairs]][:, None])

@@ -33,6 +33,13 @@ class Policy:
         overrides it."""
         self.access(key, float(requests) if weight is None else weight)
 
+    def access_layer(self, layer: int, experts: np.ndarray, requests: np.ndarray | None) -> None:
+        """One layer's fetch: ``access_many((layer, e), r)`` for each expert in order, ``r``
+        its requests (one each when None). A policy may do it at once, the same way."""
+        counts = [1] * len(experts) if requests is None else np.rint(requests).astype(int).tolist()
+        for expert, count in zip(experts.tolist(), counts, strict=True):
+            self.access_many((layer, expert), count)
+
     def admit(self, key: Key) -> None:
         """``key`` became resident without being requested (preloaded): make it evictable,
         learn nothing. A request of weight zero does that for a policy whose history is
@@ -317,6 +324,29 @@ class PredictedUse(Policy):
         model.decayed_total += weight * self._unit
         if expert not in model.resident:
             model.resident.add(expert)
+            self._dirty.add(layer)
+
+    def access_layer(self, layer: int, experts: np.ndarray, requests: np.ndarray | None) -> None:
+        """``access`` of each expert in order, at once: the same sums in the same order."""
+        self._accesses += len(experts)
+        if layer != self._open:
+            self._close()
+            self._open = layer
+        model = self._layer(layer)
+        ids = experts.tolist()
+        for expert in ids:
+            if expert >= model.size:
+                model.grow(expert)
+        weights = [1.0] * len(ids) if requests is None else np.rint(requests).tolist()
+        model.current.extend(ids)
+        added = [weight * self._unit for weight in weights]
+        model.decayed[ids] += added  # distinct experts: one addition each, as one by one
+        total = model.decayed_total
+        for value in added:  # summed in order, as one by one
+            total += value
+        model.decayed_total = total
+        if not model.resident.issuperset(ids):
+            model.resident.update(ids)
             self._dirty.add(layer)
 
     def admit(self, key: Key) -> None:

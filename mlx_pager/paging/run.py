@@ -48,7 +48,9 @@ class PagingRun:
         first generated token's pass before it reports the prompt done."""
         return "prefill" if self.tokens < self.prompt_tokens else "decode"
 
-    def routed(self, layer: int, routed: np.ndarray, experts: np.ndarray, counts: np.ndarray):
+    def routed(
+        self, layer: int, routed: np.ndarray, experts: np.ndarray, counts: np.ndarray | int
+    ) -> None:
         """A layer's routing: the access profiler counts how many tokens each expert
         served, and the hook (a trace recorder) sees the choices."""
         with self.stats.lock:
@@ -62,7 +64,8 @@ class PagingRun:
             self.stats.hits += hits
             self.stats.misses += misses
             self.stats.read_seconds += waited
-        self.sync()
+        if misses:  # a hit read nothing
+            self.sync()
 
     def count_cold(self, hits: int, misses: int, waited: float) -> None:
         """A fetch of the cold tier's low-precision slots."""
