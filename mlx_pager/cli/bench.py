@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.25,
         help="expert share for the five-turn chat (KV cache kept against fresh); 0 skips it",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="interleaved rounds, stock and paged resident"
+    )
     parser.add_argument("--json", action="store_true")
 
 
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         bench_paged,
         bench_policies,
         bench_reads,
+        bench_resident,
         bench_stock,
         corpus_prompts,
     )
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         reads = bench_reads(path, args.read_samples)
         default = "pread" if reads["pread_cold_ms"] <= reads["mmap_cold_ms"] else "mmap"
         stock = bench_stock(path, args.max_tokens)
+        resident = bench_resident(path, args.max_tokens, args.repeats)
         shares = args.fractions
         paged = [bench_paged(path, f, args.max_tokens, default) for f in shares]
         prefetch = bench_paged(path, min(shares), args.max_tokens, default, prefetch=True)
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(args.model or "synthetic"),
         "stock": stock,
+        "resident": resident,
         "paged": paged,
         "prefetch": prefetch,
         "policies": policies,
@@ -91,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
             f"{p['read_seconds']:>7.2f}"
         )
     print("(hit rate and speed: second prompt, cache warm; 1st run: filling an empty cache)")
+    print(
+        f"every expert resident, {resident['repeats']} interleaved rounds: stock "
+        f"{resident['stock_tps']:.1f}, paged {resident['paged_tps']:.1f} decode tok/s, "
+        f"{resident['ratio']:.2f}x stock; pager host time {resident['host_us_per_layer']:.0f} us "
+        "per MoE layer and token (outside sync and reads)"
+    )
     base = next(p for p in paged if p["fraction"] == prefetch["fraction"])
     print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with):")
     for key, label, scale in (

@@ -9,6 +9,7 @@ cache holds (a long prompt at a small budget) it computes in rounds of experts, 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -140,7 +141,9 @@ class PagedSwitch(nn.Module):
         return x.squeeze(-2)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        start = time.perf_counter()
         cache, run, cold, prefetcher = self.cache, self.run, self.cold, self.cache.prefetcher
+        decode = run.phase == "decode"
         # One host sync for this layer's choices, the next layer's guess and the weights:
         # the pager must know the experts before it computes them.
         wanted = {"indices": indices}
@@ -148,7 +151,9 @@ class PagedSwitch(nn.Module):
             wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
         if cold is not None and self.router is not None:
             wanted["probs"] = mx.softmax(router_scores(self.router, x).astype(mx.float32), -1)
+        before = time.perf_counter()
         mx.eval(wanted)
+        synced = time.perf_counter() - before
         routed = np.array(indices)
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
@@ -185,6 +190,7 @@ class PagedSwitch(nn.Module):
             if guess is not None:  # read while this layer computes
                 prefetcher.issue(self.layer + 1, guess, cache.resident)
             run.sync()
+        run.timed(decode, time.perf_counter() - start, synced)
         return y
 
     def _unimportant_misses(

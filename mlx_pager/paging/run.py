@@ -29,6 +29,8 @@ class PagingRun:
         self.tokens = 0  # tokens that went through every layer this reply
         self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
         self._bytes_at_start = 0
+        # Decode layers' time on the host outside their sync and their reads (the bench's).
+        self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         stats.expert_counts = np.zeros((layers, experts), np.int64)
 
     def start(self, prompt_tokens: int = 0) -> None:
@@ -37,6 +39,7 @@ class PagingRun:
         self._bytes_at_start = self.reader.bytes_read
         self.prompt_tokens, self.tokens = prompt_tokens, 0
         self.prefill_counts = None if prompt_tokens else (0, 0)
+        self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         if self.prefetcher is not None:
             self.prefetcher.reset_counts()
 
@@ -64,6 +67,7 @@ class PagingRun:
             self.stats.hits += hits
             self.stats.misses += misses
             self.stats.read_seconds += waited
+        self._waited += waited
         if misses:  # a hit read nothing
             self.sync()
 
@@ -73,6 +77,15 @@ class PagingRun:
             self.stats.cold_hits += hits
             self.stats.cold_misses += misses
             self.stats.read_seconds += waited
+        self._waited += waited
+
+    def timed(self, decode: bool, seconds: float, synced: float) -> None:
+        """A layer call took ``seconds``, ``synced`` of them in its host sync: what is
+        left, less its reads, is the pager's own work (decode layers only)."""
+        if decode:
+            self.host_layers += 1
+            self.host_seconds += seconds - synced - self._waited
+        self._waited = 0.0
 
     def passed(self, n: int) -> None:
         """``n`` tokens went through every layer; note the counts when the prompt's last

@@ -54,6 +54,42 @@ def bench_stock(path: Path, max_tokens: int) -> dict:
     return {"decode_tps": tps, "tokens": n, "peak_mlx_bytes": mx.get_peak_memory()}
 
 
+def bench_resident(path: Path, max_tokens: int, repeats: int = 5) -> dict:
+    """Every expert resident: stock mlx-lm and the paged engine decode the same prompt in
+    turn, ``repeats`` times (interleaved, so a busy machine slows both alike); medians of
+    the speeds and of the per-round ratio, and the pager's own host time per MoE layer
+    and decode token (``PagedSwitch.__call__`` less its sync and its reads)."""
+    model, tokenizer = load(str(path))
+    model.update(cast_floating(model.parameters(), mx.float32))
+    tokens = tokenizer.encode(PROMPT)
+    no_eos = [ban_tokens(tokenizer.eos_token_ids)]
+    engine = _open_at(path, 1.0)
+    engine.keep_prompt_cache = False
+    stock, paged, host = [], [], []
+    try:
+        for _ in engine.generate(WARMUP, max_tokens, chat_template=False, ignore_eos=True):
+            pass
+        for _ in range(repeats):
+            responses = stream_generate(
+                model, tokenizer, tokens, max_tokens=max_tokens, logits_processors=no_eos
+            )
+            stock.append(_decode_tps(responses)[0])
+            for _ in engine.generate(PROMPT, max_tokens, chat_template=False, ignore_eos=True):
+                pass
+            paged.append(engine.stats.decode_tps)
+            run = engine.paged.run
+            host.append(run.host_seconds / max(1, run.host_layers))
+    finally:
+        engine.close()
+    return {
+        "stock_tps": statistics.median(stock),
+        "paged_tps": statistics.median(paged),
+        "ratio": statistics.median(p / s for p, s in zip(paged, stock, strict=True)),
+        "host_us_per_layer": 1e6 * statistics.median(host),
+        "repeats": repeats,
+    }
+
+
 def bench_paged(
     path: Path, fraction: float, max_tokens: int, read_path: str, prefetch: bool = False
 ) -> dict:
