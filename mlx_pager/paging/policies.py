@@ -217,8 +217,7 @@ class _LayerModel:
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self.follows = np.zeros((size, size))  # [a, b]: times b came one token after a
-        self.seen = np.zeros(size)  # times a had a next token
-        self.chance = np.zeros((size, size))  # follows / seen: P(b next | a now)
+        self.seen = np.zeros(size)  # times a had a next token; P(b next | a now) = follows / seen
         self.decayed = np.zeros(size)  # router weight, fading (see DecayedLFU)
         self.decayed_total = 0.0
         self.resident: set[int] = set()
@@ -229,7 +228,6 @@ class _LayerModel:
     def grow(self, expert: int) -> None:
         pad = max(self.size, expert + 1 - self.size)
         self.follows = np.pad(self.follows, ((0, pad), (0, pad)))
-        self.chance = np.pad(self.chance, ((0, pad), (0, pad)))
         self.seen = np.pad(self.seen, (0, pad))
         self.decayed = np.pad(self.decayed, (0, pad))
         self.size += pad
@@ -244,19 +242,21 @@ class _LayerModel:
             pairs = np.add.outer(np.multiply(previous, self.size), current).ravel()
             self.follows.reshape(-1)[pairs] += 1
             self.seen[previous] += 1
-            self.chance[previous] = self.follows[previous] / self.seen[previous, None]
         self.previous, self.current = current, []
         self.forecast = None
 
     def predict(self, basis: list[int], mix: float) -> list[float]:
         """Chance of each expert at this layer's next token, given this token's ``basis``."""
         n = max(len(basis), 1)
+        # P(b next | a now) for each a of the basis, divided when asked (on a miss), not
+        # on every token: the same quotients (0 for an expert never followed).
+        chance = self.follows[basis] / np.maximum(self.seen[basis], 1.0)[:, None]
         if self.decayed_total <= 0:
-            return (self.chance[basis].sum(0) / n).tolist()
+            return (chance.sum(0) / n).tolist()
         popular = self.decayed * ((1.0 - mix) * n / self.decayed_total)
         if not basis:
             return popular.tolist()
-        return (self.chance[basis].sum(0) * (mix / n) + popular).tolist()
+        return (chance.sum(0) * (mix / n) + popular).tolist()
 
 
 class PredictedUse(Policy):
