@@ -80,8 +80,9 @@ class PagingRun:
         self._waited += waited
 
     def timed(self, decode: bool, seconds: float, synced: float) -> None:
-        """A layer call took ``seconds``, ``synced`` of them in its host sync: what is
-        left, less its reads, is the pager's own work (decode layers only)."""
+        """A layer call took ``seconds``, ``synced`` of them in its host sync and in
+        building mlx-lm's computation: what is left, less its reads, is the pager's own
+        work (decode layers only)."""
         if decode:
             self.host_layers += 1
             self.host_seconds += seconds - synced - self._waited
