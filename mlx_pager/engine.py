@@ -261,7 +261,7 @@ class Engine:
         max_tokens = min(max_tokens, self.context_length - len(tokens))
         if not self.keep_prompt_cache:
             self.prompt_cache.clear()
-        kv_cache, reused = self.prompt_cache.take(tokens)
+        kv_cache, reused = self.prompt_cache.take(tokens, max_tokens)
         stats = self.stats
         stats.reset_run()
         stats.prompt_reused_tokens = reused

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from checkpoints import open_paged
+from mlx_lm.models.cache import KVCache
 
 from mlx_pager.engine import Engine
 from mlx_pager.paging.loader import TESTED_ARCHITECTURES
@@ -100,5 +101,55 @@ def test_edited_history_keeps_only_the_common_prefix(tmp_path):
         list(engine.generate(edited, max_tokens=4, ignore_eos=True))
         assert engine.stats.prompt_reused_tokens == len(engine.encode(edited)) - 1
         assert engine.stats.prompt_tokens == 1
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    "held,reused,prompt,total",
+    [(20, 20, 300, 512), (256, 256, 300, 700), (300, 100, 2100, 2600), (0, 0, 5, 300)],
+)
+def test_grown_capacity_is_what_mlx_lm_allocates(held, reused, prompt, total):
+    """The model of KVCache's growth, against a real KVCache fed the same way."""
+    import mlx.core as mx
+
+    from mlx_pager.paging.prompt_cache import feeds, grown_capacity
+
+    cache = KVCache()
+
+    def feed(n):
+        kv = mx.zeros((1, 1, n, 4))
+        cache.update_and_fetch(kv, kv)
+
+    for size in feeds(held):
+        feed(size)
+    capacity = cache.keys.shape[2] if cache.keys is not None else 0
+    cache.trim(held - reused)
+    want = grown_capacity(capacity, reused, prompt - reused, total, cache.step)
+    for size in feeds(prompt - reused):
+        feed(size)
+    while cache.offset < total:
+        feed(1)
+    assert cache.keys.shape[2] == want
+
+
+def test_a_reuse_that_would_outgrow_the_kv_share_starts_fresh(tmp_path):
+    """gpt-oss's full-attention layer uses a plain KVCache: a 20-token kept cache fed 280
+    more at once grows to 20 + 512 tokens, past a fresh cache's 512 and the context."""
+    path = make_checkpoint(tmp_path / "g", "gpt_oss", sliding_window=1024)
+    engine = Engine(open_paged(path, 3, context_length=512), str(path), 512)
+    try:
+        first = [{"role": "user", "content": "hi"}]
+        list(engine.generate(first, max_tokens=4, ignore_eos=True))
+        long = [{"role": "user", "content": "hi " + "and more words " * 25}]
+        n = len(engine.encode(long))
+        assert 256 < n < 512 and engine.encode(first)[:3] == engine.encode(long)[:3]
+        list(engine.generate(long, max_tokens=512 - n, ignore_eos=True))
+        assert engine.stats.prompt_reused_tokens == 0, "reuse would outgrow the KV share"
+        full = [c for c in engine.prompt_cache.cache if type(c) is KVCache]
+        assert full and all(c.keys.shape[2] <= 512 for c in full)
+        # A short follow-up fits: reused.
+        list(engine.generate(long, max_tokens=1, ignore_eos=True))
+        assert engine.stats.prompt_reused_tokens == n - 1
     finally:
         engine.close()
