@@ -228,6 +228,7 @@ class ExpertCache:
             for key, slot in zip(keys, slots, strict=True):
                 if self.key_in[slot] == key:
                     del self.slot_of[key]
+                    self.slot_table[key] = -1
                 self.key_in[slot] = None
                 self.free.append(slot)
             raise
