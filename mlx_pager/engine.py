@@ -15,12 +15,12 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .assets import embedded_model
 from .budget import BudgetPlan
 from .paging.loader import PagedModel, load_paged
+from .paging.prompt_cache import PromptCache
 from .settings import Settings, check_budget, load_settings
 from .stats import Stats, current_rss, peak_rss
 from .storage.checkpoint import read_config
@@ -98,6 +98,9 @@ class Engine:
         self._preload_cancel = threading.Event()
         self.last_task = ""
         self.learn = True  # add each reply's expert counts to the task profile
+        # The conversation's KV cache between replies: a chat resends its history.
+        self.prompt_cache = PromptCache(paged.model, context_length)
+        self.keep_prompt_cache = True
 
     @classmethod
     def open(
@@ -240,7 +243,9 @@ class Engine:
         """Stream a reply; ``stop()`` from another thread ends it after the current token.
 
         The reply ends (``finish_reason="length"``) where the context length is reached:
-        the budget holds the KV cache of that many tokens and no more.
+        the budget holds the KV cache of that many tokens and no more. The KV cache is
+        kept for the next reply, which feeds only what follows the prefix they share
+        (``stats.prompt_reused_tokens``); ``keep_prompt_cache = False`` turns that off.
         ``ignore_eos``: never end early (benchmarks time a fixed number of tokens)."""
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a whole number from 1, not {max_tokens!r}.")
@@ -254,28 +259,33 @@ class Engine:
                 f"{self.context_length}: shorten it or raise context_length in settings."
             )
         max_tokens = min(max_tokens, self.context_length - len(tokens))
+        if not self.keep_prompt_cache:
+            self.prompt_cache.clear()
+        kv_cache, reused = self.prompt_cache.take(tokens, max_tokens)
         stats = self.stats
         stats.reset_run()
+        stats.prompt_reused_tokens = reused
         cache = self.paged.cache
         if cache is not None:
             cache.reader.refresh()  # a weight file replaced since the last reply: reopen it
-            self.paged.run.start(prompt_tokens=len(tokens))  # decode counts start after
+            # decode counts start after the tokens fed
+            self.paged.run.start(prompt_tokens=len(tokens) - reused)
             task = self.prepare(prompt, preload, task)
             self.wait_preload()  # before the first forward pass writes to the cache
             counts_before = stats.expert_counts.copy()
         start = time.perf_counter()
         sampler = make_sampler(temp=temp, top_p=top_p)
-        # The cache stream_generate would make, made here to report what it holds.
-        kv_cache = make_prompt_cache(self.paged.model, max_kv_size=self.context_length)
+        generated: list[int] = []
         for response in stream_generate(
             self.paged.model,
             self.tokenizer,
-            tokens,
+            tokens[reused:],
             max_tokens=max_tokens,
             sampler=sampler,
             logits_processors=[ban_tokens(self.tokenizer.eos_token_ids)] if ignore_eos else None,
             prompt_cache=kv_cache,
         ):
+            generated.append(int(response.token))
             with stats.lock:
                 stats.kv_used_bytes = sum(c.nbytes for c in kv_cache)
                 if response.generation_tokens == 1:
@@ -294,9 +304,14 @@ class Engine:
             finish = response.finish_reason
             if self._stop.is_set() and finish is None:
                 finish = "cancelled"
-            yield Chunk(response.text, int(response.token), finish)
+            try:
+                yield Chunk(response.text, int(response.token), finish)
+            except GeneratorExit:  # the caller stopped reading: what was fed is known
+                self._keep(kv_cache, tokens + generated)
+                raise
             if finish is not None:
                 break
+        self._keep(kv_cache, tokens + generated)
         if cache is not None and self.learn:  # the profiler learns what this task used
             self.profiles.add(task, stats.expert_counts - counts_before)
             self.profiles.save()
@@ -333,9 +348,14 @@ class Engine:
             stats.peak_rss_bytes = max(peak_rss(), current_rss())
             stats.peak_mlx_bytes = mx.get_peak_memory()
 
+    def _keep(self, kv_cache: list, tokens: list[int]) -> None:
+        if self.keep_prompt_cache:
+            self.prompt_cache.keep(kv_cache, tokens)
+
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
         self.wait_preload(cancel=True)
+        self.prompt_cache.clear()
         self.paged.close()

@@ -51,7 +51,8 @@ class Stats:
     prefetch_used: int = 0  # ... that the next layer then needed
     prefetch_recall: float = 0.0  # share of routed experts the guesses contained
     prefetch_precision: float = 0.0  # share of guesses that were routed
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # fed through the model this reply
+    prompt_reused_tokens: int = 0  # ... and those the kept KV cache already held
     prompt_tps: float = 0.0
     generation_tokens: int = 0
     decode_tps: float = 0.0
@@ -87,6 +88,7 @@ class Stats:
             self.prefetch_issued = self.prefetch_used = 0
             self.prefetch_recall = self.prefetch_precision = 0.0
             self.prompt_tokens = self.generation_tokens = self.kv_used_bytes = 0
+            self.prompt_reused_tokens = 0
             self.prompt_tps = self.decode_tps = self.ttft_seconds = 0.0
 
     def snapshot(self) -> Stats:
@@ -111,7 +113,8 @@ class Stats:
         from .units import format_bytes
 
         return (
-            f"prompt {self.prompt_tokens} tok @ {self.prompt_tps:.1f} tok/s | "
+            f"prompt {self.prompt_tokens} tok @ {self.prompt_tps:.1f} tok/s"
+            f"{f' (+{self.prompt_reused_tokens} kept)' if self.prompt_reused_tokens else ''} | "
             f"decode {self.generation_tokens} tok @ {self.decode_tps:.1f} tok/s | "
             f"hit {self.hit_rate:.1%} ({self.hits}/{self.hits + self.misses}) | "
             f"read {format_bytes(self.bytes_read)} | "

@@ -22,6 +22,8 @@ def test_bench_reports_every_section(tmp_path, capsys):
         "--read-samples",
         "8",
         "--policies",
+        "--repeats",
+        "2",
         "--json",
     ]
     assert main(args) == 0
@@ -36,6 +38,13 @@ def test_bench_reports_every_section(tmp_path, capsys):
     for name in ("pread", "mmap"):
         assert reads[f"{name}_cold_ms"] > 0 and reads[f"{name}_warm_ms"] > 0
     assert report["faster_read_path"] in ("pread", "mmap")
+    resident = report["resident"]
+    assert resident["stock_tps"] > 0 and resident["paged_tps"] > 0 and resident["ratio"] > 0
+    assert 0 < resident["host_us_per_layer"] < 1e5
+    chat = report["chat"]  # the five-turn chat: the kept cache holds the history
+    assert chat["prompt_reused_tokens"][0] == 0
+    assert all(r > 0 for r in chat["prompt_reused_tokens"][1:])
+    assert all(t > 0 for t in chat["ttft_kept"] + chat["ttft_fresh"])
     assert set(report["policies"]) >= {"lru", "lfu", "predict"}
     assert all(0 <= hit <= 1 for hit in report["policies"].values())
 

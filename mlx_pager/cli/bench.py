@@ -25,15 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corpus", metavar="DIR", help="folder of *.txt documents for the policy prompts"
     )
+    parser.add_argument(
+        "--chat-fraction",
+        type=float,
+        default=0.25,
+        help="expert share for the five-turn chat (KV cache kept against fresh); 0 skips it",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="interleaved rounds, stock and paged resident"
+    )
     parser.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..sim.bench import (
         BENCH_MODEL,
+        bench_chat,
         bench_paged,
         bench_policies,
         bench_reads,
+        bench_resident,
         bench_stock,
         corpus_prompts,
     )
@@ -48,9 +59,13 @@ def run(args: argparse.Namespace) -> int:
         reads = bench_reads(path, args.read_samples)
         default = "pread" if reads["pread_cold_ms"] <= reads["mmap_cold_ms"] else "mmap"
         stock = bench_stock(path, args.max_tokens)
+        resident = bench_resident(path, args.max_tokens, args.repeats)
         shares = args.fractions
         paged = [bench_paged(path, f, args.max_tokens, default) for f in shares]
         prefetch = bench_paged(path, min(shares), args.max_tokens, default, prefetch=True)
+        chat = None
+        if args.chat_fraction > 0:
+            chat = bench_chat(path, args.chat_fraction, args.max_tokens)
         policies = None
         if args.policies:
             prompts = corpus_prompts(args.corpus, 12)
@@ -58,9 +73,11 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(args.model or "synthetic"),
         "stock": stock,
+        "resident": resident,
         "paged": paged,
         "prefetch": prefetch,
         "policies": policies,
+        "chat": chat,
         "reads": reads,
         "faster_read_path": default,
     }
@@ -80,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
             f"{p['read_seconds']:>7.2f}"
         )
     print("(hit rate and speed: second prompt, cache warm; 1st run: filling an empty cache)")
+    print(
+        f"every expert resident, {resident['repeats']} interleaved rounds: stock "
+        f"{resident['stock_tps']:.1f}, paged {resident['paged_tps']:.1f} decode tok/s, "
+        f"{resident['ratio']:.2f}x stock; pager host time {resident['host_us_per_layer']:.0f} us "
+        "per MoE layer and token (outside its sync, its reads and mlx-lm's computation)"
+    )
     base = next(p for p in paged if p["fraction"] == prefetch["fraction"])
     print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with):")
     for key, label, scale in (
@@ -94,6 +117,17 @@ def run(args: argparse.Namespace) -> int:
         f"{prefetch['prefetch_precision']:.1%}; guesses used "
         f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}"
     )
+    if chat:
+        print(
+            f"five-turn chat at {chat['fraction']:.0%} of experts, time to first token (s), "
+            "KV cache kept vs prefill from scratch:"
+        )
+        for turn, (k, f) in enumerate(zip(chat["ttft_kept"], chat["ttft_fresh"], strict=True)):
+            print(
+                f"  turn {turn + 1}: {k:.3f} vs {f:.3f} ({f / k:.2f}x), "
+                f"{chat['prompt_reused_tokens'][turn]} tokens kept, "
+                f"{chat['prompt_fed_tokens'][turn]} fed"
+            )
     if policies:
         print(f"live hit rate per policy at {min(shares):.0%} of experts, corpus prompts:")
         for name, hit in sorted(policies.items(), key=lambda kv: -kv[1]):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -109,6 +109,10 @@ class ExpertCache:
         mx.eval(list(self.pools.values()))
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_in: list[tuple[int, int] | None] = [None] * slots
+        # [layer, expert] -> slot, -1 when not resident: a hit is a numpy gather
+        self.slot_table = np.full(
+            (len(expert_map.layer_paths), expert_map.num_experts), -1, np.int32
+        )
         self.free = list(range(slots - 1, -1, -1))
         self.prefetcher = None  # optional Prefetcher: guessed experts read ahead
         self.lock = threading.Lock()  # fetches and background preloads take turns
@@ -118,28 +122,31 @@ class ExpertCache:
         return sum(int(a.nbytes) // self.slots for a in self.pools.values())
 
     def resident(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.slot_of
+        return bool(self.slot_table[layer, expert] >= 0)
 
     def plan_rounds(self, layer: int, experts: np.ndarray) -> list[np.ndarray]:
         """Split a layer's experts into groups that fit; resident ones go first."""
         if len(experts) <= self.slots:
             return [experts]
-        hit = np.array([self.resident(layer, int(e)) for e in experts])
+        hit = self.slot_table[layer, experts] >= 0
         ordered = np.concatenate([experts[hit], experts[~hit]])
         return [ordered[i : i + self.slots] for i in range(0, len(ordered), self.slots)]
 
     def fetch(
-        self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None
+        self, layer: int, experts: np.ndarray, requests: np.ndarray | None = None
     ) -> np.ndarray:
-        """Make these experts resident; returns a lookup table expert -> slot.
+        """Make these (distinct) experts resident; returns the layer's lookup table expert -> slot
+        (valid until the next fetch).
 
-        ``weights``: how many requests each expert serves here (tokens routed to it), so
-        the policy counts a prefill chunk as the simulator counts its tokens' requests.
+        ``requests``: how many requests each expert serves here (tokens routed to it), so
+        the policy counts a prefill chunk as the simulator counts its tokens' requests;
+        None: one each (a decode step).
         """
+        experts = np.asarray(experts)
         if len(experts) > self.slots:
             raise ValueError(f"{len(experts)} experts requested, {self.slots} slots")
         with self.lock:
-            return self._fetch(layer, experts, weights)
+            return self._fetch(layer, experts, requests)
 
     def next_tokens(self, n: int) -> None:
         """``n`` tokens went through every layer: age the policies that count tokens."""
@@ -147,23 +154,21 @@ class ExpertCache:
             for _ in range(n):
                 self.policy.next_token()
 
-    def _fetch(self, layer: int, experts: Sequence[int], weights) -> np.ndarray:
-        keys = [(layer, int(e)) for e in experts]
-        pinned = set(keys)
-        misses = [k for k in keys if k not in self.slot_of]
-        slots = [self._claim(pinned) for _ in misses]
-        start = time.perf_counter()
-        if misses:
+    def _fetch(self, layer: int, experts: np.ndarray, requests) -> np.ndarray:
+        table = self.slot_table[layer]
+        missing = experts[table[experts] < 0]
+        waited = 0.0
+        if missing.size:  # a hit touches nothing but the table and the policy
+            pinned = {(layer, int(e)) for e in experts}
+            misses = [(layer, int(e)) for e in missing]
+            slots = [self._claim(pinned) for _ in misses]
+            start = time.perf_counter()
             self._load(misses, slots)
-        waited = time.perf_counter() - start
-        for i, key in enumerate(keys):
-            self.policy.access_many(key, 1 if weights is None else round(float(weights[i])))
+            waited = time.perf_counter() - start
+        self.policy.access_layer(layer, experts, requests)
         if self.on_fetch is not None:
-            self.on_fetch(len(keys) - len(misses), len(misses), waited)
-        lut = np.zeros(self.map.num_experts, np.int32)
-        for key in keys:
-            lut[key[1]] = self.slot_of[key]
-        return lut
+            self.on_fetch(len(experts) - missing.size, missing.size, waited)
+        return table
 
     def preload(self, keys: list[tuple[int, int]], cancel: threading.Event | None = None) -> int:
         """Make ``keys`` resident, most important first, without counting hits or misses.
@@ -194,6 +199,7 @@ class ExpertCache:
             for key in list(self.slot_of):
                 self.policy.remove(key)
             self.slot_of.clear()
+            self.slot_table.fill(-1)
             self.key_in = [None] * self.slots
             self.free = list(range(self.slots - 1, -1, -1))
 
@@ -209,6 +215,7 @@ class ExpertCache:
         victim = self.policy.victim(pinned)
         self.policy.remove(victim)
         slot = self.slot_of.pop(victim)
+        self.slot_table[victim] = -1
         self.key_in[slot] = None
         return slot
 
@@ -221,6 +228,7 @@ class ExpertCache:
             for key, slot in zip(keys, slots, strict=True):
                 if self.key_in[slot] == key:
                     del self.slot_of[key]
+                    self.slot_table[key] = -1
                 self.key_in[slot] = None
                 self.free.append(slot)
             raise
@@ -267,6 +275,7 @@ class ExpertCache:
     def _place(self, key: tuple[int, int], slot: int, buffers: list[np.ndarray]) -> None:
         self.format.write(self.pools, slot, self.map.expert_pieces(*key), buffers)
         self.slot_of[key] = slot
+        self.slot_table[key] = slot
         self.key_in[slot] = key
 
     def close(self) -> None:

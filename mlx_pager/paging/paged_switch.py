@@ -9,6 +9,7 @@ cache holds (a long prompt at a small budget) it computes in rounds of experts, 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -140,7 +141,9 @@ class PagedSwitch(nn.Module):
         return x.squeeze(-2)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        start = time.perf_counter()
         cache, run, cold, prefetcher = self.cache, self.run, self.cold, self.cache.prefetcher
+        decode = run.phase == "decode"
         # One host sync for this layer's choices, the next layer's guess and the weights:
         # the pager must know the experts before it computes them.
         wanted = {"indices": indices}
@@ -148,15 +151,21 @@ class PagedSwitch(nn.Module):
             wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
         if cold is not None and self.router is not None:
             wanted["probs"] = mx.softmax(router_scores(self.router, x).astype(mx.float32), -1)
+        before = time.perf_counter()
         mx.eval(wanted)
+        synced = time.perf_counter() - before
         routed = np.array(indices)
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
-        experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
-        requests = np.zeros(int(experts[-1]) + 1)  # tokens routed to each expert
-        requests[experts] = counts
-        run.routed(self.layer, routed, experts, counts)
-        experts = flat[np.sort(first)]  # routing order: recency policies see what happened
+        if flat.size == routed.shape[-1]:  # one token (decode): its top-k are distinct
+            experts, requests = flat, None  # one request each
+            run.routed(self.layer, routed, experts, 1)
+        else:
+            experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
+            requests = np.zeros(int(experts[-1]) + 1)  # tokens routed to each expert
+            requests[experts] = counts
+            run.routed(self.layer, routed, experts, counts)
+            experts = flat[np.sort(first)]  # routing order: recency policies see what happened
         low = np.zeros(0, experts.dtype)
         if "probs" in wanted:
             low = self._unimportant_misses(routed, experts, np.array(wanted["probs"]))
@@ -165,8 +174,12 @@ class PagedSwitch(nn.Module):
         if low.size:
             plan += [(cold, r) for r in cold.plan_rounds(self.layer, low)]
         if len(plan) == 1:
-            lut = cache.fetch(self.layer, plan[0][1], requests[plan[0][1]])
-            y = self._compute(x, mx.array(lut[routed]), cache)
+            group = plan[0][1]
+            lut = cache.fetch(self.layer, group, None if requests is None else requests[group])
+            slots = mx.array(lut[routed])
+            before = time.perf_counter()
+            y = self._compute(x, slots, cache)
+            synced += time.perf_counter() - before  # mlx-lm's own computation, not the pager's
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
         if self.last:
@@ -180,6 +193,7 @@ class PagedSwitch(nn.Module):
             if guess is not None:  # read while this layer computes
                 prefetcher.issue(self.layer + 1, guess, cache.resident)
             run.sync()
+        run.timed(decode, time.perf_counter() - start, synced)
         return y
 
     def _unimportant_misses(
@@ -194,7 +208,7 @@ class PagedSwitch(nn.Module):
         top = np.zeros(probs.shape[-1])
         np.maximum.at(top, routed.reshape(-1), weights.reshape(-1))
         low = top[experts] < 0.5 / k
-        resident = np.array([self.cache.resident(self.layer, int(e)) for e in experts])
+        resident = self.cache.slot_table[self.layer, experts] >= 0
         return experts[low & ~resident]
 
     def _compute_in_rounds(
@@ -206,7 +220,7 @@ class PagedSwitch(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         outputs, order = [], []
         for pool, group in plan:
-            lut = pool.fetch(self.layer, group, requests[group])
+            lut = pool.fetch(self.layer, group, None if requests is None else requests[group])
             pairs = np.flatnonzero(np.isin(flat, group))
             pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]
             slots = mx.array(lut[flat[pairs]][:, None])

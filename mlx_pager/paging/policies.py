@@ -33,6 +33,13 @@ class Policy:
         overrides it."""
         self.access(key, float(requests) if weight is None else weight)
 
+    def access_layer(self, layer: int, experts: np.ndarray, requests: np.ndarray | None) -> None:
+        """One layer's fetch: ``access_many((layer, e), r)`` for each expert in order, ``r``
+        its requests (one each when None). A policy may do it at once, the same way."""
+        counts = [1] * len(experts) if requests is None else np.rint(requests).astype(int).tolist()
+        for expert, count in zip(experts.tolist(), counts, strict=True):
+            self.access_many((layer, expert), count)
+
     def admit(self, key: Key) -> None:
         """``key`` became resident without being requested (preloaded): make it evictable,
         learn nothing. A request of weight zero does that for a policy whose history is
@@ -210,8 +217,7 @@ class _LayerModel:
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self.follows = np.zeros((size, size))  # [a, b]: times b came one token after a
-        self.seen = np.zeros(size)  # times a had a next token
-        self.chance = np.zeros((size, size))  # follows / seen: P(b next | a now)
+        self.seen = np.zeros(size)  # times a had a next token; P(b next | a now) = follows / seen
         self.decayed = np.zeros(size)  # router weight, fading (see DecayedLFU)
         self.decayed_total = 0.0
         self.resident: set[int] = set()
@@ -222,7 +228,6 @@ class _LayerModel:
     def grow(self, expert: int) -> None:
         pad = max(self.size, expert + 1 - self.size)
         self.follows = np.pad(self.follows, ((0, pad), (0, pad)))
-        self.chance = np.pad(self.chance, ((0, pad), (0, pad)))
         self.seen = np.pad(self.seen, (0, pad))
         self.decayed = np.pad(self.decayed, (0, pad))
         self.size += pad
@@ -237,19 +242,21 @@ class _LayerModel:
             pairs = np.add.outer(np.multiply(previous, self.size), current).ravel()
             self.follows.reshape(-1)[pairs] += 1
             self.seen[previous] += 1
-            self.chance[previous] = self.follows[previous] / self.seen[previous, None]
         self.previous, self.current = current, []
         self.forecast = None
 
     def predict(self, basis: list[int], mix: float) -> list[float]:
         """Chance of each expert at this layer's next token, given this token's ``basis``."""
         n = max(len(basis), 1)
+        # P(b next | a now) for each a of the basis, divided when asked (on a miss), not
+        # on every token: the same quotients (0 for an expert never followed).
+        chance = self.follows[basis] / np.maximum(self.seen[basis], 1.0)[:, None]
         if self.decayed_total <= 0:
-            return (self.chance[basis].sum(0) / n).tolist()
+            return (chance.sum(0) / n).tolist()
         popular = self.decayed * ((1.0 - mix) * n / self.decayed_total)
         if not basis:
             return popular.tolist()
-        return (self.chance[basis].sum(0) * (mix / n) + popular).tolist()
+        return (chance.sum(0) * (mix / n) + popular).tolist()
 
 
 class PredictedUse(Policy):
@@ -317,6 +324,29 @@ class PredictedUse(Policy):
         model.decayed_total += weight * self._unit
         if expert not in model.resident:
             model.resident.add(expert)
+            self._dirty.add(layer)
+
+    def access_layer(self, layer: int, experts: np.ndarray, requests: np.ndarray | None) -> None:
+        """``access`` of each expert in order, at once: the same sums in the same order."""
+        self._accesses += len(experts)
+        if layer != self._open:
+            self._close()
+            self._open = layer
+        model = self._layer(layer)
+        ids = experts.tolist()
+        for expert in ids:
+            if expert >= model.size:
+                model.grow(expert)
+        weights = [1.0] * len(ids) if requests is None else np.rint(requests).tolist()
+        model.current.extend(ids)
+        added = [weight * self._unit for weight in weights]
+        model.decayed[ids] += added  # distinct experts: one addition each, as one by one
+        total = model.decayed_total
+        for value in added:  # summed in order, as one by one
+            total += value
+        model.decayed_total = total
+        if not model.resident.issuperset(ids):
+            model.resident.update(ids)
             self._dirty.add(layer)
 
     def admit(self, key: Key) -> None:

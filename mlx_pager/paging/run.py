@@ -29,6 +29,8 @@ class PagingRun:
         self.tokens = 0  # tokens that went through every layer this reply
         self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
         self._bytes_at_start = 0
+        # Decode layers' time on the host outside their sync and their reads (the bench's).
+        self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         stats.expert_counts = np.zeros((layers, experts), np.int64)
 
     def start(self, prompt_tokens: int = 0) -> None:
@@ -37,6 +39,7 @@ class PagingRun:
         self._bytes_at_start = self.reader.bytes_read
         self.prompt_tokens, self.tokens = prompt_tokens, 0
         self.prefill_counts = None if prompt_tokens else (0, 0)
+        self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         if self.prefetcher is not None:
             self.prefetcher.reset_counts()
 
@@ -48,11 +51,13 @@ class PagingRun:
         first generated token's pass before it reports the prompt done."""
         return "prefill" if self.tokens < self.prompt_tokens else "decode"
 
-    def routed(self, layer: int, routed: np.ndarray, experts: np.ndarray, counts: np.ndarray):
+    def routed(
+        self, layer: int, routed: np.ndarray, experts: np.ndarray, counts: np.ndarray | int
+    ) -> None:
         """A layer's routing: the access profiler counts how many tokens each expert
         served, and the hook (a trace recorder) sees the choices."""
         with self.stats.lock:
-            self.stats.expert_counts[layer, experts] += counts
+            self.stats.expert_counts[layer][experts] += counts  # a row: cheaper to index
         if self.on_tokens is not None:
             self.on_tokens(layer, routed)
 
@@ -62,7 +67,9 @@ class PagingRun:
             self.stats.hits += hits
             self.stats.misses += misses
             self.stats.read_seconds += waited
-        self.sync()
+        self._waited += waited
+        if misses:  # a hit read nothing
+            self.sync()
 
     def count_cold(self, hits: int, misses: int, waited: float) -> None:
         """A fetch of the cold tier's low-precision slots."""
@@ -70,6 +77,16 @@ class PagingRun:
             self.stats.cold_hits += hits
             self.stats.cold_misses += misses
             self.stats.read_seconds += waited
+        self._waited += waited
+
+    def timed(self, decode: bool, seconds: float, synced: float) -> None:
+        """A layer call took ``seconds``, ``synced`` of them in its host sync and in
+        building mlx-lm's computation: what is left, less its reads, is the pager's own
+        work (decode layers only)."""
+        if decode:
+            self.host_layers += 1
+            self.host_seconds += seconds - synced - self._waited
+        self._waited = 0.0
 
     def passed(self, n: int) -> None:
         """``n`` tokens went through every layer; note the counts when the prompt's last

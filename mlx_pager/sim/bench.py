@@ -54,6 +54,42 @@ def bench_stock(path: Path, max_tokens: int) -> dict:
     return {"decode_tps": tps, "tokens": n, "peak_mlx_bytes": mx.get_peak_memory()}
 
 
+def bench_resident(path: Path, max_tokens: int, repeats: int = 5) -> dict:
+    """Every expert resident: stock mlx-lm and the paged engine decode the same prompt in
+    turn, ``repeats`` times (interleaved, so a busy machine slows both alike); medians of
+    the speeds and of the per-round ratio, and the pager's own host time per MoE layer
+    and decode token (``PagedSwitch.__call__`` less its sync and its reads)."""
+    model, tokenizer = load(str(path))
+    model.update(cast_floating(model.parameters(), mx.float32))
+    tokens = tokenizer.encode(PROMPT)
+    no_eos = [ban_tokens(tokenizer.eos_token_ids)]
+    engine = _open_at(path, 1.0)
+    engine.keep_prompt_cache = False
+    stock, paged, host = [], [], []
+    try:
+        for _ in engine.generate(WARMUP, max_tokens, chat_template=False, ignore_eos=True):
+            pass
+        for _ in range(repeats):
+            responses = stream_generate(
+                model, tokenizer, tokens, max_tokens=max_tokens, logits_processors=no_eos
+            )
+            stock.append(_decode_tps(responses)[0])
+            for _ in engine.generate(PROMPT, max_tokens, chat_template=False, ignore_eos=True):
+                pass
+            paged.append(engine.stats.decode_tps)
+            run = engine.paged.run
+            host.append(run.host_seconds / max(1, run.host_layers))
+    finally:
+        engine.close()
+    return {
+        "stock_tps": statistics.median(stock),
+        "paged_tps": statistics.median(paged),
+        "ratio": statistics.median(p / s for p, s in zip(paged, stock, strict=True)),
+        "host_us_per_layer": 1e6 * statistics.median(host),
+        "repeats": repeats,
+    }
+
+
 def bench_paged(
     path: Path, fraction: float, max_tokens: int, read_path: str, prefetch: bool = False
 ) -> dict:
@@ -63,6 +99,7 @@ def bench_paged(
     budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
     paged = load_paged(path, budget, read_path=read_path, prefetch=prefetch)
     engine = Engine(paged, str(path), 4096)
+    engine.keep_prompt_cache = False  # every prompt fed in full, as stock mlx-lm does here
     try:
         for _ in engine.generate(WARMUP, max_tokens, chat_template=False, ignore_eos=True):
             pass
@@ -89,6 +126,57 @@ def bench_paged(
         }
     finally:
         engine.close()
+
+
+CHAT_TURNS = [
+    "Explain how a mixture of experts model decides which experts each token uses.",
+    "Why does that make the model cheaper to run than a dense one of the same size?",
+    "What happens when the experts do not all fit in memory at once?",
+    "How can a cache of experts decide which ones to keep and which to evict?",
+    "Summarise the whole discussion so far in a few sentences.",
+]
+
+
+def _open_at(path: Path, fraction: float) -> Engine:
+    layout = inspect_model(path, 4096)
+    slots = max(layout.top_k, round(fraction * layout.moe_layers * layout.experts_per_layer))
+    budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
+    return Engine(load_paged(path, budget), str(path), 4096)
+
+
+def bench_chat(path: Path, fraction: float, max_tokens: int, repeats: int = 2) -> dict:
+    """Time to first token per turn of a five-turn chat, the KV cache kept against a
+    prefill from scratch: two engines on the same messages, turn by turn, interleaved,
+    the whole chat repeated; medians over the repeats."""
+    kept, fresh = _open_at(path, fraction), _open_at(path, fraction)
+    fresh.keep_prompt_cache = False
+    ttft = {"kept": [[] for _ in CHAT_TURNS], "fresh": [[] for _ in CHAT_TURNS]}
+    reused, fed = [0] * len(CHAT_TURNS), [0] * len(CHAT_TURNS)
+    try:
+        for _ in range(repeats):
+            kept.prompt_cache.clear()
+            messages: list[dict[str, str]] = []
+            for turn, text in enumerate(CHAT_TURNS):
+                messages.append({"role": "user", "content": text})
+                for name, engine in (("kept", kept), ("fresh", fresh)):
+                    reply = "".join(
+                        c.text for c in engine.generate(messages, max_tokens, ignore_eos=True)
+                    )
+                    ttft[name][turn].append(engine.stats.ttft_seconds)
+                    if name == "kept":
+                        reused[turn] = engine.stats.prompt_reused_tokens
+                        fed[turn] = engine.stats.prompt_tokens
+                messages.append({"role": "assistant", "content": reply})
+    finally:
+        kept.close()
+        fresh.close()
+    return {
+        "fraction": fraction,
+        "ttft_kept": [statistics.median(t) for t in ttft["kept"]],
+        "ttft_fresh": [statistics.median(t) for t in ttft["fresh"]],
+        "prompt_reused_tokens": reused,
+        "prompt_fed_tokens": fed,
+    }
 
 
 def bench_policies(path: Path, fraction: float, prompts: list[str], max_tokens: int) -> dict:
