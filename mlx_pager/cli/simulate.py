@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..paging.policies import DEFAULT_POLICY, POLICIES
-from .ranges import capacity
+from . import capacity
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
