@@ -7,7 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from . import MAX_TOKENS_ARG, fractions, whole
+from .ranges import MAX_TOKENS_ARG, fractions, whole
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

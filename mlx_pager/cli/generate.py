@@ -8,7 +8,7 @@ import sys
 
 from ..paging.policies import POLICIES
 from ..settings import CONTEXT_RANGE
-from . import (
+from .ranges import (
     MAX_TOKENS_ARG,
     SEED_ARG,
     TEMP_ARG,

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..tasks.classifier import split_held_out
 from ..tasks.coverage import coverage_curve, layer_skew, task_coverage
-from . import MAX_TOKENS_ARG, byte_size
+from .ranges import MAX_TOKENS_ARG, byte_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -111,4 +111,10 @@ def run(args: argparse.Namespace) -> int:
         remove_state()
         server.close()
         engine.close()
-    return 0
+    # Everything is closed and the state file is gone. A request thread still streaming
+    # when the signal came can be inside MLX as the interpreter tears down, and MLX's
+    # threads then abort the process ("terminate called without an active exception"):
+    # leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -8,7 +8,7 @@ import json
 
 from ..settings import Settings, load_settings, save_settings, settings_path, total_memory
 from ..units import format_bytes
-from . import check_budget_on_machine
+from .ranges import check_budget_on_machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..paging.policies import DEFAULT_POLICY, POLICIES
-from . import capacity
+from .ranges import capacity
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
