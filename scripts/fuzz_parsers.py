@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fuzz_targets import TARGETS
 from hypothesis import HealthCheck, given, settings
+from hypothesis.reporting import with_reporter
 
 
 class TimeUp(BaseException):
@@ -55,7 +56,8 @@ def fuzz(name: str, cases: int, hang_s: float, max_s: float) -> collections.Coun
             faulthandler.cancel_dump_traceback_later()
 
     try:
-        run()
+        with with_reporter(lambda _: None):  # silence its "reproduce with @seed" line
+            run()
     except TimeUp:
         pass
     return outcomes

@@ -96,8 +96,10 @@ def main() -> int:
             "turns_saved": saved_turns,
             "first_replies_equal_to_stock": [r for _, r in firsts] == replies,
         }
+        per_1000_tokens = app_soak.rss_slope_mb_per_1000(warm_turns) * 1000 / (8 * 1000)
+        app["rss_slope_mb_per_1000_tokens"] = round(per_1000_tokens, 3)  # 8 tokens a turn
         ok &= app["first_replies_equal_to_stock"] and saved_turns == args.turns
-        ok &= app["open_files_spread"] == 0
+        ok &= app["open_files_spread"] == 0 and per_1000_tokens < MAX_SLOPE_MB
         report["app"] = app
     report["passed"] = bool(ok)
     report["prompts"] = len(PROMPTS)

@@ -17,7 +17,8 @@ Any folder can be served under any repo id (``add_repo``). Knobs for tests:
 ``throttle`` (bytes per second for file bodies), ``fail_after`` (drop the connection
 once after that many body bytes), ``api_delay`` (seconds before each API answer),
 ``gated`` (repo ids that answer 401 GatedRepo), ``busy`` (statuses, such as 503, that the
-next file GETs answer, one each, with ``Retry-After: 0``), ``corrupt_resumes`` (a body
+next file GETs answer, one each, with ``Retry-After: 0``; ``busy_api`` the same for API
+calls), ``corrupt_resumes`` (a body
 sent for a ``Range`` from past byte 0 has its bytes inverted: the wrong bytes after a
 resume) and ``requests`` (every request seen, to assert ``Range`` resumes).
 """
@@ -77,6 +78,7 @@ class HubServer:
     api_delay: float = 0.0  # a slow Hub: seconds before each /api/ answer
     gated: set[str] = field(default_factory=set)
     busy: list[int] = field(default_factory=list)  # statuses for the next file GETs
+    busy_api: list[int] = field(default_factory=list)  # statuses for the next API GETs
     corrupt_resumes: bool = False  # invert the bytes of bodies that resume past byte 0
     _httpd: ThreadingHTTPServer | None = None
     _connections: set[socket.socket] = field(default_factory=set)
@@ -175,6 +177,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path.startswith("/api/") and self.hub.api_delay:
             time.sleep(self.hub.api_delay)
+        if path.startswith("/api/") and self.hub.busy_api and not head:
+            status = self.hub.busy_api.pop(0)
+            self._error(status, "", "The Hub is busy: try again later.", retry_after=0)
+            return
         if (m := API.match(path)) and not head:
             rev = m["rev"] or m["tree"] or "main"
             repo = self._repo(m["repo"], rev)

@@ -181,3 +181,41 @@ def test_cli_reports_a_truncated_file_in_one_line(model, budget, capsys, monkeyp
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("mlx-pager: error:") == 1 and str(weights) in err
+
+
+async def test_app_reports_a_truncated_file_and_recovers(source, tmp_path):
+    """In the app: the turn fails with the file's name, the prompt comes back, the app
+    stays usable, and once the file is restored the same prompt gets its reply."""
+    from app_fixtures import wait_for, wait_ready
+    from mlx_pager_app.main import create_app
+    from mlx_pager_app.widgets.prompt import PromptInput
+
+    from mlx_pager.machine import MachineMemory
+    from mlx_pager.settings import Settings, save_settings
+
+    model = tmp_path / "m"
+    shutil.copytree(source, model)
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    header_end = min(t.offset for t in read_header(weights).values())
+    settings = tmp_path / "settings.toml"
+    save_settings(Settings(budget=str(budget_for_slots(model, 4, 256)), context_length=256),
+                  settings)  # fmt: skip
+    app = create_app(settings_path=settings, data_dir=tmp_path / "data", model=str(model),
+                     default_model=lambda: str(model), max_tokens=12,
+                     machine=lambda: MachineMemory(16 * 10**9, 9 * 10**9))  # fmt: skip
+    async with app.run_test(size=(140, 44)) as pilot:
+        await wait_ready(pilot)
+        screen = app.screen
+        os.truncate(weights, header_end)
+        await pilot.press(*"hello experts", "enter")
+        await wait_for(pilot, lambda: not screen.generating)
+        assert screen.conversation.messages == []
+        assert screen.query_one(PromptInput).value == "hello experts"
+        assert any(str(weights) in n.message for n in app._notifications)
+        with open(weights, "r+b") as f:
+            f.write(original)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(screen.conversation.messages) == 2)
+        await wait_for(pilot, lambda: not screen.generating)
+        assert screen.conversation.messages[-1]["role"] == "assistant"

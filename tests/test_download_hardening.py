@@ -83,6 +83,20 @@ def test_a_server_that_stays_busy_is_reported(hub_server, repo, hf_cache):
         download("org/m", endpoint=hub_server.endpoint)
 
 
+def test_a_busy_listing_is_asked_again_then_reported(hub_server, repo, hf_cache, monkeypatch):
+    import mlx_pager.hub.plan as plan
+
+    waits = []
+    monkeypatch.setattr(plan.time, "sleep", waits.append)
+    hub_server.add_repo("org/m", repo)
+    hub_server.busy_api = [503, 429]
+    assert plan_download("org/m", endpoint=hub_server.endpoint, read_sizes=False).files
+    assert waits == [0.5, 1.0]
+    hub_server.busy_api = [503] * (plan.PLAN_RETRIES + 1)
+    with pytest.raises(DownloadError, match="org/m"):
+        plan_download("org/m", endpoint=hub_server.endpoint, read_sizes=False)
+
+
 @pytest.mark.parametrize("name", ["../escape.json", "sub/../../escape.json"])
 def test_a_name_that_climbs_out_of_the_snapshot_is_refused(hub_server, repo, hf_cache, name):
     hub_server.add_repo("org/m", repo)
@@ -102,7 +116,7 @@ def test_only_what_the_model_needs_and_no_code(hub_server, repo, hf_cache):
 
 def test_no_trust_remote_code_anywhere():
     """Nothing downloaded is executed: no code path asks transformers or mlx-lm to (the
-    server hands mlx-lm's own server an explicit ``trust_remote_code=False``)."""
+    server's mlx-lm arguments say False, explicitly)."""
     hits = []
     for folder in ("mlx_pager", "app"):
         for path in (ROOT / folder).rglob("*.py"):

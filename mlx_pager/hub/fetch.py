@@ -21,13 +21,12 @@ from pathlib import Path
 from ..units import format_bytes
 from .cache import ALLOW_PATTERNS, disk_free, repo_storage
 from .errors import DownloadCancelled, DownloadError, NotEnoughDisk, hub_error
-from .plan import TIMEOUT_S, DownloadPlan, RemoteFile, plan_download
+from .plan import BUSY_STATUSES, TIMEOUT_S, DownloadPlan, RemoteFile, plan_download
 
 CHUNK_BYTES = 256 * 1024  # progress and cancel granularity
 RETRIES = 5  # dropped connections retried (with Range) within one call
 RETRY_WAIT_S = 0.5  # doubled after each failure in a row, up to MAX_WAIT_S
 MAX_WAIT_S = 30.0
-BUSY_STATUSES = (429, 500, 502, 503, 504)  # the Hub is busy or failing: retried
 SHA256 = re.compile(r"[0-9a-f]{64}")
 PROGRESS_INTERVAL_S = 0.1  # the one throttle: the CLI's bar and the app redraw per call
 

@@ -7,6 +7,7 @@ few hundred KB), the dense and expert bytes the verdict needs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,9 @@ from .cache import ALLOW_PATTERNS, disk_free, hub_cache_dir, partial_bytes, repo
 from .errors import DownloadError, hub_error
 
 TIMEOUT_S = 10.0  # no byte for this long: the connection is dropped (and retried)
+BUSY_STATUSES = (429, 500, 502, 503, 504)  # the Hub is busy or failing: retried
+PLAN_RETRIES = 3  # the file listing asked again after a busy answer, waits doubling
+PLAN_WAIT_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -100,11 +104,17 @@ def plan_download(
     revision = revision or "main"
     cache = hub_cache_dir(cache_dir)
     api = HfApi(endpoint=endpoint, token=token)
-    try:
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception as e:
-        partial = partial_bytes(cache, repo_id)
-        raise hub_error(e, repo_id, endpoint, revision, partial_bytes=partial) from None
+    for attempt in range(PLAN_RETRIES + 1):
+        try:
+            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+            break
+        except Exception as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status in BUSY_STATUSES and attempt < PLAN_RETRIES:
+                time.sleep(min(PLAN_WAIT_S * 2**attempt, 30.0))  # busy: back off, ask again
+                continue
+            partial = partial_bytes(cache, repo_id)
+            raise hub_error(e, repo_id, endpoint, revision, partial_bytes=partial) from None
     wanted = set(
         filter_repo_objects(
             [s.rfilename for s in info.siblings or []], allow_patterns=ALLOW_PATTERNS

@@ -181,7 +181,7 @@ def load_trace(path: str | Path) -> Trace:
                 )
             trace = Trace(
                 expert_ids=data["expert_ids"],
-                offsets=data["offsets"].astype(np.int64),
+                offsets=_whole_numbers(data["offsets"], path, "offsets"),
                 num_experts=int(data["num_experts"]),
                 phase=str(data["phase"]),
                 model=str(data["model"]),
@@ -200,6 +200,12 @@ def load_trace(path: str | Path) -> Trace:
         raise _refuse(path, "a broken .npz archive") from None
     validate(trace, str(path))
     return trace
+
+
+def _whole_numbers(values: np.ndarray, path: Path, name: str) -> np.ndarray:
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{path}: {name} must be whole numbers, got {values.dtype}")
+    return values.astype(np.int64)
 
 
 def _safe(error: Exception) -> str:
