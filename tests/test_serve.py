@@ -384,3 +384,10 @@ def test_a_busy_port_says_to_pick_another(capsys):
         taken.close()
     err = capsys.readouterr().err
     assert code == 2 and f"127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_serve_refuses_a_budget_past_the_machine(capsys):
+    """The same check as `generate --budget`: nothing is opened for a budget this machine
+    cannot hold."""
+    assert main(["serve", "--budget", "100TB", "--port", "0"]) == 2
+    assert "--budget 100TB" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from .ranges import (
     TEMP_ARG,
     TOP_P_ARG,
     byte_size,
-    check_budget_on_machine,
+    open_engine,
     whole,
 )
 
@@ -46,21 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import Engine
-
-    overrides = {
-        k: v
-        for k, v in (
-            ("context_length", args.context_length),
-            ("policy", args.policy),
-            ("read_path", args.read_path),
-        )
-        if v is not None
-    }
-    if args.budget:
-        check_budget_on_machine(args.budget, "--budget")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    engine = Engine.open(args.model, budget=args.budget, **overrides)
+    engine = open_engine(args)
     recorder = None
     if args.record_trace:
         from ..sim.trace import attach_recorder

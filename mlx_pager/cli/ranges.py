@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..units import parse_bytes
+
+if TYPE_CHECKING:  # the engine imports MLX: only inside open_engine
+    from ..engine import Engine
 
 MAX_TOKENS = 1_048_576  # the longest context_length a setting accepts
 SEED_MAX = 2**32 - 1
@@ -104,3 +108,19 @@ MAX_TOKENS_ARG = whole(1, MAX_TOKENS)
 SEED_ARG = whole(0, SEED_MAX)
 TEMP_ARG = real(0.0, 100.0)
 TOP_P_ARG = real(0.0, 1.0, low_open=True)
+
+
+def open_engine(args: argparse.Namespace) -> Engine:
+    """The Engine a command's --model, --budget, --context-length, --policy and
+    --read-path ask for, the budget checked against this machine first (``generate`` and
+    ``serve`` alike)."""
+    from ..engine import Engine
+
+    if args.budget:
+        check_budget_on_machine(args.budget, "--budget")
+    overrides = {
+        name: getattr(args, name)
+        for name in ("context_length", "policy", "read_path")
+        if getattr(args, name, None) is not None
+    }
+    return Engine.open(args.model, budget=args.budget, **overrides)

@@ -71,23 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import Engine
     from ..serve.server import PagedServer, describe, exposure_warning
     from ..serve.state import ServerState, remove_state, write_state
+    from .ranges import open_engine
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s - %(levelname)s - %(message)s")
     if args.max_queued < 0:
         raise ValueError("--max-queued takes 0 or more requests.")
-    overrides = {
-        k: v
-        for k, v in (
-            ("context_length", args.context_length),
-            ("policy", args.policy),
-            ("read_path", args.read_path),
-        )
-        if v is not None
-    }
-    engine = Engine.open(args.model, budget=args.budget, **overrides)
+    engine = open_engine(args)
     try:
         server = PagedServer(engine, args)
     except BaseException:
