@@ -8,31 +8,14 @@ import subprocess
 import sys
 
 import pytest
+from rss import COMMAND, MB, TOLERANCE, baseline_script
 
 from mlx_pager.budget import plan_budget
 from mlx_pager.paging.loader import inspect_model
 from mlx_pager.sim.synthetic import make_checkpoint
 
-MB = 10**6
-
-# Peak RSS from the kernel: VmHWM is this process's own high-water mark. (ru_maxrss is
-# not: Linux carries the parent's mark across fork and exec, pytest's ~600 MB.) The
-# baseline is a process that imports what the command imports, and nothing else.
-HWM = "int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')).split()[1])"
-BASELINE = f"""
-import mlx.core as mx, mlx_lm.utils, mlx_lm.generate, transformers, mlx_pager.engine
-mx.eval(mx.ones(4))
-print({HWM} * 1024)
-"""
-GENERATE = f"""
-import sys
-from mlx_pager.cli import main
-main(sys.argv[1:])
-print({HWM} * 1024)
-"""
-# Measurement granularity: VmHWM counts whole pages and the baseline's own imports vary
-# a little from run to run.
-TOLERANCE = 1 * MB
+BASELINE = baseline_script("mlx_lm.utils, mlx_lm.generate, transformers, mlx_pager.engine")
+GENERATE = COMMAND
 
 
 def test_plan_divides_the_budget():

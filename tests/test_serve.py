@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import psutil
 import pytest
+from rss import COMMAND, MB, baseline_script, peak_rss_of
 
 from mlx_pager.cli import build_parser, main
 from mlx_pager.engine import Engine
@@ -34,7 +35,6 @@ from mlx_pager.sim.synthetic import make_checkpoint
 from mlx_pager.stats import Stats
 
 CONTEXT = 1024
-MB = 10**6
 
 
 @pytest.fixture(scope="module")
@@ -274,27 +274,9 @@ def test_prompt_cache_moves_a_prefix_and_never_outgrows_the_share():
 
 # -- the command, as a subprocess: state file, memory under concurrent clients ---------
 
-# The kernel's high-water mark of this process's resident set. Not ru_maxrss: a child
-# spawned from pytest inherits the parent's (pytest's, hundreds of MB) across exec.
-HWM = "int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')).split()[1])"
-BASELINE = f"""
-import mlx.core as mx, mlx_lm.utils, mlx_lm.server, transformers, mlx_pager.serve.server
-mx.eval(mx.ones(4))
-print({HWM} * 1024)
-"""
-ONE_REPLY = f"""
-import sys
-from mlx_pager.cli import main
-main(sys.argv[1:])
-print({HWM} * 1024)
-"""
+BASELINE = baseline_script("mlx_lm.utils, mlx_lm.server, transformers, mlx_pager.serve.server")
+ONE_REPLY = COMMAND
 PROMPT = "Experts page in from disk, {0}. " * 6
-
-
-def peak_rss_of(pid: int) -> int:
-    """The high-water mark of another process's resident set, read from outside."""
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) * 1024
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +192,19 @@ def _shard_problem(name: object) -> str:
     return ""
 
 
+def _read_json(path: Path, broken: Callable[[str], CheckpointError]) -> object:
+    """A small JSON file of a model folder: size capped before reading, every way it can
+    be malformed turned into ``broken(what)``."""
+    if path.stat().st_size > MAX_HEADER_BYTES:
+        raise broken(f"larger than {MAX_HEADER_BYTES // 2**20} MiB")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise broken(f"not JSON: {e}") from None
+    except RecursionError:
+        raise broken("JSON nested too deeply") from None
+
+
 def shard_names(index: Path) -> list[str]:
     """The shards a ``model.safetensors.index.json`` names: plain file names inside the
     model folder, never a path that climbs out of it."""
@@ -201,14 +215,7 @@ def shard_names(index: Path) -> list[str]:
             "model again (mlx-pager download ID)."
         )
 
-    if index.stat().st_size > MAX_HEADER_BYTES:
-        raise broken(f"larger than {MAX_HEADER_BYTES // 2**20} MiB")
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise broken(f"not JSON: {e}") from None
-    except RecursionError:
-        raise broken("JSON nested too deeply") from None
+    data = _read_json(index, broken)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise broken("no weight_map object of tensor names to files")
@@ -257,14 +264,7 @@ def read_config(model_dir: Path) -> dict:
             "model again (mlx-pager download ID)."
         )
 
-    if path.stat().st_size > MAX_HEADER_BYTES:
-        raise broken(f"larger than {MAX_HEADER_BYTES // 2**20} MiB")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise broken(f"not JSON: {e}") from None
-    except RecursionError:
-        raise broken("JSON nested too deeply") from None
+    config = _read_json(path, broken)
     if not isinstance(config, dict):
         raise broken("not a JSON object")
     if not isinstance(config.get("text_config") or {}, dict):
