@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .budget import BudgetPlan, plan_budget
 from .paging.kv_cache import kv_bytes_per_token
+from .speed import MachineConstants, TokenCosts, project_decode
 from .storage.checkpoint import DTYPE_SIZES, declared_experts, declared_top_k, index_checkpoint
 
 if TYPE_CHECKING:
@@ -186,25 +187,15 @@ def hit_rate_estimate(fraction: float, experts_per_layer: int = 0) -> float:
     return 1.0
 
 
-# Fixed cost of one MoE layer per decoded token, whatever its size: the router's sync
-# (``mx.eval`` before the experts are known), the id remap and cache lookups in Python,
-# and dispatching the layer's other ops. Measured on the embedded model (6 MoE layers,
-# everything else under 0.2 ms per token) on this project's 2-core Linux CPU: the paged
-# layer's own work 0.4-0.7 ms, the rest of the layer 0.7-1.3 ms, decode 41-124 tok/s
-# depending on load (1.3-3.7 ms per layer in all). 1 ms is the low end; with it the
-# Qwen3-30B-A3B estimate at an 8 GB budget comes to 6 tok/s on a Mac, where 6.4-7.8
-# was measured (docs/field-notes.md), and the embedded model's to about 150 tok/s instead of
-# thousands.
-MOE_LAYER_OVERHEAD_S = 1e-3
-
-
 @dataclass(frozen=True)
 class Verdict:
     verdict: str  # "fits" | "paged" | "too_large"
     reason: str
     plan: BudgetPlan
     hit_rate: float | None = None  # estimated, paged only
-    tokens_per_second: float | None = None  # estimated decode speed; None when too large
+    tokens_per_second: float | None = None  # estimated; None when too large or no constants
+    speed_source: str = ""  # where the machine's constants come from (MachineConstants.source)
+    speed_basis: str = ""  # short: "measured here", "M4 Air table", "estimate pending"
 
 
 def verdict(
@@ -213,9 +204,7 @@ def verdict(
     context_length: int,
     *,
     compute_itemsize: int | None | str = "auto",
-    disk_bytes_per_s: float = 1e9,
-    memory_bytes_per_s: float = 100e9,
-    layer_overhead_s: float = MOE_LAYER_OVERHEAD_S,
+    machine: MachineConstants | None = None,
 ) -> Verdict:
     """Fits / runs paged / too large for a memory budget, with an estimated decode speed,
     from sizes read before a download (the Hub's headers, the catalogue).
@@ -223,7 +212,9 @@ def verdict(
     The budget is planned the way the engine plans it (``budget.plan_budget``) for the
     sizes the engine will hold: floats widened to ``compute_itemsize`` ("auto": the
     loader's rule on this machine, see ``ModelSizes.in_memory``). For a model on disk,
-    ``local_verdict`` asks the engine's own ``inspect_model``; the two agree.
+    ``local_verdict`` asks the engine's own ``inspect_model``; the two agree. The speed
+    is ``judge_plan``'s for ``machine`` (none without it); misses read the checkpoint's
+    bytes of an expert.
     """
     if not (sizes.num_experts and sizes.top_k and sizes.one_expert_bytes):
         raise ValueError("The expert sizes of this model are unknown: no verdict.")
@@ -242,9 +233,8 @@ def verdict(
         plan,
         memory.moe_layers,
         memory.experts,
-        disk_bytes_per_s=disk_bytes_per_s,
-        memory_bytes_per_s=memory_bytes_per_s,
-        layer_overhead_s=layer_overhead_s,
+        machine=machine,
+        read_bytes_per_expert=sizes.one_expert_bytes,
     )
 
 
@@ -256,14 +246,46 @@ def inspect_local(folder: str | Path, context_length: int) -> ModelLayout:
     return inspect_model(Path(folder), context_length)
 
 
-def local_verdict(folder: str | Path, budget_bytes: int, context_length: int) -> Verdict:
+def local_verdict(
+    folder: str | Path,
+    budget_bytes: int,
+    context_length: int,
+    machine: MachineConstants | None = None,
+) -> Verdict:
     """The verdict for a model on disk, planned by the engine itself
     (``paging.loader.inspect_model(...).plan``: no weights read). Raises what inspect_model
     raises (ValueError for a broken or unsupported checkpoint)."""
     from .paging.loader import inspect_model
 
     layout = inspect_model(Path(folder), context_length)
-    return judge_plan(layout.plan(budget_bytes), layout.moe_layers, layout.experts_per_layer)
+    try:  # misses read the stored bytes of an expert, as ``verdict`` counts them
+        read = local_sizes(folder).one_expert_bytes or None
+    except (OSError, ValueError, KeyError):
+        read = None
+    return judge_plan(layout.plan(budget_bytes), layout.moe_layers, layout.experts_per_layer,
+                      machine=machine, read_bytes_per_expert=read)  # fmt: skip
+
+
+def plan_costs(
+    plan: BudgetPlan,
+    moe_layers: int,
+    hit_rate: float,
+    read_bytes_per_expert: int | None = None,
+) -> TokenCosts:
+    """One decoded token of a budget plan: ``moe_layers * top_k * (1 - hit)`` misses of
+    ``read_bytes_per_expert`` (the checkpoint's; default the plan's in-memory size), the
+    resident part and every routed expert computed, one host sync per MoE layer. The
+    resident part includes the embedding table, which a token only indexes: a small
+    overcount on the compute side."""
+    misses = moe_layers * plan.top_k * (1 - hit_rate)
+    read = read_bytes_per_expert or plan.expert_bytes
+    return TokenCosts(
+        misses=misses,
+        disk_bytes=misses * read,
+        moe_layers=moe_layers,
+        active_bytes=plan.resident_bytes + moe_layers * plan.top_k * plan.expert_bytes,
+        host_syncs=moe_layers,
+    )
 
 
 def judge_plan(
@@ -271,34 +293,25 @@ def judge_plan(
     moe_layers: int,
     experts_per_layer: int,
     *,
-    disk_bytes_per_s: float = 1e9,
-    memory_bytes_per_s: float = 100e9,
-    layer_overhead_s: float = MOE_LAYER_OVERHEAD_S,
+    machine: MachineConstants | None = None,
+    read_bytes_per_expert: int | None = None,
 ) -> Verdict:
-    """The verdict of a budget plan, with an estimated decode speed.
+    """The verdict of a budget plan, with an estimated decode speed on ``machine``.
 
-    The speed is an estimate, not a measurement: per token, the misses
-    (``moe_layers * top_k * (1 - hit)``, hit from ``hit_rate_estimate``) are read from
-    disk at ``disk_bytes_per_s``, the active weights stream from memory at
-    ``memory_bytes_per_s``, and each MoE layer costs ``layer_overhead_s`` (see
-    ``MOE_LAYER_OVERHEAD_S``). Apple SSDs reach 2-7 GB/s sequentially, but expert reads
-    are random, MiB-sized ``pread``s: 2.8 ms per 2.5 MiB expert was measured
-    (~0.9 GB/s), so the default is 1 GB/s. 100 GB/s is an M-series base chip's memory
-    bandwidth. With these, Qwen3-30B-A3B at an 8 GB budget comes out near 6 tok/s;
-    6.4-7.8 was measured.
+    The speed is an estimate, not a measurement: ``speed.project_decode`` of the plan's
+    token costs (``plan_costs``, the hit rate from ``hit_rate_estimate``) with the
+    machine's constants (calibrated here, or a Mac's table row: ``speed.machine_constants``).
+    Without constants there is no speed: the verdict says the estimate is pending.
     """
     if plan.verdict == "too_large":
         return Verdict("too_large", plan.explain(), plan)
     hit = hit_rate_estimate(plan.expert_fraction, experts_per_layer)
-    misses = moe_layers * plan.top_k * (1 - hit)
-    active = plan.resident_bytes + moe_layers * plan.top_k * plan.expert_bytes
-    seconds = (
-        misses * plan.expert_bytes / disk_bytes_per_s
-        + active / memory_bytes_per_s
-        + moe_layers * layer_overhead_s
-    )
-    tps = 1 / seconds if seconds > 0 else None
     reason = plan.explain()
+    if machine is None:
+        return Verdict(plan.verdict, reason, plan, hit, speed_basis="estimate pending")
+    costs = plan_costs(plan, moe_layers, hit, read_bytes_per_expert)
+    seconds = project_decode(costs, machine)
+    tps = 1 / seconds if seconds > 0 else None
     if plan.verdict == "paged" and tps is not None:
-        reason += f" Estimated hit rate {hit:.0%}, about {tps:.1f} tokens/s."
-    return Verdict(plan.verdict, reason, plan, hit, tps)
+        reason += f" Estimated hit rate {hit:.0%}, about {tps:.1f} tokens/s ({machine.basis})."
+    return Verdict(plan.verdict, reason, plan, hit, tps, machine.source, machine.basis)

@@ -12,7 +12,25 @@ def isolated_user_dirs(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("user")
     monkeypatch.setenv("MLX_PAGER_CONFIG_DIR", str(root / "config"))
     monkeypatch.setenv("MLX_PAGER_DATA_DIR", str(root / "data"))
+    monkeypatch.setenv("MLX_PAGER_CACHE_DIR", str(root / "cache"))
     return root
+
+
+@pytest.fixture(autouse=True)
+def fixed_speed_calibration(isolated_user_dirs):
+    """A calibration already cached, of fixed constants: no test measures this machine
+    unless it asks to (speeds must not depend on it)."""
+    from datetime import date
+
+    from mlx_pager.speed import MachineConstants, save_calibration
+
+    constants = MachineConstants(
+        disk_bytes_per_s=1e9, memory_bytes_per_s=100e9, compute_s_per_byte=0.0,
+        host_s_per_layer=1e-3, overlap=0.0, source="fixed constants of the tests",
+        basis="test constants", backend="cpu", measured_on=date.today().isoformat(),
+    )  # fmt: skip
+    save_calibration(constants, isolated_user_dirs / "cache")
+    return constants
 
 
 @pytest.fixture(autouse=True)

@@ -38,6 +38,7 @@ from mlx_pager.hub.errors import (
 from mlx_pager.hub.fetch import download
 from mlx_pager.hub.plan import plan_download
 from mlx_pager.hub.resolve import resolve_model
+from mlx_pager.speed import MAC_CONSTANTS, MachineConstants
 
 GB = 10**9
 LAYERS, EXPERTS, TOP_K = 2, 8, 2
@@ -334,45 +335,61 @@ def test_catalogue_numbers_hold_together():
     assert qwen.expert_bytes / 2**30 == pytest.approx(15.2, abs=0.05)
 
 
+# The constants the speed estimate used before it had a machine model: 1 GB/s expert
+# reads, 100 GB/s memory, 1 ms per MoE layer, memory-bound.
+OLD = MachineConstants(disk_bytes_per_s=1e9, memory_bytes_per_s=100e9, compute_s_per_byte=0.0,
+                       host_s_per_layer=1e-3, overlap=0.0, source="test", basis="test")  # fmt: skip
+
+
 def test_verdicts_for_a_few_budgets():
     qwen = next(e for e in load_catalogue() if e.id == "mlx-community/Qwen3-30B-A3B-4bit").sizes
     assert verdict(qwen, 24 * GB, 4096).verdict == "fits"
-    paged = verdict(qwen, 8 * GB, 4096)
-    assert paged.verdict == "paged" and "tokens/s" in paged.reason
+    paged = verdict(qwen, 8 * GB, 4096, machine=OLD)
+    assert paged.verdict == "paged" and "tokens/s (test)" in paged.reason
+    assert paged.speed_source == "test" and paged.speed_basis == "test"
     # docs/field-notes.md: 16 GB M4, 8 GB budget, 89-92% hits, 6.4 tok/s measured.
     assert 0.85 <= paged.hit_rate <= 0.93
     assert 4 <= paged.tokens_per_second <= 12
-    smaller = verdict(qwen, 5 * GB, 4096)
+    smaller = verdict(qwen, 5 * GB, 4096, machine=OLD)
     assert smaller.tokens_per_second < paged.tokens_per_second
-    too = verdict(qwen, 1 * GB, 4096)
+    too = verdict(qwen, 1 * GB, 4096, machine=OLD)
     assert too.verdict == "too_large" and too.tokens_per_second is None
     assert "needs at least" in too.reason
+    pending = verdict(qwen, 8 * GB, 4096)  # no constants: no figure, and it says so
+    assert pending.tokens_per_second is None and pending.speed_basis == "estimate pending"
+    assert "tokens/s" not in pending.reason
 
 
 def test_speed_estimate_is_sane_for_small_models_and_monotonic():
-    """Per-layer overhead (MOE_LAYER_OVERHEAD_S): the embedded model measures 18-124
+    """Per-layer overhead (speed.MOE_LAYER_OVERHEAD_S): the embedded model measures 18-124
     tok/s on this project's 2-core CPU; bandwidth alone said about 14,000."""
     sizes = local_sizes(default_model())
-    small = verdict(sizes, 100 * 10**6, 4096)
+    small = verdict(sizes, 100 * 10**6, 4096, machine=OLD)
     assert small.verdict == "paged"
     assert 10 <= small.tokens_per_second <= 300
-    assert verdict(sizes, 100 * 10**6, 4096, layer_overhead_s=0).tokens_per_second > 1000
+    no_host = replace(OLD, host_s_per_layer=0)
+    assert verdict(sizes, 100 * 10**6, 4096, machine=no_host).tokens_per_second > 1000
     qwen = next(e for e in load_catalogue() if e.id == "mlx-community/Qwen3-30B-A3B-4bit").sizes
     for model in (sizes, qwen):
         budgets = [v.plan.min_budget_bytes for v in [verdict(model, 0, 4096)]]
         top = verdict(model, 10**12, 4096).plan.full_budget_bytes
         budgets += [budgets[0] + (top - budgets[0]) * i // 10 for i in range(1, 11)]
-        speeds = [verdict(model, b, 4096).tokens_per_second for b in budgets]
+        speeds = [verdict(model, b, 4096, machine=OLD).tokens_per_second for b in budgets]
         assert all(speeds) and speeds == sorted(speeds)  # more memory is never slower
     # More MoE layers of the same shape: slower.
     deeper = replace(qwen, moe_layers=96, expert_bytes=2 * qwen.expert_bytes,
                      expert_float_bytes=2 * qwen.expert_float_bytes,
                      expert_float_values=2 * qwen.expert_float_values)  # fmt: skip
-    deeper = verdict(deeper, 10**12, 4096)
-    assert deeper.tokens_per_second < verdict(qwen, 10**12, 4096).tokens_per_second
-    # On a Mac (the checkpoint's dtype): near the 6.4-7.8 tok/s measured (docs/field-notes.md).
-    mac = verdict(qwen, 8 * GB, 4096, compute_itemsize=None)
-    assert 5 <= mac.tokens_per_second <= 8
+    deeper = verdict(deeper, 10**12, 4096, machine=OLD)
+    assert deeper.tokens_per_second < verdict(qwen, 10**12, 4096, machine=OLD).tokens_per_second
+    # An M4's table row, the checkpoint's dtype: near the 6.4-7.8 tok/s measured on a 16 GB
+    # M4 MacBook Pro at 8 GB (docs/field-notes.md).
+    m4 = MAC_CONSTANTS["M4 Air 16GB"].constants()
+    mac = verdict(qwen, 8 * GB, 4096, compute_itemsize=None, machine=m4)
+    assert 4 <= mac.tokens_per_second <= 8 and mac.speed_basis == "M4 Air table"
+    # A slow CPU (compute-bound): the compute term, not the memory's, sets the speed.
+    slow = replace(OLD, compute_s_per_byte=1e-9)
+    assert verdict(qwen, 8 * GB, 4096, machine=slow).tokens_per_second < 0.5
 
 
 def test_sizes_are_the_engines_for_bfloat16_and_4bit_checkpoints():
@@ -393,15 +410,18 @@ def test_sizes_are_the_engines_for_bfloat16_and_4bit_checkpoints():
     assert wide.kv_bytes_per_token == 2 * qwen.kv_bytes_per_token
 
 
-def test_one_verdict_before_and_after_download_and_in_the_cli(hub_server, hf_cache, capsys):
+def test_one_verdict_before_and_after_download_and_in_the_cli(
+    hub_server, hf_cache, capsys, fixed_speed_calibration
+):
     """The embedded model is bfloat16; the engine computes in float32 on a CPU. The
     Hub's headers, the downloaded copy and `mlx-pager models` must all plan that."""
     hub_server.add_repo("org/embedded", default_model())
     budget, context = 100 * 10**6, 4096
     plan = plan_download("org/embedded", endpoint=hub_server.endpoint)
-    before = verdict(plan.sizes, budget, context)
+    here = fixed_speed_calibration  # what `mlx-pager models` finds cached
+    before = verdict(plan.sizes, budget, context, machine=here)
     path = download("org/embedded", endpoint=hub_server.endpoint, plan=plan)
-    after = local_verdict(path, budget, context)
+    after = local_verdict(path, budget, context, here)
     assert before.plan == after.plan  # resident, KV cache, expert bytes and slots
     assert (before.verdict, before.reason) == (after.verdict, after.reason)
     assert before.tokens_per_second == pytest.approx(after.tokens_per_second)

@@ -29,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def describe_plan(plan: DownloadPlan, budget_bytes: int, context_length: int) -> list[str]:
-    """The plan in a few lines: its files and commit, then what the listing says of it."""
+    """The plan in a few lines: its files and commit, then what the listing says of it
+    (the speed for this machine's cached constants: `mlx-pager models` measures them)."""
     from ..hub.listing import describe_download, estimate_from_plan
+    from ..speed import machine_constants
 
     lines = [
         f"{plan.repo_id} @ {plan.revision} ({plan.commit[:12]}): {len(plan.files)} files, "
@@ -43,7 +45,8 @@ def describe_plan(plan: DownloadPlan, budget_bytes: int, context_length: int) ->
             f"({s.moe_layers} MoE layers x {s.experts} experts, top-{s.top_k}, "
             f"{format_bytes(s.one_expert_bytes)} each)"
         )
-    estimate = estimate_from_plan(plan, budget_bytes, context_length)
+    machine = machine_constants(measure=False)
+    estimate = estimate_from_plan(plan, budget_bytes, context_length, machine=machine)
     estimate.disk_problem = ""  # run() reports it as the error it is
     where = {"free disk": f" ({plan.cache_dir})", "your budget": f" ({format_bytes(budget_bytes)})"}
     for label, text in describe_download(estimate):

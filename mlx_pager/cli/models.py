@@ -3,13 +3,20 @@
 The rows are the Models screen's (``hub.listing``): what the Hugging Face cache holds,
 then the embedded model; ``--catalogue`` adds the curated models not downloaded yet.
 Verdicts are for the budget and context length in settings (`mlx-pager settings`),
-planned as the engine plans them (floats in its compute dtype: float32 on a CPU).
+planned as the engine plans them (floats in its compute dtype: float32 on a CPU). Speeds
+are ``speed.project_decode`` with this machine's constants (``speed.machine_constants``:
+calibrated here, about a second the first time, or a Mac's table row), shown with that
+basis.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..speed import MachineConstants
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,16 +26,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def rows(budget_bytes: int, context_length: int, catalogue: bool = False) -> list[dict]:
-    """One dict per model of the listing, with its verdict."""
-    from ..hub.listing import list_models, quick_estimate
+def rows(
+    budget_bytes: int,
+    context_length: int,
+    catalogue: bool = False,
+    machine: MachineConstants | None = None,
+) -> list[dict]:
+    """One dict per model of the listing, with its verdict and the speed for ``machine``."""
+    from ..hub.listing import estimate_speed_text, list_models, quick_estimate
 
     out = []
     for row in list_models(catalogue=catalogue):
         in_cache = bool(row.commit)
         if not (in_cache or row.embedded or catalogue):
             continue
-        estimate = quick_estimate(row, budget_bytes, context_length)
+        estimate = quick_estimate(row, budget_bytes, context_length, machine)
         reason = estimate.error or estimate.explain
         if in_cache and not row.cached:
             reason = "not runnable: no config.json or weights (partial?)"
@@ -46,6 +58,8 @@ def rows(budget_bytes: int, context_length: int, catalogue: bool = False) -> lis
                 "verdict": estimate.verdict or None,
                 "reason": reason,
                 "tokens_per_second": estimate.tokens_per_second,
+                "speed": estimate_speed_text(estimate) if estimate.verdict == "paged" else None,
+                "speed_source": estimate.speed_source or None,
             }
         )
     return out
@@ -53,11 +67,13 @@ def rows(budget_bytes: int, context_length: int, catalogue: bool = False) -> lis
 
 def run(args: argparse.Namespace) -> int:
     from ..settings import load_settings
+    from ..speed import machine_constants
     from ..units import format_bytes
 
     settings = load_settings()
     budget = settings.budget_bytes()
-    found = rows(budget, settings.context_length, args.catalogue)
+    machine = machine_constants()
+    found = rows(budget, settings.context_length, args.catalogue, machine)
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
@@ -65,9 +81,13 @@ def run(args: argparse.Namespace) -> int:
     for r in found:
         state = "embedded" if r["embedded"] else "cached" if r["cached"] else "not downloaded"
         verdict_text = r["verdict"] or "-"
+        if r["speed"]:
+            verdict_text += f" {r['speed']}"
         print(f"{r['label']:<55} {format_bytes(r['size_bytes']):>9}  {state:<14} {verdict_text}")
         if r["reason"]:
             print(f"    {r['reason']}")
+    if machine is not None:
+        print(f"speeds are estimates: {machine.source}")
     if not any(r["cached"] for r in found):
         print("No models in the Hugging Face cache yet. Get one with `mlx-pager download ID`.")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..assets import embedded_model
 from ..estimate import ModelSizes, Verdict, local_sizes, local_verdict, verdict
+from ..speed import MachineConstants
 from ..units import format_bytes
 from .cache import cached_models, disk_free, hub_cache_dir, is_runnable
 from .catalogue import load_catalogue
@@ -57,6 +58,8 @@ class Estimate:
     verdict: str = ""  # fits | paged | too_large | "" (unknown)
     explain: str = ""
     tokens_per_second: float | None = None
+    speed_basis: str = ""  # "measured here", "M4 Air table", "estimate pending"
+    speed_source: str = ""  # the machine constants' full citation
     error: str = ""
     disk_problem: str = ""
     planned: bool = False  # sizes and cached bytes asked of the Hub (not the catalogue's)
@@ -154,17 +157,30 @@ def list_models(
 def _show_verdict(result: Estimate, found: Verdict) -> None:
     result.verdict, result.explain = found.verdict, found.reason
     result.tokens_per_second = found.tokens_per_second
+    result.speed_basis, result.speed_source = found.speed_basis, found.speed_source
 
 
-def _judge(result: Estimate, sizes: ModelSizes, budget_bytes: int, context_length: int) -> None:
+def _judge(
+    result: Estimate,
+    sizes: ModelSizes,
+    budget_bytes: int,
+    context_length: int,
+    machine: MachineConstants | None,
+) -> None:
     try:
-        _show_verdict(result, verdict(sizes, budget_bytes, context_length))
+        _show_verdict(result, verdict(sizes, budget_bytes, context_length, machine=machine))
     except ValueError as e:
         result.error = str(e)
 
 
-def quick_estimate(row: ModelRow, budget_bytes: int, context_length: int) -> Estimate:
+def quick_estimate(
+    row: ModelRow,
+    budget_bytes: int,
+    context_length: int,
+    machine: MachineConstants | None = None,
+) -> Estimate:
     """The verdict from sizes already known (catalogue or local headers): no network.
+    The speed is for ``machine`` (``speed.machine_constants``); None: pending.
 
     A downloaded model is planned by the engine itself (``local_verdict``: the loader's
     ``inspect_model``), a remote one by the same rule (``verdict``), so every screen and
@@ -173,7 +189,7 @@ def quick_estimate(row: ModelRow, budget_bytes: int, context_length: int) -> Est
     result = Estimate(size_bytes=row.size_bytes)
     if row.cached and row.path is not None:
         try:
-            found = local_verdict(row.path, budget_bytes, context_length)
+            found = local_verdict(row.path, budget_bytes, context_length, machine)
         except Exception as e:
             result.error = str(e) or type(e).__name__
             return result
@@ -182,7 +198,7 @@ def quick_estimate(row: ModelRow, budget_bytes: int, context_length: int) -> Est
             return result
         _show_verdict(result, found)
     elif row.sizes is not None:
-        _judge(result, row.sizes, budget_bytes, context_length)
+        _judge(result, row.sizes, budget_bytes, context_length, machine)
     return result
 
 
@@ -194,24 +210,25 @@ def plan_estimate(
     endpoint: str | None = None,
     cache_dir: str | Path | None = None,
     free_space: Callable[[Path], int] = disk_free,
+    machine: MachineConstants | None = None,
 ) -> Estimate:
     """Ask the Hub: files, sizes, what is cached (partial too), free disk; then the verdict."""
     if row.cached:
-        result = quick_estimate(row, budget_bytes, context_length)
+        result = quick_estimate(row, budget_bytes, context_length, machine)
         result.free_bytes = free_space(hub_cache_dir(cache_dir))
         return result
     try:
         plan = plan_download(row.repo_id, endpoint=endpoint, cache_dir=cache_dir,
                              free_space=free_space)  # fmt: skip
     except DownloadError as e:
-        result = quick_estimate(row, budget_bytes, context_length)
+        result = quick_estimate(row, budget_bytes, context_length, machine)
         result.error = str(e)
         try:  # the disk is there even when the Hub is not
             result.free_bytes = free_space(hub_cache_dir(cache_dir))
         except OSError:
             result.free_bytes = None
         return result
-    return estimate_from_plan(plan, budget_bytes, context_length, row.sizes)
+    return estimate_from_plan(plan, budget_bytes, context_length, row.sizes, machine)
 
 
 def estimate_from_plan(
@@ -219,6 +236,7 @@ def estimate_from_plan(
     budget_bytes: int,
     context_length: int,
     known: ModelSizes | None = None,
+    machine: MachineConstants | None = None,
 ) -> Estimate:
     """A download plan's cost and verdict (``known``: sizes to use when the Hub's
     headers could not be read, such as the catalogue's)."""
@@ -227,7 +245,7 @@ def estimate_from_plan(
                       planned=True, sizes=plan.sizes)  # fmt: skip
     sizes = plan.sizes or known
     if sizes is not None:
-        _judge(result, sizes, budget_bytes, context_length)
+        _judge(result, sizes, budget_bytes, context_length, machine)
     elif plan.sizes_error:
         result.explain = plan.sizes_error
     return result
@@ -248,10 +266,18 @@ def describe_download(estimate: Estimate) -> list[tuple[str, str]]:
         lines.append(("free disk", format_bytes(estimate.free_bytes)))
     if estimate.explain:
         lines.append(("your budget", estimate.explain))
-    if estimate.tokens_per_second and estimate.verdict not in ("", "fits"):
-        lines.append(("speed", f"~{speed_text(estimate.tokens_per_second)} (estimate)"))
+    if estimate.verdict not in ("", "fits", "too_large") and estimate.speed_basis:
+        lines.append(("speed", estimate_speed_text(estimate)))
     lines += [("problem", p) for p in (estimate.error, estimate.disk_problem) if p]
     return lines
+
+
+def estimate_speed_text(estimate: Estimate) -> str:
+    """'~0.2 tok/s (measured here)', '~6.1 tok/s (M4 Air table)', 'estimate pending': an
+    estimated speed with the basis of its machine constants, everywhere it is shown."""
+    if not estimate.tokens_per_second:
+        return estimate.speed_basis or "estimate pending"
+    return f"~{speed_text(estimate.tokens_per_second)} ({estimate.speed_basis})"
 
 
 def speed_text(tokens_per_second: float) -> str:
