@@ -12,6 +12,7 @@ from mlx_pager.assets import embedded_model
 from mlx_pager.hub.cache import disk_free
 from mlx_pager.machine import MachineMemory, machine_memory
 from mlx_pager.settings import Settings
+from mlx_pager.speed import MachineConstants, machine_constants
 
 if TYPE_CHECKING:  # the engine imports MLX: the app loads it on its first open, not at start
     from mlx_pager.engine import Engine
@@ -47,3 +48,6 @@ class AppConfig:
     hub_cache_dir: Path | None = None  # None: the default Hugging Face cache
     catalogue_path: Path | None = None  # None: the catalogue shipped in mlx_pager.assets
     disk_free: Callable[[Path], int] = disk_free  # free bytes where the HF cache lives
+    # this machine's speed constants: speed(measure=False) only reads the cache (UI thread);
+    # speed() may calibrate for about a second (workers only). Tests pass fixed ones.
+    speed: Callable[..., MachineConstants | None] = machine_constants

@@ -24,18 +24,20 @@ from mlx_pager.hub.listing import (
     ModelRow,
     check_model_name,
     describe_download,
+    estimate_speed_text,
     folder_row,
     local_folder,
     speed_text,
 )
 from mlx_pager.settings import Settings
+from mlx_pager.speed import MachineConstants
 
 from .config import AppConfig
 from .text import size
 
 __all__ = [
     "Cancelled", "DownloadError", "Estimate", "ModelRow", "check_model_name",
-    "describe_download", "folder_row", "local_folder", "speed_text",
+    "describe_download", "estimate_speed_text", "folder_row", "local_folder", "speed_text",
 ]  # fmt: skip
 
 Cancelled = DownloadCancelled
@@ -47,17 +49,29 @@ def list_models(config: AppConfig) -> list[ModelRow]:
                                embedded=config.default_model())  # fmt: skip
 
 
-def quick_estimate(row: ModelRow, settings: Settings, total_memory: int) -> Estimate:
+def quick_estimate(
+    row: ModelRow,
+    settings: Settings,
+    total_memory: int,
+    machine: MachineConstants | None = None,
+) -> Estimate:
+    """No network; the speed for ``machine`` (None: "estimate pending")."""
     return listing.quick_estimate(row, settings.budget_bytes(total_memory),
-                                  settings.context_length)  # fmt: skip
+                                  settings.context_length, machine)  # fmt: skip
 
 
-def estimate(config: AppConfig, settings: Settings, row: ModelRow, total_memory: int) -> Estimate:
+def estimate(
+    config: AppConfig,
+    settings: Settings,
+    row: ModelRow,
+    total_memory: int,
+    machine: MachineConstants | None = None,
+) -> Estimate:
     """Ask the Hub: files, sizes, what is cached (partial too), free disk; then the verdict."""
     return listing.plan_estimate(
         row, settings.budget_bytes(total_memory), settings.context_length,
         endpoint=config.hub_endpoint, cache_dir=config.hub_cache_dir,
-        free_space=config.disk_free,
+        free_space=config.disk_free, machine=machine,
     )  # fmt: skip
 
 

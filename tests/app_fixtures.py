@@ -17,10 +17,17 @@ from mlx_pager.machine import MachineMemory
 from mlx_pager.paging.loader import inspect_model
 from mlx_pager.settings import Settings, save_settings
 from mlx_pager.sim.synthetic import make_checkpoint
+from mlx_pager.speed import MachineConstants
 
 CONTEXT = 256
 # Fixed machine for the settings screen, so snapshots do not depend on the host.
 MACHINE = MachineMemory(total_bytes=16 * 10**9, available_bytes=9 * 10**9, gpu_limit_bytes=None)
+# Fixed speed constants, so no test measures this machine and speeds do not depend on it.
+SPEED = MachineConstants(
+    disk_bytes_per_s=1e9, memory_bytes_per_s=100e9, compute_s_per_byte=0.0,
+    host_s_per_layer=1e-3, overlap=0.0, source="fixed constants of the app tests",
+    basis="fixed",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +68,7 @@ def make_app(tmp_path, app_model, settings_file) -> Callable:
             model=str(app_model),
             default_model=lambda: str(app_model),
             machine=lambda: MACHINE,
+            speed=lambda measure=True: SPEED,
             max_tokens=24,
         )
         options.update(overrides)

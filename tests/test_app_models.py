@@ -9,6 +9,7 @@ import json
 from app_fixtures import *  # noqa: F403
 from app_fixtures import CONTEXT, hf_cache_with, wait_for, wait_ready
 from hub_server import HubServer, free_port_endpoint
+from mlx_pager_app import downloads
 from mlx_pager_app.screens.models import ConfirmDownload, ModelsScreen
 from test_download import fill_disk_after
 from textual.geometry import Region
@@ -425,3 +426,36 @@ async def test_a_row_asks_before_downloading_and_says_the_verdict(
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDownload))
         await pilot.press("y")  # the user's call: it downloads
         await wait_for(pilot, lambda: "Downloaded" in status(screen), timeout=30)
+
+
+async def test_speeds_say_pending_until_this_machine_is_measured(make_app, tmp_path):
+    """No calibration cached: the rows show "estimate pending" at once, then the speed
+    with its basis once the worker has measured (here: fixed constants, after a wait)."""
+    import threading
+
+    from app_fixtures import SPEED
+
+    measured = threading.Event()
+
+    def speed(measure: bool = True):
+        if not measure:
+            return None  # nothing cached yet
+        measured.wait(10)
+        return SPEED
+
+    catalogue = write_catalogue(
+        tmp_path / "catalogue.json",
+        catalogue_entry("test/medium-moe", "Medium MoE", 20_000_000, dense_bytes=10**6,
+                        kv_bytes_per_token=1000),
+    )  # fmt: skip
+    app = make_app(catalogue_path=catalogue, hub_endpoint=free_port_endpoint(), speed=speed)
+    async with app.run_test(size=(130, 36)) as pilot:
+        screen = await open_models(pilot)
+        pending = screen.estimates["test/medium-moe"]
+        assert pending.verdict == "paged" and pending.tokens_per_second is None
+        assert downloads.estimate_speed_text(pending) == "estimate pending"
+        measured.set()
+        await wait_for(pilot, lambda: screen.estimates["test/medium-moe"].tokens_per_second)
+        found = screen.estimates["test/medium-moe"]
+        assert downloads.estimate_speed_text(found).endswith(" tok/s (fixed)")
+        assert found.speed_source == SPEED.source

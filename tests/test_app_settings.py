@@ -46,7 +46,7 @@ async def test_budget_changes_breakdown_verdict_and_persists(make_app, settings_
         bar = screen.query_one(BudgetBar)
         assert [p.bytes for p in bar.parts][1] == 5 * one_expert
         assert screen.query_one("#verdict").has_class("-paged")
-        assert "tokens/s (an estimate" in verdict(screen)
+        assert "tokens/s (fixed; an estimate" in verdict(screen)
 
         await set_budget(pilot, screen, f"{fixed_bytes - 1}B")
         assert screen._plan.verdict == "too_large" and "Too large" in verdict(screen)

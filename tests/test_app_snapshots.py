@@ -188,9 +188,9 @@ def test_confirm_download(snap, make_app, tmp_path):
     row = ModelRow("mlx-community/Qwen3-30B-A3B-4bit", "Qwen3 30B-A3B (4-bit)")
     estimate = Estimate(
         size_bytes=17_190_000_000, remaining_bytes=5_400_000_000, free_bytes=48_300_000_000,
-        verdict="paged", planned=True, tokens_per_second=6.2,
+        verdict="paged", planned=True, tokens_per_second=6.2, speed_basis="M4 Air table",
         explain="8.00 GB holds the 1.40 GB core, the KV cache at 4096 tokens and 2,400 "
-        "of 6,144 experts. Estimated hit rate 88%, about 6.2 tokens/s.",
+        "of 6,144 experts. Estimated hit rate 88%, about 6.2 tokens/s (M4 Air table).",
     )  # fmt: skip
 
     async def run_before(pilot) -> None:

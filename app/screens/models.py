@@ -180,11 +180,25 @@ class ModelsScreen(Screen):
         try:
             rows = downloads.list_models(config)
             total = config.machine().total_bytes
-            quick = {r.repo_id: downloads.quick_estimate(r, settings, total) for r in rows}
+            machine = config.speed(measure=False)  # the cached constants: no wait
+            quick = {r.repo_id: downloads.quick_estimate(r, settings, total, machine)
+                     for r in rows}  # fmt: skip
         except Exception as e:
             self.app.call_from_thread(self._rows_failed, str(e) or type(e).__name__)
             return
         self.app.call_from_thread(self._show_rows, rows, quick, listing)
+        if machine is not None:
+            return
+        try:  # none cached: the rows say "estimate pending" while this machine is measured
+            machine = config.speed()
+            if machine is None:
+                return
+            quick = {r.repo_id: downloads.quick_estimate(r, settings, total, machine)
+                     for r in rows}  # fmt: skip
+        except Exception as e:
+            self.app.call_from_thread(self._rows_failed, str(e) or type(e).__name__)
+            return
+        self.app.call_from_thread(self._show_rows, list(rows), quick, listing)
 
     def _rows_failed(self, error: str) -> None:
         self.notify(error, title="Could not list models", severity="error", timeout=10)
@@ -224,8 +238,8 @@ class ModelsScreen(Screen):
         if estimate is not None and estimate.verdict:
             verdict = Text(VERDICT_WORD.get(estimate.verdict, estimate.verdict),
                            style=downloads.VERDICT_STYLE.get(estimate.verdict, ""))  # fmt: skip
-            if estimate.tokens_per_second and estimate.verdict == "paged":
-                verdict.append(f" ~{downloads.speed_text(estimate.tokens_per_second)}", style="dim")
+            if estimate.speed_basis and estimate.verdict == "paged":
+                verdict.append(f" {downloads.estimate_speed_text(estimate)}", style="dim")
         elif estimate is not None and estimate.error:
             verdict = Text("unknown", style="red")
         elif estimate is not None and (estimate.planned or row.cached):
@@ -303,7 +317,7 @@ class ModelsScreen(Screen):
         config = self.app.config
         total = config.machine().total_bytes
         try:
-            estimate = downloads.estimate(config, self.app.settings, row, total)
+            estimate = downloads.estimate(config, self.app.settings, row, total, config.speed())
         except Exception as e:
             estimate = downloads.Estimate(error=str(e) or type(e).__name__)
         self.app.call_from_thread(self._estimate_ready, row.repo_id, estimate, epoch)

@@ -280,11 +280,18 @@ class SettingsScreen(Screen):
             from mlx_pager.estimate import judge_plan
 
             layout = self._layout
-            found = judge_plan(plan, layout.moe_layers, layout.experts_per_layer)
+            machine = self.app.config.speed(measure=False)  # cached only: the UI thread
+            found = judge_plan(plan, layout.moe_layers, layout.experts_per_layer,
+                               machine=machine)  # fmt: skip
             estimate = found.tokens_per_second
             if estimate:
-                text.append(f"\nAbout {estimate:.1f} tokens/s (an estimate; the chat measures "
-                            "it).", style="dim")  # fmt: skip
+                text.append(f"\nAbout {estimate:.1f} tokens/s ({found.speed_basis}; an "
+                            "estimate, the chat measures it).", style="dim")  # fmt: skip
+            else:
+                text.append(
+                    "\nSpeed: estimate pending (the Models screen measures this machine).",
+                    style="dim",
+                )
         for warning in budget_warnings(plan.budget_bytes, self.app.config.machine()):
             text.append(f"\n{warning}", style="#e5a50a")
         return text
