@@ -209,15 +209,50 @@ def mac_brand() -> str:
 # -- calibration here --------------------------------------------------------------------
 
 READ_CHUNK = 5 * 2**19  # 2.5 MiB: Qwen3-30B-A3B's expert, 4-bit
-READ_FILE_BYTES = 64 * 2**20
+READ_FILE_BYTES = 64 * 2**20  # the temporary file; a probe file must be at least this
 READ_COUNT = 16
 
 
-def measure_read_bandwidth(folder: Path) -> tuple[float, str]:
-    """Bytes/s of cold ``pread``s of one expert's size at random offsets of a temporary
-    file in ``folder``, and how the page cache was kept out: ``O_DIRECT`` where the file
-    system allows it, else ``posix_fadvise(DONTNEED)`` after an fsync (the kernel drops the
-    file's clean pages)."""
+def timed_reads(path: Path, size: int) -> tuple[float, str]:
+    """Bytes/s of ``READ_COUNT`` expert-sized ``pread``s at random page-aligned offsets of
+    the first ``size`` bytes of ``path``, kept off the page cache: ``O_DIRECT`` where the
+    file system allows it, else ``posix_fadvise(DONTNEED)`` first (the kernel drops the
+    file's clean pages); and which of the two it was."""
+    fd = -1
+    try:
+        method = "O_DIRECT" if hasattr(os, "O_DIRECT") else "posix_fadvise(DONTNEED)"
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            fd, method = os.open(path, os.O_RDONLY), "posix_fadvise(DONTNEED)"
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buffer = mmap.mmap(-1, READ_CHUNK)  # page-aligned, as O_DIRECT needs
+        pages = (size - READ_CHUNK) // mmap.PAGESIZE
+        rng = random.Random(0)
+        offsets = [rng.randrange(pages) * mmap.PAGESIZE for _ in range(READ_COUNT)]
+        try:
+            start = time.perf_counter()
+            done = sum(os.preadv(fd, [buffer], offset) for offset in offsets)
+        except OSError:  # O_DIRECT refused at read time (tmpfs, some FUSE)
+            os.close(fd)
+            fd, method = os.open(path, os.O_RDONLY), "posix_fadvise(DONTNEED)"
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            start = time.perf_counter()
+            done = sum(os.preadv(fd, [buffer], offset) for offset in offsets)
+        return done / (time.perf_counter() - start), method
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def measure_read_bandwidth(folder: Path, probe: Path | None = None) -> tuple[float, str]:
+    """Cold expert-sized reads (``timed_reads``) of ``probe``, a large file already on
+    disk (a model's shard: what misses read), else of a temporary file written in
+    ``folder``. In a virtual machine the host may still cache a file just written, whatever
+    the guest does, so a probe file reads nearer the truth; the method says which."""
+    if probe is not None and Path(probe).stat().st_size >= READ_FILE_BYTES:
+        bps, method = timed_reads(Path(probe), Path(probe).stat().st_size)
+        return bps, f"{method}, an existing {Path(probe).stat().st_size / 2**30:.1f} GiB file"
     folder.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=folder, prefix=".read-probe-")
     try:
@@ -225,35 +260,10 @@ def measure_read_bandwidth(folder: Path) -> tuple[float, str]:
         for _ in range(READ_FILE_BYTES // len(block)):
             os.write(fd, block)
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-        fd = -1
-        method = "O_DIRECT"
-        try:
-            fd = os.open(name, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-        except OSError:
-            fd = os.open(name, os.O_RDONLY)
-            method = "posix_fadvise(DONTNEED)"
-        if not hasattr(os, "O_DIRECT"):
-            method = "posix_fadvise(DONTNEED)"
-        buffer = mmap.mmap(-1, READ_CHUNK)  # page-aligned, as O_DIRECT needs
-        slots = READ_FILE_BYTES // READ_CHUNK
-        offsets = [s * READ_CHUNK for s in random.Random(0).sample(range(slots), READ_COUNT)]
-        try:
-            start = time.perf_counter()
-            done = sum(os.preadv(fd, [buffer], offset) for offset in offsets)
-        except OSError:  # O_DIRECT refused at read time (tmpfs, some FUSE)
-            os.close(fd)
-            fd = os.open(name, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            method = "posix_fadvise(DONTNEED)"
-            start = time.perf_counter()
-            done = sum(os.preadv(fd, [buffer], offset) for offset in offsets)
-        seconds = time.perf_counter() - start
-        return done / seconds, method
+        bps, method = timed_reads(Path(name), READ_FILE_BYTES)
+        return bps, f"{method}, a {READ_FILE_BYTES // 2**20} MiB file just written"
     finally:
-        if fd >= 0:
-            os.close(fd)
         os.unlink(name)
 
 
@@ -299,12 +309,13 @@ def measure_compute(rows: int = 2304, cols: int = 2048, repeats: int = 10) -> tu
     return best / nbytes, backend
 
 
-def calibrate(cache_dir: Path) -> MachineConstants:
-    """Measure this machine (about a second): cold expert-sized reads from a temporary
-    file in ``cache_dir``, a memory copy, one expert's 4-bit matmul. The host cost per
+def calibrate(cache_dir: Path, probe: Path | None = None) -> MachineConstants:
+    """Measure this machine (about a second): cold expert-sized reads of ``probe`` or of
+    a temporary file in ``cache_dir`` (``measure_read_bandwidth``), a memory copy, one
+    expert's 4-bit matmul. The host cost per
     layer is the project's measurement (``MOE_LAYER_OVERHEAD_S``); overlap is 0, since
     the pager reads a layer's misses before it computes the layer."""
-    disk, method = measure_read_bandwidth(Path(cache_dir))
+    disk, method = measure_read_bandwidth(Path(cache_dir), probe)
     memory = measure_memory_bandwidth()
     compute, backend = measure_compute()
     today = date.today().isoformat()
@@ -355,11 +366,12 @@ def save_calibration(constants: MachineConstants, cache_dir: Path) -> Path:
 
 
 def machine_constants(
-    cache_dir: Path | None = None, *, measure: bool = True
+    cache_dir: Path | None = None, *, measure: bool = True, probe: Path | None = None
 ) -> MachineConstants | None:
     """This machine's constants: on a Mac whose chip is in the table, its row; else the
     cached calibration (30 days); else a fresh one when ``measure`` (about a second, so
-    not on a UI thread), else None: the estimate is pending."""
+    not on a UI thread; ``probe``: a large file to read, see ``measure_read_bandwidth``),
+    else None: the estimate is pending."""
     if platform.system() == "Darwin":
         row = mac_row_for(mac_brand())
         if row is not None:
@@ -371,6 +383,6 @@ def machine_constants(
     with _CALIBRATING:
         found = load_calibration(folder)  # measured meanwhile by another thread
         if found is None:
-            found = calibrate(folder)
+            found = calibrate(folder, probe)
             save_calibration(found, folder)
     return found

@@ -75,7 +75,7 @@ def test_the_calibration_is_cached_for_30_days(monkeypatch, tmp_path):
     (tmp_path / speed.CALIBRATION_FILE).write_text("{not json")
     assert load_calibration(tmp_path) is None
 
-    def measured(folder):
+    def measured(folder, probe=None):
         return replace(MACHINE, source="new")
 
     monkeypatch.setattr(speed, "calibrate", measured)
@@ -91,3 +91,17 @@ def test_calibrate_measures_this_machine(tmp_path):
     assert found.source.startswith(f"measured on this machine {date.today().isoformat()}")
     assert found.backend in ("cpu", "gpu")
     assert not list(tmp_path.iterdir())  # the probe file is gone
+
+
+def test_cold_reads_of_an_existing_file_or_a_new_one(tmp_path):
+    """A large file already on disk is read where there is one; else a file is written."""
+    big = tmp_path / "shard.safetensors"
+    with big.open("wb") as f:
+        f.truncate(speed.READ_FILE_BYTES)
+    bps, method = speed.measure_read_bandwidth(tmp_path / "cache", big)
+    assert bps > 0 and "an existing" in method
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"x" * 4096)
+    bps, method = speed.measure_read_bandwidth(tmp_path / "cache", small)
+    assert bps > 0 and "just written" in method
+    assert not list((tmp_path / "cache").iterdir())
