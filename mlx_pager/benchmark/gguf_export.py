@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,11 @@ _LAYER_TENSORS = {
     "mlp.switch_mlp.up_proj": "FFN_UP_EXP",
     "mlp.switch_mlp.down_proj": "FFN_DOWN_EXP",
 }
-_TOP_TENSORS = {"model.embed_tokens": "TOKEN_EMBD", "model.norm": "OUTPUT_NORM", "lm_head": "OUTPUT"}
+_TOP_TENSORS = {
+    "model.embed_tokens": "TOKEN_EMBD",
+    "model.norm": "OUTPUT_NORM",
+    "lm_head": "OUTPUT",
+}
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def check_supported(config: dict) -> None:
         raise ValueError("qwen3moe in llama.cpp needs every layer to be a MoE layer")
 
 
-def write_metadata(writer, config: dict, name: str) -> None:  # noqa: ANN001 (gguf optional)
+def write_metadata(writer, config: dict, name: str) -> None:
     """The hyper-parameters llama.cpp reads for qwen3moe."""
     import gguf
 
@@ -258,7 +261,7 @@ def write_metadata(writer, config: dict, name: str) -> None:  # noqa: ANN001 (gg
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:  # noqa: ANN001
+def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     """tokenizer.json as a gpt2-style BPE, padded with unused tokens to the model's vocab."""
     import gguf
 
@@ -337,10 +340,3 @@ def export_gguf(model_dir: Path, out: Path) -> Path:
         writer.close()
         tmp.unlink(missing_ok=True)
     return out
-
-
-def iter_planned(model_dir: Path) -> Iterator[PlannedTensor]:
-    """The export plan of a checkpoint (what each GGUF tensor will be), for tests and reports."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    check_supported(config)
-    yield from plan_tensors(read_safetensors_index(Path(model_dir)), config)

@@ -20,15 +20,18 @@ def _default_params(model: dict[str, Any], context: dict[str, Any]) -> Iterator[
     import llama_cpp.llama as high
 
     low = high.llama_cpp
-    model_defaults, context_defaults = low.llama_model_default_params, low.llama_context_default_params
+    model_defaults, context_defaults = (
+        low.llama_model_default_params,
+        low.llama_context_default_params,
+    )
 
-    def model_params():  # noqa: ANN202 (a ctypes struct)
+    def model_params():
         p = model_defaults()
         for k, v in model.items():
             setattr(p, k, v)
         return p
 
-    def context_params():  # noqa: ANN202
+    def context_params():
         p = context_defaults()
         for k, v in context.items():
             setattr(p, k, v)
@@ -51,7 +54,7 @@ def open_llama(
     logits_all: bool = False,
     extra_buffers: bool = False,
     cb_eval: Callable | None = None,
-):  # noqa: ANN201 (llama_cpp is optional)
+):
     """A llama_cpp.Llama on ``gguf``.
 
     ``extra_buffers`` (llama.cpp's AMX / repacked weight buffers) is off by default: on this
@@ -114,7 +117,7 @@ def run_llama_cpp(
     }
 
 
-def last_logits(llm):  # noqa: ANN001, ANN201 (llama_cpp is optional)
+def last_logits(llm):
     """The logits of the last evaluated token (Llama.scores is filled only with logits_all)."""
     import llama_cpp
     import numpy as np
@@ -123,7 +126,7 @@ def last_logits(llm):  # noqa: ANN001, ANN201 (llama_cpp is optional)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
-def _greedy(llm) -> int:  # noqa: ANN001
+def _greedy(llm) -> int:
     import numpy as np
 
     return int(np.argmax(last_logits(llm)))
