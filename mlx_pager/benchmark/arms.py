@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-ARMS = ("stock", "mlx-pager", "nunspark", "llama")
+ARMS = ("stock", "mlx-pager", "nunspark", "llama", "baseline")
 
 
 class Skip(Exception):
@@ -224,9 +224,21 @@ def run_llama(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         n = len(r["tokens"])
         decode_s = (n - 1) / r["decode_tps"] if r.get("decode_tps") and n > 1 else 0.0
         runs.append({"tokens": list(r["tokens"]), "ttft_s": ttft, "decode_s": decode_s})
-    return {**summarise(runs, prompts, results[0]["load_s"]), "load_per_prompt_s": [
-        r["load_s"] for r in results
-    ]}
+    return {
+        **summarise(runs, prompts, results[0]["load_s"]),
+        "load_per_prompt_s": [r["load_s"] for r in results],
+    }
+
+
+def run_baseline(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """Only the imports every MLX arm makes: the disk bytes that are the libraries', not
+    the model's (subtracted from the others' kernel counts)."""
+    import mlx.core  # noqa: F401
+    import mlx_lm.generate  # noqa: F401
+
+    from .. import engine  # noqa: F401
+
+    return {"prompt_tokens": sum(len(p) for p in prompts)}
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, list[list[int]]], dict]] = {
@@ -234,6 +246,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, list[list[int]]], dict]] = {
     "mlx-pager": run_mlx_pager,
     "nunspark": run_nunspark,
     "llama": run_llama,
+    "baseline": run_baseline,
 }
 
 

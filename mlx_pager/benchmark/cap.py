@@ -167,8 +167,9 @@ class MemoryCgroup:
         self.path.rmdir()
 
 
-def _thread_delays(pid: int, into: dict[int, int]) -> None:
-    """Each live thread's block-I/O delay ticks (stat field 42), the max kept per thread."""
+def _thread_delays(pid: int, into: dict[int, int], first: dict[int, int] | None = None) -> None:
+    """Each live thread's block-I/O delay ticks (stat field 42), the max kept per thread
+    (and the first value seen, in ``first``)."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -181,6 +182,22 @@ def _thread_delays(pid: int, into: dict[int, int]) -> None:
         fields = stat.rsplit(")", 1)[1].split()  # fields from 3 on; the name may hold spaces
         ticks = int(fields[42 - 3])
         into[int(tid)] = max(into.get(int(tid), 0), ticks)
+        if first is not None:
+            first.setdefault(int(tid), ticks)
+
+
+def blkio_ticks(
+    delays: dict[int, int], first: dict[int, int], elapsed_ticks: float
+) -> tuple[int, int]:
+    """Summed ticks, and how many threads showed more delay than the child has lived: this
+    kernel hands some new threads a garbage count (seen on 6.18); those are left out."""
+    total, bogus = 0, 0
+    for tid, ticks in delays.items():
+        if ticks > elapsed_ticks + 1 or first.get(tid, 0) > elapsed_ticks + 1:
+            bogus += 1
+            continue
+        total += ticks
+    return total, bogus
 
 
 def _read_bytes(pid: int) -> int | None:
@@ -226,18 +243,19 @@ def run_capped(
                 argv, stdout=out, stderr=err, env=env, cwd=cwd, preexec_fn=join_cgroup
             )
             delays: dict[int, int] = {}
+            first: dict[int, int] = {}
             timed_out = False
             while True:
                 done = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
                 if done is not None:
                     break
-                _thread_delays(child.pid, delays)
+                _thread_delays(child.pid, delays, first)
                 if timeout_s is not None and time.perf_counter() - start > timeout_s:
                     child.kill()
                     timed_out = True
                 time.sleep(poll_s)
             # Exited, not reaped: /proc/PID/io holds the whole process's counts.
-            _thread_delays(child.pid, delays)
+            _thread_delays(child.pid, delays, first)
             read_bytes = _read_bytes(child.pid)
             child.wait()
             wall = time.perf_counter() - start
@@ -263,6 +281,12 @@ def run_capped(
                 "swap_possible": group.swap_possible,
             }
         clk = os.sysconf("SC_CLK_TCK")
+        ticks, bogus = blkio_ticks(delays, first, wall * clk)
+        if bogus:
+            notes.append(
+                f"{bogus} threads reported more block-I/O delay than the child's lifetime "
+                "(a kernel miscount at thread start): left out of the stall seconds"
+            )
         return ChildResult(
             argv=list(argv),
             returncode=rc,
@@ -274,7 +298,7 @@ def run_capped(
             cap=cap,
             cap_reason=None if group else why,
             read_bytes=read_bytes,
-            blkio_delay_s=sum(delays.values()) / clk if delayacct else None,
+            blkio_delay_s=ticks / clk if delayacct else None,
             threads_seen=len(delays),
             delay_accounting=delayacct,
             notes=notes,
