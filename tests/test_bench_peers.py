@@ -11,7 +11,9 @@ import sys
 import pytest
 
 from mlx_pager.benchmark.cap import V1_MEMORY, cgroup_version
-from mlx_pager.benchmark.harness import run_benchmark
+from mlx_pager.benchmark.harness import _arm, run_benchmark
+from mlx_pager.benchmark.plots import plot_report
+from mlx_pager.cli.bench import peer_table
 from mlx_pager.sim.synthetic import make_checkpoint
 
 MiB = 2**20
@@ -64,6 +66,24 @@ def test_harness_end_to_end(tmp_path):
     assert runs["mlx-pager-resident"]["misses_per_token"] == 0
     assert report["ratios"]["speed_kept"]["mlx-pager"] > 0
     assert _groups() == before  # every cgroup removed
+    table = peer_table(report)
+    assert all(name in table for name in runs)
+    for png in plot_report(report, tmp_path / "plots"):
+        assert png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.skipif(cgroup_version()[0] is None, reason=cgroup_version()[1])
+def test_arm_over_the_cap_is_reported_killed(tmp_path):
+    """Stock mlx-lm in a cap below what its libraries need: the kernel kills it, and the
+    run says so with the cgroup's peak at the limit."""
+    model = make_checkpoint(tmp_path / "m", "qwen3_moe", quantize_bits=4)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([[1, 2, 3]]))
+    r = _arm("stock", model, prompts, 4, 48 * MiB)
+    assert not r["exit"]["completed"]
+    assert r["exit"]["oom_killed"] and r["exit"]["signal"] == "SIGKILL"
+    assert r["cap"]["oom_kills"] >= 1 and r["cap"]["peak_bytes"] <= 48 * MiB
+    assert "decode_tps" not in r
 
 
 def test_cli_refuses_bad_input(tmp_path):

@@ -1,10 +1,11 @@
 """The at-scale benchmark: every system in its own process, under a real memory cap.
 
 Each run is ``python -m mlx_pager.benchmark.arms`` inside ``cap.run_capped`` (a memory
-cgroup, page cache included), the page cache dropped first so every arm starts cold.
-The same token ids go to every arm; the harness adds the kernel's counters (disk bytes,
-block-I/O stalls, the cgroup's peak), the ratios between runs, and Belady's bound for
-mlx-pager's own routing.
+cgroup, page cache included), the page cache dropped first so every arm starts cold;
+then a ``baseline`` process imports the libraries, so they are warm and the model cold
+and the kernel's read count is the model's. The same token ids go to every arm; the
+harness adds the kernel's counters (disk bytes, block-I/O stalls, the cgroup's peak),
+the ratios between runs, and Belady's bound for mlx-pager's own routing.
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ def _arm(
     prompt_file: Path,
     max_tokens: int,
     cap_bytes: int | None,
-    library_bytes: int = 0,
     **options,
 ) -> dict:
     argv = [sys.executable, "-m", "mlx_pager.benchmark.arms", arm, "--model", str(model_dir),
@@ -82,6 +82,8 @@ def _arm(
         if value is not None:
             argv += [f"--{key}", str(value)]
     cold = drop_page_cache()
+    if arm != "baseline":  # libraries warm, model cold: read_bytes is the model's
+        run_capped(argv[:3] + ["baseline"] + argv[4:], None)
     child = run_capped(argv, cap_bytes)
     line = next((x for x in reversed(child.stdout.splitlines()) if x.startswith("{")), None)
     result = json.loads(line) if line else {"arm": arm}
@@ -104,9 +106,7 @@ def _arm(
     decoded = result.get("decoded_tokens") or 0
     generated = result.get("generated_tokens") or 0
     if generated and child.read_bytes is not None:
-        model_reads = max(0, child.read_bytes - library_bytes)
-        result["model_read_bytes"] = model_reads  # loading and paging, libraries excluded
-        result["disk_bytes_per_token"] = model_reads / max(1, decoded)
+        result["disk_bytes_per_token"] = child.read_bytes / max(1, decoded)
     if generated and child.blkio_delay_s is not None:
         result["blkio_stall_s_per_token"] = child.blkio_delay_s / max(1, decoded)
     return result
@@ -194,19 +194,19 @@ def run_benchmark(
         runs: dict[str, dict] = {}
         skipped: dict[str, str] = {}
         baseline = _arm("baseline", model_dir, prompt_file, max_tokens, None)
-        library = baseline.get("read_bytes") or 0
+        library = baseline.get("read_bytes") or 0  # what warming the libraries read, cold
         common = (model_dir, prompt_file, max_tokens)
         if "stock" in arms:
             if model_bytes > RESIDENT_SHARE_OF_RAM * machine_ram_bytes():
                 skipped["stock-resident"] = "the model is larger than 80% of this machine's RAM"
             else:
-                runs["stock-resident"] = _arm("stock", *common, None, library)
-            runs["stock-capped"] = _arm("stock", *common, cap_bytes, library)
+                runs["stock-resident"] = _arm("stock", *common, None)
+            runs["stock-capped"] = _arm("stock", *common, cap_bytes)
         if "mlx-pager" in arms:
 
             def pager(name: str, budget: int, cap: int | None) -> None:
                 trace = tmp / f"{name}.npz"
-                runs[name] = _arm("mlx-pager", *common, cap, library, budget=budget, trace=trace)
+                runs[name] = _arm("mlx-pager", *common, cap, budget=budget, trace=trace)
                 _belady(runs[name])
 
             pager("mlx-pager-resident", budgets[1.0], None)
@@ -222,10 +222,10 @@ def run_benchmark(
                 packed_extra = folder_bytes(packed)
                 everything = 2 * packed_extra + 512 * MiB
                 runs["nunspark-resident"] = _arm(
-                    "nunspark", *common, None, library, budget=everything, packed=packed
+                    "nunspark", *common, None, budget=everything, packed=packed
                 )
                 runs["nunspark-capped"] = _arm(
-                    "nunspark", *common, cap_bytes, library, budget=cap_budget, packed=packed
+                    "nunspark", *common, cap_bytes, budget=cap_budget, packed=packed
                 )
             else:
                 skipped["nunspark"] = pack
