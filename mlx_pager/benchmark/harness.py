@@ -113,7 +113,9 @@ def _arm(
 
 
 def _belady(run: dict) -> None:
-    """Belady's offline hit rate at the run's slot count, on the routing it recorded."""
+    """Belady's offline hit rate for the run's slots, on the routing it recorded: the
+    replay's shared mode holds ``capacity x layers`` experts, so the run's slots are
+    divided by the layers, rounded up (a cache no smaller: still a bound)."""
     from ..sim.replay import belady
     from ..sim.trace import load_trace
 
@@ -121,9 +123,12 @@ def _belady(run: dict) -> None:
     if not trace_path or not Path(trace_path).exists():
         return
     trace = load_trace(trace_path)
-    result = belady(trace, max(run["slots"], trace.top_k), shared=True)
+    per_layer = max(-(-run["slots"] // trace.num_layers), trace.top_k)
+    result = belady(trace, per_layer, shared=True)
     run["belady_hit_rate"] = result.hit_rate
     run["belady_misses_per_token"] = result.misses_per_token
+    run["belady_slots"] = per_layer * trace.num_layers
+    run["trace_tokens"] = trace.num_tokens
     Path(trace_path).unlink()
     run.pop("trace")
 
