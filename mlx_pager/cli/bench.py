@@ -35,9 +35,123 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=5, help="interleaved rounds, stock and paged resident"
     )
     parser.add_argument("--json", action="store_true")
+    add_peer_arguments(parser)
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """`bench --peers`: the at-scale benchmark, every system in its own capped process."""
+    peers = parser.add_argument_group("peers (--peers)")
+    peers.add_argument(
+        "--peers", action="store_true", help="stock, mlx-pager, NunSpark, llama.cpp under a cap"
+    )
+    peers.add_argument("--cap", help="memory cap for the capped runs, e.g. 8GiB")
+    peers.add_argument("--gguf", metavar="FILE", help="GGUF copy of the model for llama.cpp")
+    peers.add_argument(
+        "--arms", default="stock,mlx-pager,nunspark,llama", help="comma-separated systems"
+    )
+    peers.add_argument("--prompts", type=whole(1, 64), default=3, help="corpus turns to feed")
+    peers.add_argument("--plots", metavar="DIR", help="write PNG plots here")
+
+
+def _peer_error(message: str) -> int:
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_peers(args: argparse.Namespace) -> int:
+    from ..benchmark.harness import ALL_ARMS, corpus_prompts, machine_ram_bytes, run_benchmark
+    from ..units import format_bytes, parse_bytes
+
+    if not args.model or not Path(args.model).is_dir():
+        return _peer_error(f"--peers needs --model DIR, a checkpoint folder ({args.model!r})")
+    if not args.corpus or not Path(args.corpus).is_dir():
+        return _peer_error(f"--peers needs --corpus DIR, a folder of *.txt ({args.corpus!r})")
+    if args.gguf and not Path(args.gguf).is_file():
+        return _peer_error(f"no GGUF file at {args.gguf}")
+    cap = None
+    if args.cap:
+        try:
+            cap = parse_bytes(args.cap)
+        except ValueError as e:
+            return _peer_error(f"--cap: {e}")
+        ram = machine_ram_bytes()
+        if cap <= 0 or cap > ram:
+            return _peer_error(
+                f"--cap {args.cap} must be above zero and at most this machine's "
+                f"{format_bytes(ram)} of memory"
+            )
+    arms = {a.strip() for a in args.arms.split(",") if a.strip()}
+    if not arms or arms - ALL_ARMS:
+        return _peer_error(f"--arms: choose from {', '.join(sorted(ALL_ARMS))}")
+    try:
+        prompts = corpus_prompts(Path(args.corpus), args.prompts)
+    except FileNotFoundError as e:
+        return _peer_error(str(e))
+    report = run_benchmark(
+        Path(args.model),
+        cap_bytes=cap,
+        prompts=prompts,
+        max_tokens=args.max_tokens,
+        gguf=Path(args.gguf) if args.gguf else None,
+        arms=arms,
+    )
+    if args.plots:
+        from ..benchmark.plots import plot_report
+
+        report["plots"] = [str(p) for p in plot_report(report, Path(args.plots))]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(peer_table(report))
+    return 0
+
+
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, int | float) else "-"
+
+
+def peer_table(report: dict) -> str:
+    """One line a run: speeds, disk and stall per token, memory, hit rate, how it ended."""
+    cap = report["cap_bytes"]
+    lines = [
+        f"model {report['model']} ({report['model_disk_bytes'] / 1e9:.2f} GB on disk), cap "
+        f"{_num(cap and cap / 2**30, '.2f')} GiB ({report['cap_support']['why']}), "
+        f"{report['max_tokens']} tokens x {len(report['prompts'])} prompts",
+        f"{'run':<20} {'load s':>7} {'ttft s':>7} {'pre t/s':>8} {'dec t/s':>8} "
+        f"{'disk KB/tok':>11} {'stall ms/tok':>12} {'rss MB':>7} {'cgroup MB':>9} "
+        f"{'hit':>6} {'belady':>6} {'same':>5} exit",
+    ]
+    same = report["ratios"]["tokens_equal_stock"]
+    for name, r in report["runs"].items():
+        ex = r["exit"]
+        how = "ok" if ex["completed"] else ("OOM-killed" if ex["oom_killed"] else
+                                           ex["signal"] or f"rc {ex['returncode']}")  # fmt: skip
+        peak = (r.get("cap") or {}).get("peak_bytes")
+        stall = r.get("blkio_stall_s_per_token")
+        disk = r.get("disk_bytes_per_token")
+        lines.append(
+            f"{name:<20} {_num(r.get('load_s'), '7.2f')} {_num(r.get('ttft_s'), '7.3f')} "
+            f"{_num(r.get('prefill_tps'), '8.1f')} {_num(r.get('decode_tps'), '8.1f')} "
+            f"{_num(disk and disk / 1e3, '11.1f'):>11} {_num(stall and stall * 1e3, '12.2f'):>12} "
+            f"{_num(r.get('peak_rss_bytes', 0) / 1e6, '7.0f')} "
+            f"{_num(peak and peak / 1e6, '9.0f'):>9} {_num(r.get('hit_rate'), '6.1%')} "
+            f"{_num(r.get('belady_hit_rate'), '6.1%')} {str(same.get(name, '-')):>5} {how}"
+        )
+    kept = ", ".join(f"{k} {_num(v, '.2f')}" for k, v in report["ratios"]["speed_kept"].items())
+    lines.append(f"speed kept under the cap (capped / fully resident decode): {kept}")
+    for name, why in report["skipped"].items():
+        lines.append(f"skipped {name}: {why}")
+    extra = report.get("nunspark_packed_extra_disk_bytes")
+    if extra is not None:
+        lines.append(f"NunSpark's packed copy: {extra / 1e6:.1f} MB of extra disk")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.peers:
+        return run_peers(args)
     from ..sim.bench import (
         BENCH_MODEL,
         bench_chat,

@@ -1,0 +1,273 @@
+"""The at-scale benchmark: every system in its own process, under a real memory cap.
+
+Each run is ``python -m mlx_pager.benchmark.arms`` inside ``cap.run_capped`` (a memory
+cgroup, page cache included), the page cache dropped first so every arm starts cold;
+then a ``baseline`` process imports the libraries, so they are warm and the model cold
+and the kernel's read count is the model's. The same token ids go to every arm; the
+harness adds the kernel's counters (disk bytes, block-I/O stalls, the cgroup's peak),
+the ratios between runs, and Belady's bound for mlx-pager's own routing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .cap import cgroup_version, drop_page_cache, run_capped
+
+MiB = 2**20
+# What the interpreter and its libraries take beside the engine's budget, under a cap.
+PROCESS_BASELINE_BYTES = 256 * MiB
+RESIDENT_SHARE_OF_RAM = 0.8  # stock fully resident is skipped above this share of RAM
+ALL_ARMS = frozenset({"stock", "mlx-pager", "nunspark", "llama"})
+
+
+def machine_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def budget_for_cap(cap_bytes: int) -> int:
+    """The engine budget a cap leaves after the process's own libraries."""
+    return max(cap_bytes - max(PROCESS_BASELINE_BYTES, cap_bytes // 10), cap_bytes // 2)
+
+
+def corpus_prompts(corpus: Path, n: int = 3, chars: int = 400) -> list[str]:
+    """Openings of real documents, one domain after another, as chat turns."""
+    from ..sim.bench import corpus_prompts as openings
+
+    if not Path(corpus).is_dir():
+        raise FileNotFoundError(f"No corpus folder {corpus}: pass a folder of *.txt files.")
+    if not list(Path(corpus).glob("*.txt")):
+        raise FileNotFoundError(f"The corpus folder {corpus} holds no *.txt files.")
+    return openings(Path(corpus), n, chars)
+
+
+def tokenise(model_dir: Path, prompts: list[str]) -> list[list[int]]:
+    from .arms import chat_tokens
+
+    return [chat_tokens(model_dir, p) for p in prompts]
+
+
+def share_budgets(model_dir: Path, context: int, fractions) -> dict[float, int]:
+    """Budgets that hold a share of the experts, by the engine's own budget planning."""
+    from ..paging.loader import inspect_model
+
+    layout = inspect_model(model_dir, context)
+    plan = layout.plan(0)
+    budgets = {1.0: plan.full_budget_bytes}
+    for f in fractions:
+        slots = max(layout.top_k, round(f * plan.num_experts))
+        budgets[f] = plan.fixed_bytes + slots * plan.expert_bytes
+    return budgets
+
+
+def _arm(
+    arm: str,
+    model_dir: Path,
+    prompt_file: Path,
+    max_tokens: int,
+    cap_bytes: int | None,
+    **options,
+) -> dict:
+    argv = [sys.executable, "-m", "mlx_pager.benchmark.arms", arm, "--model", str(model_dir),
+            "--prompt-file", str(prompt_file), "--max-tokens", str(max_tokens)]  # fmt: skip
+    for key, value in options.items():
+        if value is not None:
+            argv += [f"--{key}", str(value)]
+    cold = drop_page_cache()
+    if arm != "baseline":  # libraries warm, model cold: read_bytes is the model's
+        run_capped(argv[:3] + ["baseline"] + argv[4:], None)
+    child = run_capped(argv, cap_bytes)
+    line = next((x for x in reversed(child.stdout.splitlines()) if x.startswith("{")), None)
+    result = json.loads(line) if line else {"arm": arm}
+    if line is None:
+        result["error"] = child.stderr.strip().splitlines()[-1:] or ["no output"]
+    result["cold_start"] = cold
+    result["exit"] = {
+        "returncode": child.returncode,
+        "signal": child.signal,
+        "oom_killed": child.oom_killed,
+        "completed": child.returncode == 0 and line is not None,
+    }
+    result["cap"] = child.cap
+    result["cap_reason"] = child.cap_reason
+    result["read_bytes"] = child.read_bytes
+    result["blkio_delay_s"] = child.blkio_delay_s
+    result["delay_accounting"] = child.delay_accounting
+    result["wall_s"] = child.wall_s
+    result["notes"] = child.notes
+    decoded = result.get("decoded_tokens") or 0
+    generated = result.get("generated_tokens") or 0
+    if generated and child.read_bytes is not None:
+        result["disk_bytes_per_token"] = child.read_bytes / max(1, decoded)
+    if generated and child.blkio_delay_s is not None:
+        result["blkio_stall_s_per_token"] = child.blkio_delay_s / max(1, decoded)
+    return result
+
+
+def _belady(run: dict) -> None:
+    """Belady's offline hit rate for the run's slots, on the routing it recorded: the
+    replay's shared mode holds ``capacity x layers`` experts, so the run's slots are
+    divided by the layers, rounded up (a cache no smaller: still a bound)."""
+    from ..sim.replay import belady
+    from ..sim.trace import load_trace
+
+    trace_path = run.get("trace")
+    if not trace_path or not Path(trace_path).exists():
+        return
+    trace = load_trace(trace_path)
+    per_layer = max(-(-run["slots"] // trace.num_layers), trace.top_k)
+    result = belady(trace, per_layer, shared=True)
+    run["belady_hit_rate"] = result.hit_rate
+    run["belady_misses_per_token"] = result.misses_per_token
+    run["belady_slots"] = per_layer * trace.num_layers
+    run["trace_tokens"] = trace.num_tokens
+    Path(trace_path).unlink()
+    run.pop("trace")
+
+
+def _ratios(runs: dict[str, dict]) -> dict:
+    def tps(name: str) -> float | None:
+        r = runs.get(name)
+        return r.get("decode_tps") if r and r["exit"]["completed"] else None
+
+    kept = {}
+    for system, resident, capped in (
+        ("stock", "stock-resident", "stock-capped"),
+        ("mlx-pager", "mlx-pager-resident", "mlx-pager-capped"),
+        ("nunspark", "nunspark-resident", "nunspark-capped"),
+        ("llama", "llama-resident", "llama-capped"),
+    ):
+        a, b = tps(capped), tps(resident)
+        kept[system] = a / b if a and b else None
+    ours = runs.get("mlx-pager-capped", {}).get("disk_bytes_per_token")
+    disk = {}
+    for name, r in runs.items():
+        theirs = r.get("disk_bytes_per_token")
+        disk[name] = theirs / ours if theirs is not None and ours else None
+    reference = next(
+        (runs[n]["tokens"] for n in ("stock-resident", "stock-capped")
+         if n in runs and runs[n]["exit"]["completed"]),
+        None,
+    )  # fmt: skip
+    same = {
+        name: (r.get("tokens") == reference if reference and r.get("tokens") else None)
+        for name, r in runs.items()
+    }
+    return {
+        "speed_kept": kept,
+        "disk_bytes_per_token_vs_mlx_pager": disk,
+        "tokens_equal_stock": same,
+    }
+
+
+def run_benchmark(
+    model_dir: Path,
+    *,
+    cap_bytes: int | None,
+    prompts: list[str],
+    max_tokens: int,
+    fractions=(0.5, 0.25, 0.125),
+    gguf: Path | None = None,
+    arms: set[str] = ALL_ARMS,
+    workdir: Path | None = None,
+) -> dict:
+    """Every system cold, in its own process, fully resident and under ``cap_bytes``."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"No model folder {model_dir}")
+    unknown = set(arms) - ALL_ARMS
+    if unknown:
+        raise ValueError(f"Unknown arms {sorted(unknown)}; choose from {sorted(ALL_ARMS)}")
+    version, why = cgroup_version()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        tokens = tokenise(model_dir, prompts)
+        prompt_file = tmp / "prompts.json"
+        prompt_file.write_text(json.dumps(tokens))
+        context = max(len(t) for t in tokens) + max_tokens + 16
+        budgets = share_budgets(model_dir, context, fractions)
+        cap_budget = budget_for_cap(cap_bytes) if cap_bytes else budgets[1.0]
+        model_bytes = folder_bytes(model_dir)
+        runs: dict[str, dict] = {}
+        skipped: dict[str, str] = {}
+        baseline = _arm("baseline", model_dir, prompt_file, max_tokens, None)
+        library = baseline.get("read_bytes") or 0  # what warming the libraries read, cold
+        common = (model_dir, prompt_file, max_tokens)
+        if "stock" in arms:
+            if model_bytes > RESIDENT_SHARE_OF_RAM * machine_ram_bytes():
+                skipped["stock-resident"] = "the model is larger than 80% of this machine's RAM"
+            else:
+                runs["stock-resident"] = _arm("stock", *common, None)
+            runs["stock-capped"] = _arm("stock", *common, cap_bytes)
+        if "mlx-pager" in arms:
+
+            def pager(name: str, budget: int, cap: int | None) -> None:
+                trace = tmp / f"{name}.npz"
+                runs[name] = _arm("mlx-pager", *common, cap, budget=budget, trace=trace)
+                _belady(runs[name])
+
+            pager("mlx-pager-resident", budgets[1.0], None)
+            pager("mlx-pager-capped", min(cap_budget, budgets[1.0]), cap_bytes)
+            for f in fractions:
+                pager(f"mlx-pager-{f:g}", budgets[f], cap_bytes)
+                runs[f"mlx-pager-{f:g}"]["expert_share_asked"] = f
+        packed_extra = None
+        if "nunspark" in arms:
+            packed = tmp / "nunspark"
+            pack = _pack_nunspark(model_dir, packed)
+            if pack is None:
+                packed_extra = folder_bytes(packed)
+                everything = 2 * packed_extra + 512 * MiB
+                runs["nunspark-resident"] = _arm(
+                    "nunspark", *common, None, budget=everything, packed=packed
+                )
+                runs["nunspark-capped"] = _arm(
+                    "nunspark", *common, cap_bytes, budget=cap_budget, packed=packed
+                )
+            else:
+                skipped["nunspark"] = pack
+        if "llama" in arms:
+            runs["llama-resident"] = _arm("llama", *common, None, gguf=gguf)
+            runs["llama-capped"] = _arm("llama", *common, cap_bytes, gguf=gguf)
+        for name, r in list(runs.items()):
+            if "skipped" in r:
+                skipped[name] = r["skipped"]
+                del runs[name]
+    return {
+        "model": str(model_dir),
+        "model_disk_bytes": model_bytes,
+        "cap_bytes": cap_bytes,
+        "cap_support": {"version": version, "why": why},
+        "budget_under_cap": cap_budget,
+        "share_budgets": {f"{k:g}": v for k, v in budgets.items()},
+        "max_tokens": max_tokens,
+        "library_read_bytes": library,
+        "prompts": prompts,
+        "prompt_token_counts": [len(t) for t in tokens],
+        "nunspark_packed_extra_disk_bytes": packed_extra,
+        "runs": runs,
+        "skipped": skipped,
+        "ratios": _ratios(runs),
+    }
+
+
+def _pack_nunspark(model_dir: Path, out: Path) -> str | None:
+    """``nunspark pack`` in a process of its own; None when done, else why it could not."""
+    import importlib.util
+
+    if importlib.util.find_spec("nunspark") is None:
+        return "nunspark is not installed: pip install 'mlx-pager[peers]'"
+    code = "import sys; from nunspark.cli import main; sys.exit(main(sys.argv[1:]))"
+    child = run_capped([sys.executable, "-c", code, "pack", str(model_dir), str(out)], None)
+    if child.returncode != 0:
+        tail = child.stderr.strip().splitlines()[-1:] or ["no output"]
+        return f"nunspark pack failed: {tail[0]}"
+    return None

@@ -1,0 +1,100 @@
+"""The at-scale harness end to end on a tiny qwen3_moe under a real cap: every installed
+arm runs in its own process, the cap was applied, mlx-pager decodes stock's tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mlx_pager.benchmark.cap import V1_MEMORY, cgroup_version
+from mlx_pager.benchmark.harness import _arm, run_benchmark
+from mlx_pager.benchmark.plots import plot_report
+from mlx_pager.cli.bench import peer_table
+from mlx_pager.sim.synthetic import make_checkpoint
+
+MiB = 2**20
+CAP = 700 * MiB
+PROMPTS = ["Explain how a cache of experts decides what to keep.", "def f(x):\n    return x"]
+FIGURES = ("load_s", "ttft_s", "prefill_tps", "decode_tps", "disk_bytes_per_token",
+           "peak_rss_bytes", "read_bytes", "exit", "cap", "tokens")  # fmt: skip
+
+
+def _groups() -> set[str]:
+    return {p.name for p in V1_MEMORY.glob("mlx-pager-bench-*")} if V1_MEMORY.exists() else set()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cgroup_version()[0] is None, reason=cgroup_version()[1])
+def test_harness_end_to_end(tmp_path):
+    model = make_checkpoint(tmp_path / "m", "qwen3_moe", quantize_bits=4, num_hidden_layers=4,
+                            num_experts=16, num_experts_per_tok=2)  # fmt: skip
+    before = _groups()
+    report = run_benchmark(model, cap_bytes=CAP, prompts=PROMPTS, max_tokens=8,
+                           arms={"stock", "mlx-pager", "nunspark", "llama"})  # fmt: skip
+    json.dumps(report)  # plain data
+    runs = report["runs"]
+    expected = {"stock-resident", "stock-capped", "mlx-pager-resident", "mlx-pager-capped",
+                "mlx-pager-0.5", "mlx-pager-0.25", "mlx-pager-0.125"}  # fmt: skip
+    if importlib.util.find_spec("nunspark"):
+        expected |= {"nunspark-resident", "nunspark-capped"}
+        assert report["nunspark_packed_extra_disk_bytes"] > 0
+    assert expected <= set(runs)
+    assert "llama-capped" in runs or "llama" in report["skipped"]["llama-capped"]
+    for name, r in runs.items():
+        for key in FIGURES:
+            assert key in r, (name, key)
+        assert r["exit"]["completed"], (name, r["exit"])
+        for key in ("load_s", "ttft_s", "decode_tps", "read_bytes", "disk_bytes_per_token"):
+            assert r[key] >= 0, (name, key)
+        assert r["blkio_delay_s"] is None or r["blkio_delay_s"] >= 0
+        assert len(r["tokens"]) == len(PROMPTS) and all(len(t) == 8 for t in r["tokens"])
+        if name.endswith("resident"):
+            assert r["cap"] is None
+        else:
+            assert r["cap"]["limit_bytes"] == CAP
+            assert 0 < r["cap"]["peak_bytes"] <= CAP
+    for name in expected - {"stock-resident", "stock-capped"}:
+        assert report["ratios"]["tokens_equal_stock"][name] is True, name
+    low = runs["mlx-pager-0.125"]
+    assert low["slots"] < low["num_experts"]
+    assert 0 <= low["hit_rate"] <= low["belady_hit_rate"] + 1e-9 <= 1 + 1e-9
+    assert low["misses_per_token"] > 0 and low["read_stall_s"] >= 0
+    assert runs["mlx-pager-resident"]["misses_per_token"] == 0
+    assert report["ratios"]["speed_kept"]["mlx-pager"] > 0
+    assert _groups() == before  # every cgroup removed
+    table = peer_table(report)
+    assert all(name in table for name in runs)
+    for png in plot_report(report, tmp_path / "plots"):
+        assert png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.skipif(cgroup_version()[0] is None, reason=cgroup_version()[1])
+def test_arm_over_the_cap_is_reported_killed(tmp_path):
+    """Stock mlx-lm in a cap below what its libraries need: the kernel kills it, and the
+    run says so with the cgroup's peak at the limit."""
+    model = make_checkpoint(tmp_path / "m", "qwen3_moe", quantize_bits=4)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([[1, 2, 3]]))
+    r = _arm("stock", model, prompts, 4, 48 * MiB)
+    assert not r["exit"]["completed"]
+    assert r["exit"]["oom_killed"] and r["exit"]["signal"] == "SIGKILL"
+    assert r["cap"]["oom_kills"] >= 1 and r["cap"]["peak_bytes"] <= 48 * MiB
+    assert "decode_tps" not in r
+
+
+def test_cli_refuses_bad_input(tmp_path):
+    def bench(*extra: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "mlx_pager.cli", "bench", "--peers", *extra]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+    missing = bench("--model", str(tmp_path / "nope"), "--corpus", str(tmp_path))
+    assert missing.returncode == 2 and "--model DIR" in missing.stderr
+    (tmp_path / "m").mkdir()
+    no_corpus = bench("--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "none"))
+    assert no_corpus.returncode == 2 and "--corpus DIR" in no_corpus.stderr
+    huge = bench("--model", str(tmp_path / "m"), "--corpus", str(tmp_path), "--cap", "64TiB")
+    assert huge.returncode == 2 and "this machine" in huge.stderr
