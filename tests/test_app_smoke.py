@@ -70,6 +70,9 @@ def test_mlx_pager_in_tmux(app_model, tmp_path):
     tmux = Tmux(command)
     try:
         tmux.wait_for(lambda s: "● tiny-moe" in s, timeout=8)  # opened on the last used model
+        # The "Opened tiny-moe" notice lies over the Send/Stop buttons for a few seconds: on a
+        # fast machine the whole reply ended under it, so the Stop button was never seen.
+        tmux.wait_for(lambda s: "Opened tiny-moe" not in s, timeout=30)
         tmux.keys("hello experts", "Enter")  # greedy: a long reply, so stop it midway
         # The Stop button (the Send button's place while generating) beside live tok/s.
         live = tmux.wait_for(lambda s: "   Stop   " in s and "tok/s" in s and "╭─ tiny-moe" in s)
