@@ -5,7 +5,6 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from checkpoints import compare_with_mlx_lm, open_paged
 
 from mlx_pager.benchmark.fixture import ARCHITECTURES, coverage_of, make_model, target_shares
