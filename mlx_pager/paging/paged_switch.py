@@ -183,6 +183,12 @@ class PagedSwitch(nn.Module):
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
         if self.last:
+            if cache.views is not None:
+                # Slots are overwritten from the host, behind MLX's back: no computation
+                # that reads them may still be pending when the next pass reads misses.
+                # Each layer's output is forced by the next layer's sync; the last one's
+                # is forced here (a caller may hold it lazily across passes).
+                mx.eval(y)
             n = flat.size // routed.shape[-1]
             cache.next_tokens(n)
             if cold is not None:

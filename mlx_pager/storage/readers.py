@@ -156,17 +156,23 @@ class Reader:
         old, self.fds[path] = self.fds[path], fd
         os.close(old)
 
-    def read_piece(self, piece: Piece) -> np.ndarray:
+    def read_piece(self, piece: Piece, out: np.ndarray | None = None) -> np.ndarray:
+        """The piece's bytes, into ``out`` (a writable uint8 array of ``piece.nbytes``: an
+        expert cache slot) or a fresh buffer; returns the array written."""
         raise NotImplementedError
 
-    def read(self, pieces: list[Piece]) -> list[np.ndarray]:
-        """Read pieces in parallel; the result keeps their order."""
+    def read(
+        self, pieces: list[Piece], outs: list[np.ndarray | None] | None = None
+    ) -> list[np.ndarray]:
+        """Read pieces in parallel, each into its ``outs`` entry (None: a fresh buffer);
+        the result keeps their order."""
+        outs = outs if outs is not None else [None] * len(pieces)
         if len(pieces) == 1:
-            out = [self.read_piece(pieces[0])]
+            result = [self.read_piece(pieces[0], outs[0])]
         else:
-            out = list(self.pool.map(self.read_piece, pieces))
+            result = list(self.pool.map(self.read_piece, pieces, outs))
         self.count(sum(p.nbytes for p in pieces))
-        return out
+        return result
 
     def count(self, nbytes: int) -> None:
         """Add to the bytes-read counter (reads made outside ``read``, e.g. prefetch)."""
@@ -191,10 +197,10 @@ class PreadReader(Reader):
 
     name = "pread"
 
-    def read_piece(self, piece: Piece) -> np.ndarray:
+    def read_piece(self, piece: Piece, out: np.ndarray | None = None) -> np.ndarray:
         fd = self.fds[piece.path]
-        buf = np.empty(piece.nbytes, np.uint8)
-        view, done = memoryview(buf), 0
+        buf = np.empty(piece.nbytes, np.uint8) if out is None else out
+        view, done = memoryview(buf).cast("B"), 0
         while done < piece.nbytes:
             try:
                 if hasattr(os, "preadv"):  # straight into the buffer
@@ -236,7 +242,7 @@ class MmapReader(Reader):
             m.madvise(mmap.MADV_RANDOM)
         return m
 
-    def read_piece(self, piece: Piece) -> np.ndarray:
+    def read_piece(self, piece: Piece, out: np.ndarray | None = None) -> np.ndarray:
         m = self.maps[piece.path]
         # A page of the map past the file's end faults with SIGBUS, which kills the
         # process: look at the file's size first, and refuse a piece it no longer holds.
@@ -251,7 +257,7 @@ class MmapReader(Reader):
             )
         # Copied a chunk at a time, each chunk's pages unmapped once copied: the mapped
         # pages of a read are one chunk per thread, not the whole group.
-        buf = np.empty(piece.nbytes, np.uint8)
+        buf = np.empty(piece.nbytes, np.uint8) if out is None else out
         for done in range(0, piece.nbytes, MMAP_CHUNK):
             n = min(MMAP_CHUNK, piece.nbytes - done)
             buf[done : done + n] = np.frombuffer(m, np.uint8, n, piece.offset + done)
@@ -261,12 +267,14 @@ class MmapReader(Reader):
             drop_page_cache(self.fds[piece.path], piece.offset, piece.nbytes)
         return buf
 
-    def read(self, pieces: list[Piece]) -> list[np.ndarray]:
+    def read(
+        self, pieces: list[Piece], outs: list[np.ndarray | None] | None = None
+    ) -> list[np.ndarray]:
         """Announce the whole group first, so the kernel reads every piece at once rather
         than one page fault after another."""
         if len(pieces) > 1:
             self.announce(pieces)
-        return super().read(pieces)
+        return super().read(pieces, outs)
 
     def announce(self, pieces: list[Piece]) -> None:
         """``MADV_WILLNEED`` on exactly the pieces about to be read (and counted)."""
