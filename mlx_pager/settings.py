@@ -18,7 +18,7 @@ from .units import format_bytes, parse_bytes
 
 APP_NAME = "mlx-pager"
 
-READ_PATHS = ("auto", "pread", "mmap")
+READ_PATHS = ("auto", "pread", "mmap", "direct")
 COLD_PRECISIONS = ("full", "4bit")
 POLICY_NAMES = tuple(POLICIES)
 AUTO_BUDGET_SHARE = 0.6  # budget "auto": this share of the machine's memory
