@@ -136,3 +136,28 @@ def test_read_seconds_count_stalls_on_misses_only(snapshot):
         assert engine.stats.read_seconds < 1e-3, engine.stats.read_seconds
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+@pytest.mark.parametrize("page_cache", ["drop", "keep"])
+def test_page_cache_dropped_or_kept(snapshot, page_cache):
+    """Evicted experts read again: from storage when their pages were dropped, from the
+    OS page cache (no storage read) when kept."""
+    paged = load_paged(snapshot, budget_for_slots(snapshot, 3), 256, page_cache=page_cache)
+    engine = Engine(paged, "test", 256)
+    try:
+        paged.cache.reader.drop()
+        for _ in engine.generate("Experts are paged from disk.", max_tokens=8, chat_template=False):
+            pass
+        before = proc_io()["read_bytes"]
+        for _ in engine.generate("Experts are paged from disk.", max_tokens=8, chat_template=False):
+            pass
+        storage = proc_io()["read_bytes"] - before
+        again = engine.stats.bytes_read
+    finally:
+        engine.close()
+    assert again > 0, "the second reply read nothing: the test needs evictions"
+    if page_cache == "keep":
+        assert storage < 0.1 * again, (storage, again)
+    else:
+        assert storage > 0.9 * again, (storage, again)

@@ -81,7 +81,9 @@ def _arm(
     argv = [sys.executable, "-m", "mlx_pager.benchmark.arms", arm, "--model", str(model_dir),
             "--prompt-file", str(prompt_file), "--max-tokens", str(max_tokens)]  # fmt: skip
     for key, value in options.items():
-        if value is not None:
+        if value is True:  # a flag
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
             argv += [f"--{key}", str(value)]
     cold = drop_page_cache()
     if arm != "baseline":  # libraries warm, model cold: read_bytes is the model's

@@ -285,13 +285,15 @@ def load_paged(
     prefetch: bool = False,
     cold_precision: str = "full",
     read_threads: int = DEFAULT_READ_THREADS,
+    page_cache: str = "drop",
 ) -> PagedModel:
     """Open a checkpoint folder under a byte budget; see the module docstring."""
     layout = inspect_model(model_path, context_length, compute_dtype)
     plan = check_budget(layout.plan(budget_bytes))
     model, stats, cache, cold, run = layout.model, Stats(), None, None, None
     if layout.switches:
-        reader = make_reader(read_path, layout.expert_map.files(), read_threads)
+        keep = page_cache == "keep"  # the OS page cache as a second tier (not dropped)
+        reader = make_reader(read_path, layout.expert_map.files(), read_threads, not keep)
         run = PagingRun(stats, reader, layout.moe_layers, layout.experts_per_layer)
         projections = describe_projections(layout.switches[0][1])
         params = layout.expert_map.params
