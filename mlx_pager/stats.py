@@ -51,6 +51,8 @@ class Stats:
     prefetch_used: int = 0  # ... that the next layer then needed
     prefetch_recall: float = 0.0  # share of routed experts the guesses contained
     prefetch_precision: float = 0.0  # share of guesses that were routed
+    read_ahead_issued: int = 0  # prefill: the next layer's likely experts read into slots
+    read_ahead_used: int = 0  # ... that a layer then asked for
     prompt_tokens: int = 0  # fed through the model this reply
     prompt_reused_tokens: int = 0  # ... and those the kept KV cache already held
     prompt_tps: float = 0.0
@@ -95,6 +97,7 @@ class Stats:
             self.read_seconds = 0.0
             self.prefetch_issued = self.prefetch_used = 0
             self.prefetch_recall = self.prefetch_precision = 0.0
+            self.read_ahead_issued = self.read_ahead_used = 0
             self.prompt_tokens = self.generation_tokens = self.kv_used_bytes = 0
             self.prompt_reused_tokens = 0
             self.prompt_tps = self.decode_tps = self.ttft_seconds = 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
@@ -173,6 +174,12 @@ class ExpertCache:
         self.free = list(range(slots - 1, -1, -1))
         self.prefetcher = None  # optional Prefetcher: guessed experts read ahead
         self.lock = threading.Lock()  # fetches and background preloads take turns
+        # Read ahead into slots (prefill): key -> (slot, its read), not resident yet; and
+        # keys read ahead, resident, not yet asked for (their first use counts as a miss).
+        self.ahead: dict[tuple[int, int], tuple[int, Future]] = {}
+        self.fresh: set[tuple[int, int]] = set()
+        self.ahead_issued = self.ahead_used = 0
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     @property
     def slot_bytes(self) -> int:
@@ -213,19 +220,115 @@ class ExpertCache:
 
     def _fetch(self, layer: int, experts: np.ndarray, requests) -> np.ndarray:
         table = self.slot_table[layer]
+        if self.ahead or self.fresh:
+            self._reap()
         missing = experts[table[experts] < 0]
-        waited = 0.0
+        waited, already_read = 0.0, 0
+        if self.fresh:  # read ahead for this need, done before it: misses all the same
+            done = [(layer, e) for e in experts.tolist() if (layer, e) in self.fresh]
+            self.fresh.difference_update(done)
+            already_read = len(done)
+            self.ahead_used += already_read
         if missing.size:  # a hit touches nothing but the table and the policy
             pinned = {(layer, int(e)) for e in experts}
-            misses = [(layer, int(e)) for e in missing]
+            keys = [(layer, int(e)) for e in missing]
+            coming = [k for k in keys if k in self.ahead]
+            misses = [k for k in keys if k not in self.ahead]
             slots = [self._claim(pinned) for _ in misses]
             start = time.perf_counter()
-            self._load(misses, slots)
+            self._load(misses, slots)  # demand reads first, on the reader's own threads
+            self._collect(coming, pinned)
             waited = time.perf_counter() - start
+            self.ahead_used += len(coming)
         self.policy.access_layer(layer, experts, requests)
         if self.on_fetch is not None:
-            self.on_fetch(len(experts) - missing.size, missing.size, waited)
+            misses = missing.size + already_read
+            self.on_fetch(len(experts) - misses, misses, waited)
         return table
+
+    # -- reading ahead into slots (prefill) --------------------------------------------------
+
+    def read_ahead(self, layer: int, experts: np.ndarray, keep: set[tuple[int, int]]) -> int:
+        """Start reading guessed ``experts`` of ``layer`` straight into slots, on threads
+        of their own, while the layer before computes. ``keep``: the keys a pending
+        computation reads (never evicted for a guess). At most half the slots are in
+        flight; a guess never delays a demand read (it is collected only after the demand
+        reads of its layer). Returns how many reads started."""
+        if self.views is None:
+            return 0
+        with self.lock:
+            self._reap()
+            room = min(self.slots // 2 - len(self.ahead), self.slots - len(keep) - len(self.ahead))
+            table = self.slot_table[layer]
+            keys = [
+                (layer, int(e))
+                for e in experts
+                if table[e] < 0 and (layer, int(e)) not in self.ahead
+            ][: max(0, room)]
+            if not keys:
+                return 0
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(4, thread_name_prefix="read-ahead")
+            pinned = set(keep) | set(keys)
+            for key in keys:
+                slot = self._claim(pinned)
+                self.key_in[slot] = None
+                self.ahead[key] = (slot, self._ahead_pool.submit(self._read_ahead, key, slot))
+            self.ahead_issued += len(keys)
+            return len(keys)
+
+    def _read_ahead(self, key: tuple[int, int], slot: int) -> None:
+        """On a read-ahead thread: one expert's pieces straight into its claimed slot."""
+        pieces = self.map.expert_pieces(*key)
+        for param, piece in pieces.items():
+            view = self.views[param][slot]
+            if np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype:
+                self.reader.read_piece(piece, view.reshape(-1).view(np.uint8))
+            else:
+                widen_into(view, self.reader.read_piece(piece), piece)
+        self.reader.count(sum(p.nbytes for p in pieces.values()))
+
+    def _reap(self) -> None:
+        """Read-aheads that finished become resident (and evictable); failed ones give
+        their slot back (a demand read of the expert will say what went wrong)."""
+        for key, (slot, future) in list(self.ahead.items()):
+            if future.done():
+                del self.ahead[key]
+                self._settle(key, slot, future)
+
+    def _collect(self, keys: list[tuple[int, int]], pinned: set[tuple[int, int]]) -> None:
+        """Wait for these keys' read-aheads (after the demand reads): resident, or, where
+        the read failed, read again on demand, which raises what went wrong."""
+        for key in keys:
+            slot, future = self.ahead.pop(key)
+            self._settle(key, slot, future, pinned)
+
+    def _settle(
+        self, key, slot: int, future: Future, needed: set[tuple[int, int]] | None = None
+    ) -> None:
+        """A finished read-ahead: resident (``needed``: by the fetch under way, pinned with
+        these keys; else admitted to the policy, and its first use counted a miss)."""
+        try:
+            future.result()
+        except Exception:
+            self.free.append(slot)
+            if needed is not None:
+                self._load([key], [self._claim(needed)])
+            return
+        self._mark(key, slot)
+        if needed is None:
+            self.policy.admit(key)
+            self.fresh.add(key)
+
+    def _drop_ahead(self) -> None:
+        """Wait out every read-ahead and forget it (the cache is being emptied)."""
+        for _, future in self.ahead.values():
+            try:
+                future.result()
+            except Exception:
+                pass
+        self.ahead.clear()
+        self.fresh.clear()
 
     def preload(self, keys: list[tuple[int, int]], cancel: threading.Event | None = None) -> int:
         """Make ``keys`` resident, most important first, without counting hits or misses.
@@ -253,6 +356,7 @@ class ExpertCache:
     def clear(self) -> None:
         """Evict everything (benchmarks that need a cold cache)."""
         with self.lock:
+            self._drop_ahead()
             for key in list(self.slot_of):
                 self.policy.remove(key)
             self.slot_of.clear()
@@ -271,6 +375,7 @@ class ExpertCache:
             return self.free.pop()
         victim = self.policy.victim(pinned)
         self.policy.remove(victim)
+        self.fresh.discard(victim)
         slot = self.slot_of.pop(victim)
         self.slot_table[victim] = -1
         self.key_in[slot] = None
@@ -384,7 +489,11 @@ class ExpertCache:
         self.key_in[slot] = key
 
     def close(self) -> None:
-        """Stop the prefetcher and close the files (the reader is the model's own)."""
+        """Stop the prefetcher and the read-aheads, close the files (the model's reader)."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+        with self.lock:
+            self._drop_ahead()
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True)
         self.reader.close()

@@ -308,6 +308,7 @@ def load_paged(
         staging = plan.headroom_bytes // 4
         cache = ExpertCache(layout.expert_map, reader, slots, make_policy(policy), stored,
                             staging, on_fetch=run.count)  # fmt: skip
+        run.cache = cache
         if cold_slots:
             cold = ExpertCache(layout.expert_map, reader, cold_slots, make_policy("lru"), low,
                                staging, on_fetch=run.count_cold)  # fmt: skip

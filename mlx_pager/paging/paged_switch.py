@@ -71,6 +71,15 @@ def expert_param_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def likely_experts(scores: np.ndarray, k: int) -> np.ndarray:
+    """Experts in any token's top ``k`` of ``scores`` (tokens x experts), the most often
+    chosen first: what to read first when not all of them can be."""
+    flat = scores.reshape(-1, scores.shape[-1])
+    top = np.argpartition(-flat, k - 1, axis=-1)[:, :k]
+    experts, counts = np.unique(top, return_counts=True)
+    return experts[np.argsort(-counts, kind="stable")]
+
+
 class PagedSwitch(nn.Module):
     def __init__(
         self,
@@ -153,6 +162,11 @@ class PagedSwitch(nn.Module):
             wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
         if cold is not None and self.router is not None:
             wanted["probs"] = mx.softmax(router_scores(self.router, x).astype(mx.float32), -1)
+        several = indices.size > indices.shape[-1]  # a prompt's tokens, not one step's
+        if several and self.next_router is not None and cache.views is not None:
+            # The next layer's router on this layer's input: its likely experts, read
+            # into slots while this layer computes.
+            wanted["ahead"] = router_scores(self.next_router, x).astype(mx.float32)
         before = time.thread_time()
         mx.eval(wanted)
         in_mlx = time.thread_time() - before
@@ -184,6 +198,12 @@ class PagedSwitch(nn.Module):
             in_mlx += time.thread_time() - before  # mlx-lm's own computation, not the pager's
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
+        if "ahead" in wanted:
+            cache.read_ahead(
+                self.layer + 1,
+                likely_experts(np.array(wanted["ahead"]), routed.shape[-1]),
+                {(self.layer, int(e)) for e in experts},
+            )
         if self.last:
             if cache.views is not None:
                 # Slots are overwritten from the host, behind MLX's back: no computation

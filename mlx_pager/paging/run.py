@@ -24,6 +24,7 @@ class PagingRun:
         self.stats = stats
         self.reader = reader
         self.prefetcher = None  # the Prefetcher, when one reads ahead: its counters
+        self.cache = None  # the ExpertCache: its read-ahead counters
         self.on_tokens: RoutingHook | None = None  # e.g. sim.trace.attach_recorder
         self.prompt_tokens = 0  # this reply's first tokens: the prefill
         self.tokens = 0  # tokens that went through every layer this reply
@@ -42,6 +43,8 @@ class PagingRun:
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         if self.prefetcher is not None:
             self.prefetcher.reset_counts()
+        if self.cache is not None:
+            self.cache.ahead_issued = self.cache.ahead_used = 0
 
     @property
     def phase(self) -> str:
@@ -100,6 +103,9 @@ class PagingRun:
         """Copy the reader's and the prefetcher's counters into the stats."""
         with self.stats.lock:
             self.stats.bytes_read = self.reader.bytes_read - self._bytes_at_start
+            if self.cache is not None:
+                self.stats.read_ahead_issued = self.cache.ahead_issued
+                self.stats.read_ahead_used = self.cache.ahead_used
             p = self.prefetcher
             if p is not None:
                 self.stats.prefetch_issued = p.issued
