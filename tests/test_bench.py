@@ -45,6 +45,13 @@ def test_bench_reports_every_section(tmp_path, capsys):
     assert chat["prompt_reused_tokens"][0] == 0
     assert all(r > 0 for r in chat["prompt_reused_tokens"][1:])
     assert all(t > 0 for t in chat["ttft_kept"] + chat["ttft_fresh"])
+    layer_reads = report["layer_reads"]  # a layer's misses against the disk, per read path
+    for key in ("pread_1", "pread_8", "direct_8"):
+        row = layer_reads[key]
+        assert row["miss_mb_s"] > 0 and row["sequential_mb_s"] > 0 and row["ratio"] > 0
+    prefill = report["prefill"]  # the next layer read ahead during prefill, and not
+    assert prefill["plain_ttft"] > 0 and prefill["ahead_ttft"] > 0
+    assert 0 <= prefill["ahead_stall_share"] <= 1 and 0 < prefill["ahead_used_share"] <= 1
     assert set(report["policies"]) >= {"lru", "lfu", "predict"}
     assert all(0 <= hit <= 1 for hit in report["policies"].values())
 

@@ -217,8 +217,10 @@ def run(args: argparse.Namespace) -> int:
     from ..sim.bench import (
         BENCH_MODEL,
         bench_chat,
+        bench_layer_reads,
         bench_paged,
         bench_policies,
+        bench_prefill_stalls,
         bench_reads,
         bench_resident,
         bench_stock,
@@ -233,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             spec = dict(BENCH_MODEL)
             path = make_checkpoint(Path(tmp) / "bench", spec.pop("arch"), **spec)
         reads = bench_reads(path, args.read_samples)
+        layer_reads = bench_layer_reads(path)
         default = "pread" if reads["pread_cold_ms"] <= reads["mmap_cold_ms"] else "mmap"
         stock = bench_stock(path, args.max_tokens)
         resident = bench_resident(path, args.max_tokens, args.repeats)
@@ -242,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
         chat = None
         if args.chat_fraction > 0:
             chat = bench_chat(path, args.chat_fraction, args.max_tokens)
+        long_prompts = corpus_prompts(args.corpus, 4, 1200)
+        prefill = bench_prefill_stalls(path, min(shares), long_prompts)
         policies = None
         if args.policies:
             prompts = corpus_prompts(args.corpus, 12)
@@ -255,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
         "policies": policies,
         "chat": chat,
         "reads": reads,
+        "layer_reads": layer_reads,
+        "prefill": prefill,
         "faster_read_path": default,
     }
     if args.json:
@@ -314,4 +321,21 @@ def run(args: argparse.Namespace) -> int:
             f"  {name:>5}: cold {reads[f'{name}_cold_ms']:.3f}  warm {reads[f'{name}_warm_ms']:.3f}"
         )
     print(f"faster cold read path here: {default}")
+    print(
+        f"a layer's misses ({layer_reads['experts_per_read']} experts) read through the cache, "
+        "cold, against a cold sequential read of the same file (MB/s, ratio):"
+    )
+    for key, row in layer_reads.items():
+        if isinstance(row, dict):
+            print(
+                f"  {key:>10}: {row['miss_mb_s']:.0f} vs {row['sequential_mb_s']:.0f} "
+                f"({row['ratio']:.2f}x)"
+            )
+    print(
+        f"prefill at {prefill['fraction']:.0%} of experts, from an empty cache, next layer "
+        "read ahead (without -> with): first token "
+        f"{prefill['plain_ttft']:.2f} -> {prefill['ahead_ttft']:.2f} s, stalled on reads "
+        f"{prefill['plain_stall_share']:.1%} -> {prefill['ahead_stall_share']:.1%} of it; "
+        f"{prefill['ahead_used_share']:.0%} of the read-aheads used"
+    )
     return 0

@@ -179,6 +179,7 @@ class ExpertCache:
         self.ahead: dict[tuple[int, int], tuple[int, Future]] = {}
         self.fresh: set[tuple[int, int]] = set()
         self.ahead_issued = self.ahead_used = 0
+        self.reads_ahead = True  # benchmarks turn it off to measure what it buys
         self._ahead_pool: ThreadPoolExecutor | None = None
 
     @property
@@ -189,12 +190,15 @@ class ExpertCache:
         return bool(self.slot_table[layer, expert] >= 0)
 
     def plan_rounds(self, layer: int, experts: np.ndarray) -> list[np.ndarray]:
-        """Split a layer's experts into groups that fit; resident ones go first."""
+        """Split a layer's experts into groups that fit; resident ones go first. Where
+        misses are read straight into slots, groups take half the slots: the next group
+        is read into the other half while one computes (double buffering)."""
         if len(experts) <= self.slots:
             return [experts]
         hit = self.slot_table[layer, experts] >= 0
         ordered = np.concatenate([experts[hit], experts[~hit]])
-        return [ordered[i : i + self.slots] for i in range(0, len(ordered), self.slots)]
+        size = max(1, self.slots // 2) if self.views is not None else self.slots
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
     def fetch(
         self, layer: int, experts: np.ndarray, requests: np.ndarray | None = None
@@ -254,7 +258,7 @@ class ExpertCache:
         computation reads (never evicted for a guess). At most half the slots are in
         flight; a guess never delays a demand read (it is collected only after the demand
         reads of its layer). Returns how many reads started."""
-        if self.views is None:
+        if self.views is None or not self.reads_ahead:
             return 0
         with self.lock:
             self._reap()

@@ -249,13 +249,15 @@ class PagedSwitch(nn.Module):
         flat = routed.reshape(-1)
         rows = x.reshape(-1, x.shape[-1])
         outputs, order = [], []
-        for pool, group in plan:
+        for i, (pool, group) in enumerate(plan):
             lut = pool.fetch(self.layer, group, None if requests is None else requests[group])
             pairs = np.flatnonzero(np.isin(flat, group))
             pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]
             slots = mx.array(lut[flat[pairs]][:, None])
             y = self._compute(rows[mx.array(pairs // k)], slots, pool)
             y = y[:, 0, :]
+            if i + 1 < len(plan) and plan[i + 1][0] is pool:  # read the next group meanwhile
+                pool.read_ahead(self.layer, plan[i + 1][1], {(self.layer, int(e)) for e in group})
             mx.eval(y)  # before the next round overwrites slots this one reads
             outputs.append(y)
             order.append(pairs)

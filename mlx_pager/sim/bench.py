@@ -312,3 +312,35 @@ def _sequential_read(pieces: dict, nbytes: int) -> float:
         return done / seconds
     finally:
         os.close(fd)
+
+
+def bench_prefill_stalls(path: Path, fraction: float, prompts: list[str], repeats: int = 2) -> dict:
+    """Time to first token of each prompt, each from an empty cache at ``fraction`` of
+    the experts, with the next layer's experts read ahead during prefill and without, in
+    turn: the share of it stalled on reads (median) and the time itself."""
+    engine = _open_at(path, fraction)
+    engine.keep_prompt_cache = False
+    cache = engine.paged.cache
+    result: dict = {"fraction": fraction}
+    try:
+        for _ in range(repeats):
+            for ahead in (False, True):
+                cache.reads_ahead = ahead
+                for prompt in prompts:
+                    engine.paged.reset_cache()
+                    for _ in engine.generate(prompt, 1, chat_template=False):
+                        pass
+                    s = engine.stats
+                    key = "ahead" if ahead else "plain"
+                    result.setdefault(f"{key}_ttft", []).append(s.ttft_seconds)
+                    result.setdefault(f"{key}_stall_share", []).append(
+                        s.ttft_read_seconds / s.ttft_seconds if s.ttft_seconds else 0.0
+                    )
+                    if ahead:
+                        result.setdefault("ahead_used_share", []).append(
+                            s.read_ahead_used / max(1, s.read_ahead_issued)
+                        )
+    finally:
+        cache.reads_ahead = True
+        engine.close()
+    return {k: statistics.median(v) if isinstance(v, list) else v for k, v in result.items()}
