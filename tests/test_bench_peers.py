@@ -76,7 +76,15 @@ def test_harness_end_to_end(tmp_path):
     assert resident["misses_per_token"] * resident["decoded_tokens"] <= resident["slots"]
     assert report["ratios"]["speed_kept"]["mlx-pager"] > 0
     assert _groups() == before  # every cgroup removed
+    goals = {g["goal"]: g for g in report["goals"]}
+    assert len(goals) == 4 and all(g["met"] in (True, False, None) for g in goals.values())
+    projection = report["projection"]
+    assert projection["label"] == "projection" and projection["projected_tps"] > 0
+    assert projection["self_check"]["measured_tps"] == runs["mlx-pager-capped"]["decode_tps"]
+    for name, r in runs.items():  # the decode's own kernel counts, per decoded token
+        assert r["disk_bytes_per_token"] >= 0 and r["decode_read_bytes"] >= 0, name
     table = peer_table(report)
+    assert "PROJECTION" in table and "goals for mlx-pager" in table
     assert all(name in table for name in runs)
     for png in plot_report(report, tmp_path / "plots"):
         assert png.read_bytes().startswith(b"\x89PNG")

@@ -51,18 +51,33 @@ def chat_tokens(model: Path, text: str) -> list[int]:
 
 
 def timed(steps: Iterator[int], max_tokens: int) -> dict:
-    """Pull ``max_tokens`` tokens from a generator; the first one closes the prefill."""
+    """Pull ``max_tokens`` tokens from a generator; the first one closes the prefill. The
+    kernel's counters of this process at the first token and at the end give the decode's
+    own storage reads and block-I/O stall (not the load's or the prompt's)."""
+    from .cap import own_counters
+
     start = time.perf_counter()
     tokens: list[int] = []
     first = None
+    at_first = (None, None)
     for token in steps:
         tokens.append(int(token))
         if first is None:
             first = time.perf_counter()
+            at_first = own_counters()
         if len(tokens) >= max_tokens:
             break
     end = time.perf_counter()
-    return {"tokens": tokens, "ttft_s": first - start, "decode_s": end - first}
+    at_end = own_counters()
+    read = at_end[0] - at_first[0] if None not in (at_end[0], at_first[0]) else None
+    stall = at_end[1] - at_first[1] if None not in (at_end[1], at_first[1]) else None
+    return {
+        "tokens": tokens,
+        "ttft_s": first - start,
+        "decode_s": end - first,
+        "decode_read_bytes": read,
+        "decode_blkio_s": stall,
+    }
 
 
 def summarise(runs: list[dict], prompts: list[list[int]], load_s: float) -> dict:
@@ -70,7 +85,11 @@ def summarise(runs: list[dict], prompts: list[list[int]], load_s: float) -> dict
     decoded = sum(len(r["tokens"]) - 1 for r in runs)
     prefill_s = sum(r["ttft_s"] for r in runs)
     decode_s = sum(r["decode_s"] for r in runs)
+    reads = [r.get("decode_read_bytes") for r in runs]
+    stalls = [r.get("decode_blkio_s") for r in runs]
     return {
+        "decode_read_bytes": sum(reads) if None not in reads else None,
+        "decode_blkio_s": sum(stalls) if None not in stalls else None,
         "load_s": load_s,
         "ttft_s": runs[0]["ttft_s"],  # the first prompt: the cold one
         "ttft_per_prompt_s": [r["ttft_s"] for r in runs],
@@ -136,7 +155,7 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         recorder = TraceRecorder(engine.info.experts_per_layer, str(args.model), phase="decode")
         paged.run.on_tokens = lambda layer, ids: recorder.record(layer, ids)
     runs, hits, misses, dhits, dmisses = [], 0, 0, 0, 0
-    read_s = bytes_read = host_s = host_layers = 0
+    read_s = decode_read_s = bytes_read = host_s = host_layers = 0
     try:
         for prompt in prompts:
             engine.begin_run(len(prompt))
@@ -150,6 +169,9 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
             dhits += s.hits - at_prefill[0]
             dmisses += s.misses - at_prefill[1]
             read_s += s.read_seconds
+            decode_read_s += s.read_seconds - (
+                run.prefill_read_seconds if run.prefill_counts else 0
+            )
             bytes_read += s.bytes_read
             host_s += run.host_seconds
             host_layers += run.host_layers
@@ -169,13 +191,33 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
             read_stall_s=read_s,
             engine_bytes_read=bytes_read,
             host_us_per_moe_layer=1e6 * host_s / host_layers if host_layers else None,
+            **_projection_counts(args, paged, decode_read_s / decoded if decoded else None),
         )
+        result["host_us_per_layer"] = result["host_us_per_moe_layer"]
         if recorder is not None and args.trace:
             recorder.save(args.trace)
             result["trace"] = str(args.trace)
         return result
     finally:
         engine.close()
+
+
+def _projection_counts(args: argparse.Namespace, paged, read_s_per_token: float | None) -> dict:
+    """What the Mac projection prices (benchmark/projection.py): the MoE layers, one
+    expert's stored bytes, and the weights a token computes with as a Mac holds them (the
+    checkpoint's own dtypes: no float32 cast of the core as on this CPU)."""
+    from ..paging.loader import inspect_model
+
+    if paged.cache is None:
+        return {}
+    layout = inspect_model(Path(args.model), 256, compute_dtype=None)  # weights, no KV
+    stored = paged.cache.map.expert_disk_bytes()
+    return {
+        "moe_layers": layout.moe_layers,
+        "expert_bytes": stored,
+        "active_bytes_per_token": layout.resident_bytes + layout.moe_layers * layout.top_k * stored,
+        "read_seconds_per_token": read_s_per_token,
+    }
 
 
 def run_nunspark(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
@@ -213,28 +255,23 @@ def run_nunspark(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
 
 
 def run_llama(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
-    """llama.cpp on the GGUF copy, through ``llama_arm.run_llama_cpp`` (one call a prompt)."""
+    """llama.cpp on the GGUF copy, loaded once (mmap), each prompt from a fresh context."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         raise Skip(f"llama-cpp-python is not installed ({e})") from e
-    try:
-        from .llama_arm import run_llama_cpp
-    except ImportError as e:
-        raise Skip(f"mlx_pager/benchmark/llama_arm.py is not available ({e})") from e
+    from .llama_arm import greedy_steps, open_llama
+
     if args.gguf is None or not Path(args.gguf).is_file():
         raise Skip(f"no GGUF file at {args.gguf}: pass --gguf FILE")
-    results = [run_llama_cpp(Path(args.gguf), p, args.max_tokens) for p in prompts]
-    runs = []
-    for r in results:
-        ttft = r["ttft_s"]
-        n = len(r["tokens"])
-        decode_s = (n - 1) / r["decode_tps"] if r.get("decode_tps") and n > 1 else 0.0
-        runs.append({"tokens": list(r["tokens"]), "ttft_s": ttft, "decode_s": decode_s})
-    return {
-        **summarise(runs, prompts, results[0]["load_s"]),
-        "load_per_prompt_s": [r["load_s"] for r in results],
-    }
+    start = time.perf_counter()
+    llm = open_llama(Path(args.gguf), n_ctx=max(len(p) for p in prompts) + args.max_tokens + 8)
+    load_s = time.perf_counter() - start
+    try:
+        runs = [timed(greedy_steps(llm, p), args.max_tokens) for p in prompts]
+    finally:
+        llm.close()
+    return summarise(runs, prompts, load_s)
 
 
 def run_baseline(args: argparse.Namespace, prompts: list[list[int]]) -> dict:

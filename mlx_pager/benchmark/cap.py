@@ -200,6 +200,21 @@ def blkio_ticks(
     return total, bogus
 
 
+def own_counters() -> tuple[int | None, float | None]:
+    """This process's storage bytes read so far (``/proc/self/io``) and block-I/O delay
+    summed over its live threads, in seconds (None where the kernel does not say): read
+    at two moments, the difference is what happened between them (a decode's reads)."""
+    ticks: dict[int, int] = {}
+    _thread_delays(os.getpid(), ticks)
+    clk = os.sysconf("SC_CLK_TCK")
+    with open("/proc/self/stat") as f:  # field 22: start time, in ticks after boot
+        started = int(f.read().rsplit(")", 1)[1].split()[22 - 3])
+    with open("/proc/uptime") as f:
+        lived = float(f.read().split()[0]) * clk - started
+    total, _ = blkio_ticks(ticks, ticks, lived)  # a garbage count is left out, as outside
+    return _read_bytes(os.getpid()), total / clk if ticks else None
+
+
 def _read_bytes(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/io").read_text().splitlines():

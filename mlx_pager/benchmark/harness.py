@@ -25,6 +25,13 @@ PROCESS_BASELINE_BYTES = 256 * MiB
 RESIDENT_SHARE_OF_RAM = 0.8  # stock fully resident is skipped above this share of RAM
 ALL_ARMS = frozenset({"stock", "mlx-pager", "nunspark", "llama"})
 AGREEMENT_TOKENS = 8  # the first prompt tokens whose routing llama.cpp and MLX compare
+# mlx-pager once more under the cap: (share of the cap's budget, arm options). "keep":
+# half the budget for slots, the rest of the cap left to the OS page cache, pages kept.
+PAGER_VARIANTS: dict[str, tuple[float, dict]] = {
+    "keep": (0.5, {"page-cache": "keep"}),
+    "prefetch": (1.0, {"prefetch": True}),
+    "direct": (1.0, {"read-path": "direct"}),
+}
 
 
 def machine_ram_bytes() -> int:
@@ -41,6 +48,7 @@ def budget_for_cap(cap_bytes: int) -> int:
 
 
 def corpus_prompts(corpus: Path, n: int = 3, chars: int = 400) -> list[str]:
+    # (chars: each turn's length; MLX on a CPU computes a few tokens a second at scale)
     """Openings of real documents, one domain after another, as chat turns."""
     from ..sim.bench import corpus_prompts as openings
 
@@ -76,6 +84,7 @@ def _arm(
     prompt_file: Path,
     max_tokens: int,
     cap_bytes: int | None,
+    timeout_s: float | None = None,
     **options,
 ) -> dict:
     argv = [sys.executable, "-m", "mlx_pager.benchmark.arms", arm, "--model", str(model_dir),
@@ -88,7 +97,7 @@ def _arm(
     cold = drop_page_cache()
     if arm != "baseline":  # libraries warm, model cold: read_bytes is the model's
         run_capped(argv[:3] + ["baseline"] + argv[4:], None)
-    child = run_capped(argv, cap_bytes)
+    child = run_capped(argv, cap_bytes, timeout_s=timeout_s)
     line = next((x for x in reversed(child.stdout.splitlines()) if x.startswith("{")), None)
     result = json.loads(line) if line else {"arm": arm}
     if line is None:
@@ -107,12 +116,14 @@ def _arm(
     result["delay_accounting"] = child.delay_accounting
     result["wall_s"] = child.wall_s
     result["notes"] = child.notes
+    # Per decoded token: the decode's own reads and stalls, counted by the kernel inside
+    # the process between its first and last token (the load's and prompt's are not a
+    # decoded token's); the whole process's, from outside, stay in read_bytes/blkio_delay_s.
     decoded = result.get("decoded_tokens") or 0
-    generated = result.get("generated_tokens") or 0
-    if generated and child.read_bytes is not None:
-        result["disk_bytes_per_token"] = child.read_bytes / max(1, decoded)
-    if generated and child.blkio_delay_s is not None:
-        result["blkio_stall_s_per_token"] = child.blkio_delay_s / max(1, decoded)
+    if decoded and result.get("decode_read_bytes") is not None:
+        result["disk_bytes_per_token"] = result["decode_read_bytes"] / decoded
+    if decoded and result.get("decode_blkio_s") is not None:
+        result["blkio_stall_s_per_token"] = result["decode_blkio_s"] / decoded
     return result
 
 
@@ -184,8 +195,14 @@ def run_benchmark(
     gguf: Path | None = None,
     arms: set[str] = ALL_ARMS,
     workdir: Path | None = None,
+    variants: tuple[str, ...] = (),
+    arm_timeout_s: float | None = None,
 ) -> dict:
-    """Every system cold, in its own process, fully resident and under ``cap_bytes``."""
+    """Every system cold, in its own process, fully resident and under ``cap_bytes``.
+
+    ``variants``: mlx-pager under the cap once more per name in ``PAGER_VARIANTS`` (the
+    page cache as a second tier, decode prefetch, O_DIRECT reads), to decide defaults by
+    measurement. ``arm_timeout_s``: a run still going after it is killed and says so."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"No model folder {model_dir}")
@@ -211,20 +228,28 @@ def run_benchmark(
             if model_bytes > RESIDENT_SHARE_OF_RAM * machine_ram_bytes():
                 skipped["stock-resident"] = "the model is larger than 80% of this machine's RAM"
             else:
-                runs["stock-resident"] = _arm("stock", *common, None)
-            runs["stock-capped"] = _arm("stock", *common, cap_bytes)
+                runs["stock-resident"] = _arm("stock", *common, None, arm_timeout_s)
+            runs["stock-capped"] = _arm("stock", *common, cap_bytes, arm_timeout_s)
         if "mlx-pager" in arms:
 
-            def pager(name: str, budget: int, cap: int | None) -> None:
+            def pager(name: str, budget: int, cap: int | None, **options) -> None:
                 trace = tmp / f"{name}.npz"
-                runs[name] = _arm("mlx-pager", *common, cap, budget=budget, trace=trace)
+                runs[name] = _arm(
+                    "mlx-pager", *common, cap, budget=budget, trace=trace,
+                    timeout_s=arm_timeout_s, **options,
+                )  # fmt: skip
                 _belady(runs[name])
 
+            capped = min(cap_budget, budgets[1.0])
             pager("mlx-pager-resident", budgets[1.0], None)
-            pager("mlx-pager-capped", min(cap_budget, budgets[1.0]), cap_bytes)
+            pager("mlx-pager-capped", capped, cap_bytes)
             for f in fractions:
                 pager(f"mlx-pager-{f:g}", budgets[f], cap_bytes)
                 runs[f"mlx-pager-{f:g}"]["expert_share_asked"] = f
+            for variant in variants:
+                share, options = PAGER_VARIANTS[variant]
+                pager(f"mlx-pager-{variant}", int(capped * share), cap_bytes, **options)
+                runs[f"mlx-pager-{variant}"]["variant"] = variant
         packed_extra = None
         if "nunspark" in arms:
             packed = tmp / "nunspark"
@@ -233,11 +258,12 @@ def run_benchmark(
                 packed_extra = folder_bytes(packed)
                 everything = 2 * packed_extra + 512 * MiB
                 runs["nunspark-resident"] = _arm(
-                    "nunspark", *common, None, budget=everything, packed=packed
+                    "nunspark", *common, None, arm_timeout_s, budget=everything, packed=packed
                 )
                 runs["nunspark-capped"] = _arm(
-                    "nunspark", *common, cap_bytes, budget=cap_budget, packed=packed
-                )
+                    "nunspark", *common, cap_bytes, arm_timeout_s, budget=cap_budget,
+                    packed=packed,
+                )  # fmt: skip
             else:
                 skipped["nunspark"] = pack
         gguf_report: dict = {"given": str(gguf) if gguf else None}
@@ -251,8 +277,8 @@ def run_benchmark(
                 ours = runs.get("mlx-pager-capped", {}).get("first_routes")
                 if ours is not None:
                     gguf_report["agreement"] = _llama_agreement(gguf, tokens[0], ours, tmp)
-            runs["llama-resident"] = _arm("llama", *common, None, gguf=gguf)
-            runs["llama-capped"] = _arm("llama", *common, cap_bytes, gguf=gguf)
+            runs["llama-resident"] = _arm("llama", *common, None, arm_timeout_s, gguf=gguf)
+            runs["llama-capped"] = _arm("llama", *common, cap_bytes, arm_timeout_s, gguf=gguf)
         for r in runs.values():
             r.pop("first_routes", None)
         for name, r in list(runs.items()):
@@ -275,6 +301,8 @@ def run_benchmark(
         "runs": runs,
         "skipped": skipped,
         "ratios": _ratios(runs),
+        "goals": goals(runs),
+        "projection": _projection(runs),
     }
 
 
@@ -324,3 +352,51 @@ def _llama_agreement(gguf: Path, prompt: list[int], ours: dict, tmp: Path) -> di
         return {"error": f"llama.cpp routing failed: {tail[0]}"}
     theirs = {int(k): v for k, v in json.loads(line)["routed"].items()}
     return expert_agreement(ours, theirs, AGREEMENT_TOKENS)
+
+
+def goals(runs: dict[str, dict]) -> list[dict]:
+    """The at-scale issue's goals for mlx-pager under the cap, each with its measured
+    ratio and whether it is met (None where a side did not run or complete)."""
+
+    def value(name: str, key: str) -> float | None:
+        r = runs.get(name)
+        return r.get(key) if r and r["exit"]["completed"] else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    ours, nun, llama = "mlx-pager-capped", "nunspark-capped", "llama-capped"
+    stock = runs.get("stock-capped")
+    pager = runs.get(ours)
+    rows = [
+        ("decode tok/s vs NunSpark at the same budget", ">= 3",
+         ratio(value(ours, "decode_tps"), value(nun, "decode_tps")), lambda x: x >= 3),
+        ("disk bytes per decoded token vs llama.cpp under the cap", "<= 0.5",
+         ratio(value(ours, "disk_bytes_per_token"), value(llama, "disk_bytes_per_token")),
+         lambda x: x <= 0.5),
+        ("read stall per decoded token vs llama.cpp under the cap", "<= 0.33",
+         ratio(value(ours, "blkio_stall_s_per_token"), value(llama, "blkio_stall_s_per_token")),
+         lambda x: x <= 1 / 3),
+    ]  # fmt: skip
+    out = [
+        {"goal": goal, "target": target, "measured": measured,
+         "met": None if measured is None else bool(test(measured))}
+        for goal, target, measured, test in rows
+    ]  # fmt: skip
+    decodes_where_stock_dies = None
+    if stock is not None and pager is not None:
+        decodes_where_stock_dies = (not stock["exit"]["completed"]) and pager["exit"]["completed"]
+    out.append({"goal": "decodes under the cap where stock mlx-lm cannot", "target": "yes",
+                "measured": decodes_where_stock_dies, "met": decodes_where_stock_dies})  # fmt: skip
+    return out
+
+
+def _projection(runs: dict[str, dict]) -> dict | None:
+    """mlx-pager's capped run priced at a 16 GB M4 MacBook Air's constants (a projection,
+    with the model's self-check against this machine's measured decode speed)."""
+    from .projection import project_mac
+
+    run = runs.get("mlx-pager-capped")
+    if not run or not run["exit"]["completed"]:
+        return None
+    return project_mac(run, "M4 Air 16GB")

@@ -95,16 +95,12 @@ def run_llama_cpp(
     )
     load_s = time.perf_counter() - start
 
+    steps = greedy_steps(llm, prompt_tokens)
     start = time.perf_counter()
-    llm.eval(prompt_tokens)
-    token = _greedy(llm)
+    generated = [next(steps)]
     ttft_s = time.perf_counter() - start
-    generated = [token]
     start = time.perf_counter()
-    for _ in range(max_tokens - 1):
-        llm.eval([token])
-        token = _greedy(llm)
-        generated.append(token)
+    generated += [next(steps) for _ in range(max_tokens - 1)]
     decode_s = time.perf_counter() - start
     llm.close()
     return {
@@ -115,6 +111,18 @@ def run_llama_cpp(
         "tokens": generated,
         "prompt_tokens": len(prompt_tokens),
     }
+
+
+def greedy_steps(llm, prompt_tokens: list[int]) -> Iterator[int]:
+    """Greedy tokens after ``prompt_tokens`` from a fresh context (no stop at EOS): the
+    prompt's pass, then one token at a time, for as long as the caller pulls."""
+    llm.reset()
+    llm.eval(prompt_tokens)
+    token = _greedy(llm)
+    while True:
+        yield token
+        llm.eval([token])
+        token = _greedy(llm)
 
 
 def last_logits(llm):

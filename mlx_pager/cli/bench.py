@@ -61,6 +61,18 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     peers.add_argument("--prompts", type=whole(1, 64), default=3, help="corpus turns to feed")
     peers.add_argument("--plots", metavar="DIR", help="write PNG plots here")
+    peers.add_argument(
+        "--prompt-chars", type=whole(20, 100_000), default=400, help="length of each turn"
+    )
+    peers.add_argument(
+        "--variants",
+        default="",
+        help="mlx-pager again under the cap: keep (page cache as a second tier), "
+        "prefetch, direct (O_DIRECT reads); comma-separated",
+    )
+    peers.add_argument(
+        "--arm-timeout", type=whole(1, 10**6), help="seconds before a run is stopped"
+    )
 
 
 def _peer_error(message: str) -> int:
@@ -71,7 +83,13 @@ def _peer_error(message: str) -> int:
 
 
 def run_peers(args: argparse.Namespace) -> int:
-    from ..benchmark.harness import ALL_ARMS, corpus_prompts, machine_ram_bytes, run_benchmark
+    from ..benchmark.harness import (
+        ALL_ARMS,
+        PAGER_VARIANTS,
+        corpus_prompts,
+        machine_ram_bytes,
+        run_benchmark,
+    )
     from ..units import format_bytes, parse_bytes
 
     if not args.model or not Path(args.model).is_dir():
@@ -95,8 +113,11 @@ def run_peers(args: argparse.Namespace) -> int:
     arms = {a.strip() for a in args.arms.split(",") if a.strip()}
     if not arms or arms - ALL_ARMS:
         return _peer_error(f"--arms: choose from {', '.join(sorted(ALL_ARMS))}")
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if set(variants) - set(PAGER_VARIANTS):
+        return _peer_error(f"--variants: choose from {', '.join(PAGER_VARIANTS)}")
     try:
-        prompts = corpus_prompts(Path(args.corpus), args.prompts)
+        prompts = corpus_prompts(Path(args.corpus), args.prompts, args.prompt_chars)
     except FileNotFoundError as e:
         return _peer_error(str(e))
     report = run_benchmark(
@@ -106,6 +127,8 @@ def run_peers(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         gguf=Path(args.gguf) if args.gguf else None,
         arms=arms,
+        variants=variants,
+        arm_timeout_s=args.arm_timeout,
     )
     if args.plots:
         from ..benchmark.plots import plot_report
@@ -156,6 +179,34 @@ def peer_table(report: dict) -> str:
     extra = report.get("nunspark_packed_extra_disk_bytes")
     if extra is not None:
         lines.append(f"NunSpark's packed copy: {extra / 1e6:.1f} MB of extra disk")
+    agreement = (report.get("gguf") or {}).get("agreement")
+    if agreement and "expert_slot_agreement" in agreement:
+        lines.append(
+            f"llama.cpp and mlx-pager route the first {agreement['tokens_compared']} prompt "
+            f"tokens to the same experts: {agreement['expert_slot_agreement']:.1%} of "
+            f"experts, {agreement['expert_set_agreement']:.1%} of (layer, token) sets"
+        )
+    lines.append("goals for mlx-pager under the cap:")
+    for g in report.get("goals", []):
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        measured = g["measured"]
+        shown = _num(measured, ".2f") if not isinstance(measured, bool) else str(measured)
+        lines.append(f"  {g['goal']}: {shown} (goal {g['target']}): {verdict}")
+    projection = report.get("projection")
+    if projection and projection.get("projected_tps"):
+        check = projection.get("self_check") or {}
+        lines.append(
+            f"PROJECTION, not a measurement: mlx-pager's counts under this cap priced at a "
+            f"{projection['chip']}'s constants: {projection['projected_tps']:.1f} decode tok/s "
+            f"(published Mac pagers: "
+            + ", ".join(
+                f"{f['tokens_per_second']} tok/s at {f['budget']} on a {f['machine']}"
+                for f in projection["published_mac_pagers"]
+            )
+            + f"); the same model predicts {_num(check.get('predicted_tps'), '.2f')} tok/s here "
+            f"against {_num(check.get('measured_tps'), '.2f')} measured (ratio "
+            f"{_num(check.get('ratio'), '.2f')})"
+        )
     return "\n".join(lines)
 
 

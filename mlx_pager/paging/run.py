@@ -29,6 +29,7 @@ class PagingRun:
         self.prompt_tokens = 0  # this reply's first tokens: the prefill
         self.tokens = 0  # tokens that went through every layer this reply
         self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
+        self.prefill_read_seconds = 0.0  # the read stall by then
         self._bytes_at_start = 0
         # Decode layers that read nothing: the pager's CPU time outside MLX (the bench's).
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
@@ -40,6 +41,7 @@ class PagingRun:
         self._bytes_at_start = self.reader.bytes_read
         self.prompt_tokens, self.tokens = prompt_tokens, 0
         self.prefill_counts = None if prompt_tokens else (0, 0)
+        self.prefill_read_seconds = 0.0
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         if self.prefetcher is not None:
             self.prefetcher.reset_counts()
@@ -98,6 +100,7 @@ class PagingRun:
         if before < self.prompt_tokens <= self.tokens:
             with self.stats.lock:
                 self.prefill_counts = (self.stats.hits, self.stats.misses)
+                self.prefill_read_seconds = self.stats.read_seconds
 
     def sync(self) -> None:
         """Copy the reader's and the prefetcher's counters into the stats."""
