@@ -268,7 +268,10 @@ def run_benchmark(
                 skipped["nunspark"] = pack
         gguf_report: dict = {"given": str(gguf) if gguf else None}
         if "llama" in arms and importlib.util.find_spec("llama_cpp") is None:
-            gguf_report["skipped"] = "llama-cpp-python is not installed: no GGUF written"
+            why = "llama-cpp-python is not installed: pip install 'mlx-pager[peers]' (it compiles"
+            why += " llama.cpp, about half an hour on two cores)"
+            gguf_report["skipped"] = f"{why}; no GGUF written"
+            skipped["llama-resident"] = skipped["llama-capped"] = why
         elif "llama" in arms:
             if gguf is None:
                 gguf = _export_gguf(model_dir, tmp / "model.gguf", gguf_report)
