@@ -8,8 +8,9 @@ import struct
 import tracemalloc
 import zipfile
 
+import numpy as np
 import pytest
-from fuzz_targets import TARGETS, _forged_npy
+from fuzz_targets import TARGETS, _forged_npy, _npz_member, _valid_trace
 from hypothesis import HealthCheck, given, settings
 
 from mlx_pager.sim.trace import load_trace
@@ -79,3 +80,85 @@ def test_pickled_trace_is_refused_without_advice_to_unpickle(tmp_path):
         load_trace(path)
     message = str(e.value).replace(str(path), "FILE")
     assert message.startswith("FILE is not a routing trace") and "pickle" not in message
+
+
+# ---- found by scripts/fuzz_parsers.py (atheris), kept as regressions -------------------
+
+
+def _trace_with(tmp_path, name: str, content: bytes, method: int = zipfile.ZIP_STORED):
+    """A valid trace whose member ``name`` is replaced by ``content``."""
+    path = tmp_path / "t.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for key, value in _valid_trace().items():
+            if key != name.removesuffix(".npy"):
+                z.writestr(f"{key}.npy", _npz_member(value))
+        z.writestr(zipfile.ZipInfo(name), content, compress_type=method)
+    return path
+
+
+def test_array_header_the_tokenizer_chokes_on_is_refused(tmp_path):
+    # An unclosed bracket: numpy retries the header as Python 2's, and tokenize raises
+    # TokenError, which is no ValueError.
+    header = b"{'descr': '<i8', 'fortran_or\0\0("
+    member = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
+    path = _trace_with(tmp_path, "offsets.npy", member)
+    with pytest.raises(ValueError, match="is not a routing trace .an array header is malformed"):
+        load_trace(path)
+
+
+def test_array_without_npy_suffix_is_checked_before_loading(tmp_path):
+    # numpy reads member "expert_ids" as an array too: unchecked, its header made numpy
+    # allocate 2**41 bytes before finding 16.
+    path = _trace_with(tmp_path, "expert_ids", _forged_npy((2**40,), "<i2", b"\0" * 16))
+
+    def parse():
+        with pytest.raises(ValueError, match="expert_ids announces .* bytes but holds"):
+            load_trace(path)
+
+    assert _peak_bytes(parse) < 2**20
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_member_packed_as_numpy_never_does_is_refused(tmp_path, method):
+    # bzip2 and LZMA unpack a few KB to GB: a 456 KB file made 6.4 GB
+    path = _trace_with(tmp_path, "weights.npy", _npz_member(np.zeros((6, 2, 2), np.float32)),
+                       method)  # fmt: skip
+    with pytest.raises(ValueError, match="weights.npy is packed with method"):
+        load_trace(path)
+
+
+def test_member_claiming_more_than_deflate_can_unpack_is_refused(tmp_path):
+    path = _trace_with(tmp_path, "weights.npy", _npz_member(np.zeros((6, 2, 2), np.float32)),
+                       zipfile.ZIP_DEFLATED)  # fmt: skip
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("weights.npy")
+    data = bytearray(path.read_bytes())
+    central = data.find(b"PK\x01\x02")  # the first central directory entry...
+    while data[central + 46 : central + 46 + len("weights.npy")] != b"weights.npy":
+        central = data.find(b"PK\x01\x02", central + 4)  # ...until the one of weights.npy
+    claimed = info.compress_size * 2000
+    data[central + 24 : central + 28] = struct.pack("<I", claimed)  # uncompressed size
+    path.write_bytes(bytes(data))
+
+    def parse():
+        with pytest.raises(ValueError, match=f"weights.npy claims to unpack .* to {claimed}"):
+            load_trace(path)
+
+    assert _peak_bytes(parse) < 2**20
+
+
+def test_text_beyond_unicode_is_refused(tmp_path):
+    # numpy stores each character as a 32-bit number; str() of one past U+10FFFF raised
+    # SystemError
+    phase = np.frombuffer(struct.pack("<I", 0x110000), "<U1").reshape(())
+    path = _trace_with(tmp_path, "phase.npy", _npz_member(phase))
+    with pytest.raises(ValueError, match="phase holds a character beyond Unicode"):
+        load_trace(path)
+
+
+def test_required_member_that_is_no_array_is_refused(tmp_path):
+    # numpy hands a member without the npy magic over as bytes: validate() then met
+    # bytes where it wanted an array (AttributeError)
+    path = _trace_with(tmp_path, "expert_ids.npy", b"just bytes")
+    with pytest.raises(ValueError, match="expert_ids is not a numpy array"):
+        load_trace(path)
