@@ -4,13 +4,31 @@ by luck: length fields of 2**60 refused before anything of that size is allocate
 
 from __future__ import annotations
 
+import os
+import re
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from fuzz_targets import TARGETS, _forged_npy, _npz_member, _valid_trace
+from fuzz_targets import (
+    FUZZER_INPUTS,
+    MEMBER_SEP,
+    TARGETS,
+    VALID_FILES,
+    VALID_TRACE,
+    _forged_npy,
+    _npz_member,
+    _valid_trace,
+    trace_input,
+    trace_seeds,
+    unzip_members,
+    zip_members,
+)
 from hypothesis import HealthCheck, given, settings
 
 from mlx_pager.sim.trace import load_trace
@@ -162,3 +180,80 @@ def test_required_member_that_is_no_array_is_refused(tmp_path):
     path = _trace_with(tmp_path, "expert_ids.npy", b"just bytes")
     with pytest.raises(ValueError, match="expert_ids is not a numpy array"):
         load_trace(path)
+
+
+# ---- scripts/fuzz_parsers.py ---------------------------------------------------------
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_parsers.py"
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_the_fuzzer_starts_from_a_file_each_parser_accepts(name):
+    as_file, seeds = FUZZER_INPUTS.get(name, (lambda d: d, lambda f: [f]))
+    for seed in seeds(VALID_FILES[name]):
+        assert TARGETS[name][1](as_file(seed)) == "ok"
+
+
+def test_trace_members_round_trip():
+    members = trace_seeds(VALID_TRACE)[1]
+    assert members.startswith(b"Z") and members.count(MEMBER_SEP) == len(_valid_trace()) - 1
+    assert zip_members(members[1:]) != VALID_TRACE  # stored, not deflated: rebuilt...
+    assert unzip_members(trace_input(members)) == members[1:]  # ...with the same members
+
+
+def _fuzz(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    pytest.importorskip("atheris")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--workdir", str(tmp_path / "work"), "--seeds", "10",
+         *args],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+
+
+def test_fuzz_script_runs_its_cases(tmp_path):
+    run = _fuzz(tmp_path, "--only", "saved conversation", "--cases", "2000")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "saved conversation: 2000 cases" in run.stdout and "FINDING" not in run.stdout
+
+
+PLANTED = """
+import time
+from hypothesis import strategies as st
+
+def crash(data):
+    if data.startswith(b"{"):
+        raise TypeError("planted")
+    return "ok"
+
+def hang(data):
+    if data.startswith(b"{"):
+        time.sleep(60)
+    return "ok"
+
+def allocate(data):
+    if data.startswith(b"{"):
+        return str(len(bytearray(2**31)))  # as a length read from the file would
+    return "ok"
+
+TARGETS = {f.__name__: (st.binary(max_size=8), f) for f in (crash, hang, allocate)}
+VALID_FILES = {name: b"x" for name in TARGETS}
+FUZZER_INPUTS = {}
+"""
+
+
+def test_fuzz_script_reports_a_crash_a_hang_and_a_huge_allocation(tmp_path):
+    (tmp_path / "planted_targets.py").write_text(PLANTED)
+    run = _fuzz(tmp_path, "--targets", "planted_targets", "--cases", "100000", "--hang-s", "2",
+                "--jobs", "3")  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    findings = [line for line in run.stdout.splitlines() if "FINDING" in line]
+    assert len(findings) == 3, run.stdout
+    logs = {name: (tmp_path / "work" / f"{name}.log").read_text() for name in
+            ("crash", "hang", "allocate")}  # fmt: skip
+    assert "TypeError: planted" in logs["crash"]
+    assert "timeout" in logs["hang"].lower()
+    assert "MemoryError" in logs["allocate"]
+    for finding in findings:  # each saved the input that did it
+        saved = re.findall(r"'([^']+-(?:crash|timeout|oom)-[0-9a-f]+)'", finding)
+        assert saved and Path(saved[0]).read_bytes().startswith(b"{"), finding
