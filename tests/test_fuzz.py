@@ -165,12 +165,13 @@ def test_member_claiming_more_than_deflate_can_unpack_is_refused(tmp_path):
     assert _peak_bytes(parse) < 2**20
 
 
-def test_text_beyond_unicode_is_refused(tmp_path):
-    # numpy stores each character as a 32-bit number; str() of one past U+10FFFF raised
-    # SystemError
-    phase = np.frombuffer(struct.pack("<I", 0x110000), "<U1").reshape(())
-    path = _trace_with(tmp_path, "phase.npy", _npz_member(phase))
-    with pytest.raises(ValueError, match="phase holds a character beyond Unicode"):
+@pytest.mark.parametrize("key", ["phase", "num_experts"])
+def test_text_beyond_unicode_is_refused(tmp_path, key):
+    # numpy stores each character as a 32-bit number; str() or int() of one past
+    # U+10FFFF raised SystemError
+    text = np.frombuffer(struct.pack("<I", 0x110000), "<U1").reshape(())
+    path = _trace_with(tmp_path, f"{key}.npy", _npz_member(text))
+    with pytest.raises(ValueError, match=f"{key} holds a character beyond Unicode"):
         load_trace(path)
 
 

@@ -210,16 +210,12 @@ def load_trace(path: str | Path) -> Trace:
                 expert_ids=arrays["expert_ids"],
                 offsets=_whole_numbers(arrays["offsets"], path, "offsets"),
                 num_experts=int(arrays["num_experts"]),
-                phase=str(_text(arrays["phase"], path, "phase")),
-                model=str(_text(arrays["model"], path, "model")),
+                phase=str(arrays["phase"]),
+                model=str(arrays["model"]),
                 weights=arrays["weights"].astype(np.float32) if "weights" in arrays else None,
-                labels=_text(arrays["labels"], path, "labels") if "labels" in arrays else None,
-                text=_text(arrays["text"], path, "text") if "text" in arrays else None,
-                label_source=(
-                    str(_text(arrays["label_source"], path, "label_source"))
-                    if "label_source" in arrays
-                    else None
-                ),
+                labels=arrays.get("labels"),
+                text=arrays.get("text"),
+                label_source=str(arrays["label_source"]) if "label_source" in arrays else None,
             )
     except ValueError as e:
         if str(e).startswith(str(path)):
@@ -240,25 +236,18 @@ def _whole_numbers(values: np.ndarray, path: Path, name: str) -> np.ndarray:
 
 
 def _array(data, key: str, path: Path) -> np.ndarray:
-    """One member as an array: numpy hands a member that is no .npy over as its bytes."""
+    """One member as an array: numpy hands a member that is no .npy over as its bytes,
+    and stores each character of a string array as a 32-bit number, where one past
+    U+10FFFF makes every later str() or int() of the array raise SystemError."""
     value = data[key]
     if not isinstance(value, np.ndarray):
         raise ValueError(f"{path}: {key} is not a numpy array")
-    return value
-
-
-def _text(values: np.ndarray, path: Path, name: str) -> np.ndarray:
-    """A string array whose characters are all Unicode: numpy stores each as a 32-bit
-    number, and one past U+10FFFF makes every later str() of it raise SystemError."""
-    if isinstance(values, np.ndarray) and values.dtype.kind == "U" and values.size:
-        codes = (
-            np.ascontiguousarray(values)
-            .reshape(-1)
-            .view(values.dtype.byteorder.replace("|", "=") + "u4")
-        )
+    if value.dtype.kind == "U" and value.size:
+        codes = np.ascontiguousarray(value).reshape(-1)
+        codes = codes.view(value.dtype.byteorder.replace("|", "=") + "u4")
         if codes.max() > 0x10FFFF:
-            raise ValueError(f"{path}: {name} holds a character beyond Unicode")
-    return values
+            raise ValueError(f"{path}: {key} holds a character beyond Unicode")
+    return value
 
 
 def _safe(error: Exception) -> str:
