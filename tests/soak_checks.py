@@ -33,29 +33,38 @@ class Sample:
     rss: int
     fds: int
     threads: int
+    objects: int  # Python objects the garbage collector tracks
 
 
 @dataclass
 class Soak:
     samples: list[Sample] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
+    kept: list[tuple[int, int, int]] = field(default_factory=list)  # see kept_from_gone
 
     def sample(self, tokens: int) -> None:
         gc.collect()
         proc = psutil.Process()
         self.samples.append(
-            Sample(tokens, proc.memory_info().rss, open_files(), threading.active_count())
-        )
+            Sample(tokens, proc.memory_info().rss, open_files(), threading.active_count(),
+                   len(gc.get_objects()))
+        )  # fmt: skip
 
     def after_warmup(self, skip: int) -> list[Sample]:
         return [s for s in self.samples if s.tokens >= skip]
 
-    def rss_slope_mb_per_1000(self, skip: int) -> float:
-        """Least-squares slope of resident memory against tokens, after warm-up."""
-        kept = self.after_warmup(skip)
+    def rss_slope_mb_per_1000(self, skip: int, every: int = 1, what: str = "rss") -> float:
+        """Least-squares slope of resident memory (or ``what``) against tokens, after
+        warm-up, over the samples at multiples of ``every`` (the app: each chat's end)."""
+        kept = [s for s in self.after_warmup(skip) if s.tokens % every == 0]
         x = np.array([s.tokens for s in kept], float)
-        y = np.array([s.rss for s in kept], float) / 1e6
+        y = np.array([getattr(s, what) for s in kept], float) / 1e6
         return float(np.polyfit(x, y, 1)[0] * 1000) if len(kept) > 2 else 0.0
+
+    def ends(self, every: int) -> list[Sample]:
+        """The samples at multiples of ``every``: for the app, the end of each chat, when
+        the screen holds the same amount of conversation."""
+        return [s for s in self.samples if s.tokens and s.tokens % every == 0]
 
     def spread(self, skip: int, what: str) -> int:
         values = [getattr(s, what) for s in self.after_warmup(skip)]
@@ -65,6 +74,25 @@ class Soak:
 def open_files() -> int:
     fd_dir = Path("/proc/self/fd") if Path("/proc/self/fd").exists() else Path("/dev/fd")
     return len(os.listdir(fd_dir))
+
+
+def kept_from_gone() -> tuple[int, int]:
+    """Widgets alive though no screen holds them, and Textual render caches alive though
+    their widget is gone: both 0 unless something keeps what a chat showed (a footer
+    recompose kept its old keys; an lru_cache on a method kept message widgets'
+    rendered lines). A detached scroll bar is its container's, made once and kept."""
+    from textual._styles_cache import StylesCache
+    from textual.scrollbar import ScrollBar, ScrollBarCorner
+    from textual.widget import Widget
+
+    gc.collect()
+    objects = gc.get_objects()
+    widgets = [o for o in objects if isinstance(o, Widget)]
+    caches = [o for o in objects if isinstance(o, StylesCache)]
+    owned = {id(w._styles_cache) for w in widgets}
+    dead = [w for w in widgets if not w.is_attached]
+    dead = [w for w in dead if not isinstance(w, (ScrollBar, ScrollBarCorner))]
+    return len(dead), sum(id(c) not in owned for c in caches)
 
 
 def min_budget(path: Path, context_length: int) -> int:
@@ -141,8 +169,10 @@ def stock_outputs(replies: int, tokens_per_reply: int) -> list[list[int]]:
 async def soak_app(turns: int, turns_per_chat: int, data_dir: Path, settings_path: Path,
                    max_tokens: int = 8) -> tuple[Soak, list[tuple[str, str]]]:  # fmt: skip
     """``turns`` chat turns through the app (Textual Pilot), a new chat every
-    ``turns_per_chat``; returns the samples (per turn) and each chat's first
-    (prompt, reply), for checking against stock mlx-lm."""
+    ``turns_per_chat``, each chat the same prompts: at each chat's end the screen holds
+    the same conversation, so what grows from one end to the next is kept from chats
+    gone. Returns the samples (per turn; at each chat's end, ``kept_from_gone``) and
+    each chat's first (prompt, reply), for checking against stock mlx-lm."""
     import time
 
     from mlx_pager_app.main import create_app
@@ -177,13 +207,15 @@ async def soak_app(turns: int, turns_per_chat: int, data_dir: Path, settings_pat
                 await pilot.pause()
             screen = app.screen
             before = len(screen.conversation.messages)
-            prompt = PROMPTS[turn % len(PROMPTS)]
+            prompt = PROMPTS[turn % turns_per_chat % len(PROMPTS)]
             await pilot.press(*prompt, "enter")
             await until(lambda s=screen, b=before: len(s.conversation.messages) == b + 2)
             await until(lambda s=screen: not s.generating)
             if turn % turns_per_chat == 0:
                 firsts.append((prompt, screen.conversation.messages[-1]["content"]))
             soak.sample(turn + 1)
+            if (turn + 1) % turns_per_chat == 0:
+                soak.kept.append((turn + 1, *kept_from_gone()))
     return soak, firsts
 
 
