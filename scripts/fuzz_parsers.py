@@ -148,7 +148,7 @@ def child(args: argparse.Namespace) -> None:
         f"-seed={args.seed}",
         f"-artifact_prefix={work}/{slug}-",
         "-print_final_stats=1",
-        f"-dict={_dictionary(work)}",
+        f"-dict={_dictionary(targets, work)}",
     ]
     if args.max_minutes:
         flags.append(f"-max_total_time={int(args.max_minutes * 60)}")
@@ -162,19 +162,10 @@ def _address_space() -> int:
         return int(f.read().split()[0]) * resource.getpagesize()
 
 
-def _dictionary(work: Path) -> Path:
+def _dictionary(targets, work: Path) -> Path:
     """Words the parsers look for, so mutations try them (libFuzzer's -dict format)."""
-    from mlx_pager.settings import Settings
-    from mlx_pager.storage.checkpoint import CONFIG_COUNTS, DTYPE_SIZES
-
-    words = [*CONFIG_COUNTS, *DTYPE_SIZES, *Settings.__dataclass_fields__, "dtype", "shape",
-             "data_offsets", "__metadata__", "weight_map", "text_config", "model_type",
-             "messages", "role", "content", "user", "assistant", "id", "descr",
-             "fortran_order", "\x93NUMPY", "expert_ids", "offsets", "num_experts", "phase",
-             "decode", ".npy", "auto", "GB", "true", "false", "../", ".safetensors", "-1",
-             "1e309"]  # fmt: skip
     path = work / "parsers.dict"
-    path.write_text("".join(f'"{_escape(w.encode("latin-1"))}"\n' for w in words))
+    path.write_text("".join(f'"{_escape(w.encode("latin-1"))}"\n' for w in targets.FUZZER_WORDS))
     return path
 
 
@@ -228,7 +219,8 @@ def main() -> int:
     parser.add_argument("--workdir", help="corpora, logs and findings (default: a new one)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--targets", default="fuzz_targets", help="module of TARGETS, "
-                        "VALID_FILES and FUZZER_INPUTS (tests/ is on the path)")  # fmt: skip
+                        "VALID_FILES, FUZZER_INPUTS and FUZZER_WORDS (tests/ is on the "
+                        "path)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -527,6 +527,15 @@ VALID_FILES = {
 }
 
 
+# Words the parsers look for: scripts/fuzz_parsers.py's mutations try them.
+FUZZER_WORDS = [
+    *CONFIG_COUNTS, *DTYPE_SIZES, *SETTING_NAMES, "dtype", "shape", "data_offsets",
+    "__metadata__", "weight_map", "text_config", "model_type", "messages", "role", "content",
+    "user", "assistant", "id", "descr", "fortran_order", "\x93NUMPY", "expert_ids",
+    "offsets", "num_experts", "phase", "decode", ".npy", "auto", "GB", "true", "false",
+    "../", ".safetensors", "-1", "1e309",
+]  # fmt: skip
+
 # name -> (a fuzzer's bytes -> the file to parse, a file -> the fuzzer's seeds); the
 # others take a fuzzer's bytes as the file
 FUZZER_INPUTS = {"routing trace": (trace_input, trace_seeds)}

@@ -240,6 +240,7 @@ def allocate(data):
 TARGETS = {f.__name__: (st.binary(max_size=8), f) for f in (crash, hang, allocate)}
 VALID_FILES = {name: b"x" for name in TARGETS}
 FUZZER_INPUTS = {}
+FUZZER_WORDS = ["{"]
 """
 
 
