@@ -100,10 +100,11 @@ def main() -> int:
         # per 1,000 generated tokens: samples are per turn, TOKENS_PER_TURN tokens a turn
         per_token = 1 / TOKENS_PER_TURN
         slope = app_soak.rss_slope_mb_per_1000(per_chat, every=per_chat) * per_token
-        within = [  # what one chat's turns hold while it is open: its content
-            (end.rss - app_soak.samples[end.tokens - per_chat].rss) / (per_chat - 1) / 1e6
-            for end in ends[1:]
-        ]
+        # what an open chat holds (its content, by design): resident memory from the
+        # chat's lowest to its end, and Python objects a turn
+        chats_open = [app_soak.samples[e.tokens - per_chat : e.tokens] for e in ends[1:]]
+        chat_mb = [(c[-1].rss - min(x.rss for x in c)) / 1e6 for c in chats_open]
+        turn_objects = [(c[-1].objects - c[0].objects) / (per_chat - 1) for c in chats_open]
         app = {
             "turns": args.turns,
             "seconds": round(seconds, 1),
@@ -115,7 +116,8 @@ def main() -> int:
             "rss_slope_every_turn_mb_per_1000_tokens": round(
                 app_soak.rss_slope_mb_per_1000(per_chat) * per_token, 3
             ),
-            "rss_held_per_turn_within_a_chat_mb": round(float(np.mean(within)), 3),
+            "rss_of_an_open_chat_mb": round(float(np.mean(chat_mb)), 1),
+            "python_objects_per_turn_of_an_open_chat": round(float(np.mean(turn_objects))),
             "open_files_spread": app_soak.spread(per_chat, "fds"),
             "threads_spread": app_soak.spread(per_chat, "threads"),
             "open_files": app_soak.samples[-1].fds,
