@@ -129,6 +129,7 @@ class Engine:
             context_length=settings.context_length,
             policy=settings.policy,
             read_path=settings.read_path,
+            page_cache=settings.page_cache,
             prefetch=settings.prefetch,
             cold_precision=settings.cold_precision,
         )

@@ -48,6 +48,58 @@ def piece_to_mx(buf: np.ndarray, piece: Piece, shape: tuple[int, ...], dtype: mx
     return array if array.dtype == dtype else array.astype(dtype)
 
 
+# Stored dtype -> pool dtype conversions the host does exactly (widening), besides a copy.
+_WIDEN = {("BF16", np.float32), ("F16", np.float32)}
+
+
+def host_views(pools: dict[str, mx.array]) -> dict[str, np.ndarray] | None:
+    """Writable numpy views of the pools' own memory, or None where MLX's buffers cannot be
+    written from the host. Checked, not assumed: a value written through each view must be
+    what MLX then reads from the pool. With them a miss is read straight into its slot:
+    no staging buffer, no copy into an MLX array, no graph to evaluate."""
+    views = {}
+    for name, pool in pools.items():
+        # bfloat16 has no buffer format: write its bits through a uint16 view of the pool.
+        source = pool.view(mx.uint16) if pool.dtype == mx.bfloat16 else pool
+        try:
+            mx.eval(source)
+            view = np.asarray(memoryview(source))
+        except (TypeError, ValueError, BufferError, RuntimeError):
+            return None
+        if not (view.flags.writeable and view.flags.c_contiguous and view.nbytes == pool.nbytes):
+            return None
+        first = view.reshape(-1)[:1]
+        first[:] = 1
+        written = mx.any(pool.reshape(-1)[:1] != 0).item()
+        first[:] = 0
+        cleared = not mx.any(pool.reshape(-1)[:1] != 0).item()
+        if not (written and cleared):
+            return None
+        views[name] = view
+    return views
+
+
+def host_writable(pieces: dict[str, Piece], views: dict[str, np.ndarray]) -> bool:
+    """Every parameter either has the pool's bytes on disk or widens exactly on the host."""
+    for param, piece in pieces.items():
+        stored = _NP_DTYPES.get(piece.dtype)
+        target = views[param].dtype
+        if stored is None:
+            return False
+        if np.dtype(stored) != target and (piece.dtype, target.type) not in _WIDEN:
+            return False
+    return True
+
+
+def widen_into(view: np.ndarray, buf: np.ndarray, piece: Piece) -> None:
+    """A piece read into a scratch buffer, converted into its slot (bf16 -> f32 exactly)."""
+    stored = buf.view(_NP_DTYPES[piece.dtype])
+    if piece.dtype == "BF16":
+        view.reshape(-1).view(np.uint32)[:] = stored.astype(np.uint32) << 16
+    else:
+        view.reshape(-1)[:] = stored
+
+
 class StoredFormat:
     """Slots that hold an expert as the checkpoint stores it (the default format)."""
 
@@ -107,6 +159,11 @@ class ExpertCache:
             for name, (shape, dtype) in slot_format.layout().items()
         }
         mx.eval(list(self.pools.values()))
+        # Misses are read straight into their slots where the host can write MLX's memory
+        # and the stored bytes are the slot's (or widen exactly); else through MLX arrays.
+        self.views = host_views(self.pools) if isinstance(slot_format, StoredFormat) else None
+        if self.views is not None and not host_writable(expert_map.expert_pieces(0, 0), self.views):
+            self.views = None
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_in: list[tuple[int, int] | None] = [None] * slots
         # [layer, expert] -> slot, -1 when not resident: a hit is a numpy gather
@@ -249,7 +306,7 @@ class ExpertCache:
         for key, slot in zip(keys, slots, strict=True):
             if key in under_way:
                 continue
-            expert_size = self.map.expert_disk_bytes(*key)
+            expert_size = self._buffer_bytes(key)
             if group and size + expert_size > self.staging_bytes:
                 self._load_group(group)
                 group, size = [], 0
@@ -260,10 +317,25 @@ class ExpertCache:
         for key, slot in zip(keys, slots, strict=True):
             if key in under_way:
                 self._place(key, slot, self.prefetcher.collect(under_way[key]))
-        if under_way:
+        if under_way and self.views is None:
             mx.eval(list(self.pools.values()))
 
+    def _buffer_bytes(self, key: tuple[int, int]) -> int:
+        """Read buffers an expert's load holds: all its bytes, or, read straight into its
+        slot, only the pieces that widen on the way (bf16 scales into float32 slots)."""
+        pieces = self.map.expert_pieces(*key)
+        if self.views is None:
+            return sum(p.nbytes for p in pieces.values())
+        return sum(
+            p.nbytes
+            for param, p in pieces.items()
+            if np.dtype(_NP_DTYPES[p.dtype]) != self.views[param].dtype
+        )
+
     def _load_group(self, group: list[tuple[tuple[int, int], int]]) -> None:
+        if self.views is not None:
+            self._read_direct(group)
+            return
         pieces = [pc for key, _ in group for pc in self.map.expert_pieces(*key).values()]
         read = iter(self.reader.read(pieces))
         for key, slot in group:
@@ -272,8 +344,41 @@ class ExpertCache:
         # referenced by a pending computation would make MLX copy the whole pool.
         mx.eval(list(self.pools.values()))
 
+    def _read_direct(self, group: list[tuple[tuple[int, int], int]]) -> None:
+        """Every piece of the group in one parallel read, each straight into its slot
+        (or into a scratch buffer that widens into it)."""
+        pieces, outs, widen = [], [], []
+        for key, slot in group:
+            for param, piece in self.map.expert_pieces(*key).items():
+                view = self.views[param][slot]
+                direct = np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype
+                pieces.append(piece)
+                outs.append(view.reshape(-1).view(np.uint8) if direct else None)
+                widen.append(None if direct else view)
+        # Nothing still queued may read a slot about to be overwritten.
+        mx.synchronize()
+        buffers = self.reader.read(pieces, outs)
+        for view, buf, piece in zip(widen, buffers, pieces, strict=True):
+            if view is not None:
+                widen_into(view, buf, piece)
+        for key, slot in group:
+            self._mark(key, slot)
+
     def _place(self, key: tuple[int, int], slot: int, buffers: list[np.ndarray]) -> None:
-        self.format.write(self.pools, slot, self.map.expert_pieces(*key), buffers)
+        pieces = self.map.expert_pieces(*key)
+        if self.views is not None:
+            mx.synchronize()
+            for (param, piece), buf in zip(pieces.items(), buffers, strict=True):
+                view = self.views[param][slot]
+                if np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype:
+                    view.reshape(-1).view(np.uint8)[:] = buf
+                else:
+                    widen_into(view, buf, piece)
+        else:
+            self.format.write(self.pools, slot, pieces, buffers)
+        self._mark(key, slot)
+
+    def _mark(self, key: tuple[int, int], slot: int) -> None:
         self.slot_of[key] = slot
         self.slot_table[key] = slot
         self.key_in[slot] = key

@@ -141,7 +141,9 @@ class PagedSwitch(nn.Module):
         return x.squeeze(-2)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        start = time.perf_counter()
+        # The pager's own cost is this thread's CPU time outside MLX (its syncs and the
+        # graph of mlx-lm's computation): on a busy machine wall time counts other work.
+        start = time.thread_time()
         cache, run, cold, prefetcher = self.cache, self.run, self.cold, self.cache.prefetcher
         decode = run.phase == "decode"
         # One host sync for this layer's choices, the next layer's guess and the weights:
@@ -151,9 +153,9 @@ class PagedSwitch(nn.Module):
             wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
         if cold is not None and self.router is not None:
             wanted["probs"] = mx.softmax(router_scores(self.router, x).astype(mx.float32), -1)
-        before = time.perf_counter()
+        before = time.thread_time()
         mx.eval(wanted)
-        synced = time.perf_counter() - before
+        in_mlx = time.thread_time() - before
         routed = np.array(indices)
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
@@ -177,12 +179,20 @@ class PagedSwitch(nn.Module):
             group = plan[0][1]
             lut = cache.fetch(self.layer, group, None if requests is None else requests[group])
             slots = mx.array(lut[routed])
-            before = time.perf_counter()
+            before = time.thread_time()
             y = self._compute(x, slots, cache)
-            synced += time.perf_counter() - before  # mlx-lm's own computation, not the pager's
+            in_mlx += time.thread_time() - before  # mlx-lm's own computation, not the pager's
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
         if self.last:
+            if cache.views is not None:
+                # Slots are overwritten from the host, behind MLX's back: no computation
+                # that reads them may still be pending when the next pass reads misses.
+                # Each layer's output is forced by the next layer's sync; the last one's
+                # is forced here (a caller may hold it lazily across passes).
+                before = time.thread_time()
+                mx.eval(y)
+                in_mlx += time.thread_time() - before
             n = flat.size // routed.shape[-1]
             cache.next_tokens(n)
             if cold is not None:
@@ -193,7 +203,7 @@ class PagedSwitch(nn.Module):
             if guess is not None:  # read while this layer computes
                 prefetcher.issue(self.layer + 1, guess, cache.resident)
             run.sync()
-        run.timed(decode, time.perf_counter() - start, synced)
+        run.timed(decode, time.thread_time() - start - in_mlx)
         return y
 
     def _unimportant_misses(

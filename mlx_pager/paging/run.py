@@ -29,7 +29,7 @@ class PagingRun:
         self.tokens = 0  # tokens that went through every layer this reply
         self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
         self._bytes_at_start = 0
-        # Decode layers' time on the host outside their sync and their reads (the bench's).
+        # Decode layers that read nothing: the pager's CPU time outside MLX (the bench's).
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         stats.expert_counts = np.zeros((layers, experts), np.int64)
 
@@ -79,13 +79,13 @@ class PagingRun:
             self.stats.read_seconds += waited
         self._waited += waited
 
-    def timed(self, decode: bool, seconds: float, synced: float) -> None:
-        """A layer call took ``seconds``, ``synced`` of them in its host sync and in
-        building mlx-lm's computation: what is left, less its reads, is the pager's own
-        work (decode layers only)."""
-        if decode:
+    def timed(self, decode: bool, host_seconds: float) -> None:
+        """A layer call spent ``host_seconds`` of its thread's CPU time outside MLX: the
+        pager's own work. Counted for decode calls that read nothing, the hit path every
+        token pays (a miss's cost is its read, counted apart)."""
+        if decode and not self._waited:
             self.host_layers += 1
-            self.host_seconds += seconds - synced - self._waited
+            self.host_seconds += host_seconds
         self._waited = 0.0
 
     def passed(self, n: int) -> None:
