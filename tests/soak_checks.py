@@ -95,6 +95,17 @@ def kept_from_gone() -> tuple[int, int]:
     return len(dead), sum(id(c) not in owned for c in caches)
 
 
+async def kept_once_settled(pilot, timeout: float = 5.0) -> tuple[int, int]:
+    """kept_from_gone once it reads (0, 0) or ``timeout`` has passed: a recompose in
+    flight holds the keys it just removed until it is done, a real leak for good."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (kept := kept_from_gone()) != (0, 0) and time.monotonic() < deadline:
+        await pilot.pause(0.1)
+    return kept
+
+
 def min_budget(path: Path, context_length: int) -> int:
     from mlx_pager.paging.loader import inspect_model
 
@@ -215,7 +226,7 @@ async def soak_app(turns: int, turns_per_chat: int, data_dir: Path, settings_pat
                 firsts.append((prompt, screen.conversation.messages[-1]["content"]))
             soak.sample(turn + 1)
             if (turn + 1) % turns_per_chat == 0:
-                soak.kept.append((turn + 1, *kept_from_gone()))
+                soak.kept.append((turn + 1, *await kept_once_settled(pilot)))
     return soak, firsts
 
 

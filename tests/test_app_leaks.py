@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from mlx_pager_app.widgets.footer import Footer
 from mlx_pager_app.widgets.render_caches import release_render_caches
-from soak_checks import kept_from_gone
+from soak_checks import kept_once_settled
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -35,8 +35,7 @@ async def test_footer_keeps_no_dead_keys_as_focus_moves(footer, leaks):
         for _ in range(6):
             await pilot.press("tab")
             await pilot.pause()
-        await pilot.pause(0.2)
-        dead, _ = kept_from_gone()
+        dead, _ = await kept_once_settled(pilot)
     assert (dead > 0) == leaks, dead
 
 
@@ -55,5 +54,5 @@ async def test_removed_widgets_leave_no_rendered_lines(release, leaks):
             await log.remove_children()
             if release:
                 release_render_caches()
-        _, caches = kept_from_gone()
+        _, caches = await kept_once_settled(pilot)
     assert (caches > 0) == leaks, caches

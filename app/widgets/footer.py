@@ -9,8 +9,8 @@ class Footer(TextualFooter):
     """The footer recomposes whenever the bindings change (focus moves, a screen opens or
     closes) and binds each new FooterKey to its ``compact``; Textual (8.2.8) drops a
     removed key's watcher only when ``compact`` changes, which here it never does, so
-    each recompose kept a footer's worth of dead keys with their rendered lines (28 by
-    the time the app had answered once). Announcing ``compact`` after each recompose
+    each recompose kept a footer's worth of dead keys with their rendered lines (28
+    within the app's first two turns). Announcing ``compact`` after each recompose
     lets Textual prune them; the live keys get the value they already have."""
 
     async def recompose(self) -> None:
