@@ -100,7 +100,7 @@ def test_pickled_trace_is_refused_without_advice_to_unpickle(tmp_path):
     assert message.startswith("FILE is not a routing trace") and "pickle" not in message
 
 
-# ---- found by scripts/fuzz_parsers.py (atheris), kept as regressions -------------------
+# ---- found by scripts/fuzz_parsers.py (atheris), or reading numpy's loader to fix those --
 
 
 def _trace_with(tmp_path, name: str, content: bytes, method: int = zipfile.ZIP_STORED):
