@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,32 +77,45 @@ def open_files() -> int:
     return len(os.listdir(fd_dir))
 
 
-def kept_from_gone() -> tuple[int, int]:
+def render_objects() -> weakref.WeakSet:
+    """The widgets and render caches alive now, which kept_from_gone leaves out: in a
+    test process, other tests' apps left theirs (weak: they may still go)."""
+    from textual._styles_cache import StylesCache
+    from textual.widget import Widget
+
+    gc.collect()
+    return weakref.WeakSet(o for o in gc.get_objects() if isinstance(o, Widget | StylesCache))
+
+
+def kept_from_gone(earlier: weakref.WeakSet | None = None) -> tuple[int, int]:
     """Widgets alive though no screen holds them, and Textual render caches alive though
-    their widget is gone: both 0 unless something keeps what a chat showed (a footer
-    recompose kept its old keys; an lru_cache on a method kept message widgets'
-    rendered lines). A detached scroll bar is its container's, made once and kept."""
+    their widget is gone, leaving out ``earlier`` (render_objects before the app): both
+    0 unless something keeps what a chat showed (a footer recompose kept its old keys;
+    an lru_cache on a method kept message widgets' rendered lines). A detached scroll
+    bar is its container's, made once and kept."""
     from textual._styles_cache import StylesCache
     from textual.scrollbar import ScrollBar, ScrollBarCorner
     from textual.widget import Widget
 
+    earlier = earlier if earlier is not None else weakref.WeakSet()
     gc.collect()
-    objects = gc.get_objects()
+    objects = [o for o in gc.get_objects() if isinstance(o, Widget | StylesCache)]
     widgets = [o for o in objects if isinstance(o, Widget)]
-    caches = [o for o in objects if isinstance(o, StylesCache)]
     owned = {id(w._styles_cache) for w in widgets}
-    dead = [w for w in widgets if not w.is_attached]
+    dead = [w for w in widgets if not w.is_attached and w not in earlier]
     dead = [w for w in dead if not isinstance(w, (ScrollBar, ScrollBarCorner))]
+    caches = [c for c in objects if isinstance(c, StylesCache) and c not in earlier]
     return len(dead), sum(id(c) not in owned for c in caches)
 
 
-async def kept_once_settled(pilot, timeout: float = 5.0) -> tuple[int, int]:
+async def kept_once_settled(pilot, earlier: weakref.WeakSet, timeout: float = 5.0
+                            ) -> tuple[int, int]:  # fmt: skip
     """kept_from_gone once it reads (0, 0) or ``timeout`` has passed: a recompose in
     flight holds the keys it just removed until it is done, a real leak for good."""
     import time
 
     deadline = time.monotonic() + timeout
-    while (kept := kept_from_gone()) != (0, 0) and time.monotonic() < deadline:
+    while (kept := kept_from_gone(earlier)) != (0, 0) and time.monotonic() < deadline:
         await pilot.pause(0.1)
     return kept
 
@@ -192,6 +206,7 @@ async def soak_app(turns: int, turns_per_chat: int, data_dir: Path, settings_pat
     from mlx_pager.machine import MachineMemory
 
     model = default_model()
+    earlier = render_objects()
     app = create_app(
         settings_path=settings_path,
         data_dir=data_dir,
@@ -226,7 +241,7 @@ async def soak_app(turns: int, turns_per_chat: int, data_dir: Path, settings_pat
                 firsts.append((prompt, screen.conversation.messages[-1]["content"]))
             soak.sample(turn + 1)
             if (turn + 1) % turns_per_chat == 0:
-                soak.kept.append((turn + 1, *await kept_once_settled(pilot)))
+                soak.kept.append((turn + 1, *await kept_once_settled(pilot, earlier)))
     return soak, firsts
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from mlx_pager_app.widgets.footer import Footer
 from mlx_pager_app.widgets.render_caches import release_render_caches
-from soak_checks import kept_once_settled
+from soak_checks import kept_once_settled, render_objects
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -29,13 +29,13 @@ async def test_footer_keeps_no_dead_keys_as_focus_moves(footer, leaks):
             yield Focusable("f")
             yield footer()
 
-    app = Demo()
+    earlier, app = render_objects(), Demo()
     async with app.run_test() as pilot:
         await pilot.pause()
         for _ in range(6):
             await pilot.press("tab")
             await pilot.pause()
-        dead, _ = await kept_once_settled(pilot)
+        dead, _ = await kept_once_settled(pilot, earlier)
     assert (dead > 0) == leaks, dead
 
 
@@ -45,7 +45,7 @@ async def test_removed_widgets_leave_no_rendered_lines(release, leaks):
         def compose(self) -> ComposeResult:
             yield VerticalScroll(id="log")
 
-    app = Demo()
+    earlier, app = render_objects(), Demo()
     async with app.run_test() as pilot:
         log = app.query_one("#log")
         for turn in range(5):
@@ -54,5 +54,5 @@ async def test_removed_widgets_leave_no_rendered_lines(release, leaks):
             await log.remove_children()
             if release:
                 release_render_caches()
-        _, caches = await kept_once_settled(pilot)
+        _, caches = await kept_once_settled(pilot, earlier)
     assert (caches > 0) == leaks, caches
