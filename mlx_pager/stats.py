@@ -56,7 +56,9 @@ class Stats:
     prompt_tps: float = 0.0
     generation_tokens: int = 0
     decode_tps: float = 0.0
-    ttft_seconds: float = 0.0
+    ttft_seconds: float = 0.0  # from the request to the first token, and its parts:
+    ttft_wait_seconds: float = 0.0  # ... before the first forward pass (a preload finishing)
+    ttft_read_seconds: float = 0.0  # ... blocked on expert reads (the rest: computing)
     peak_rss_bytes: int = 0
     peak_mlx_bytes: int = 0
     task: str = ""
@@ -72,6 +74,12 @@ class Stats:
     def decode_hit_rate(self) -> float:
         total = self.decode_hits + self.decode_misses
         return self.decode_hits / total if total else 0.0
+
+    @property
+    def ttft_compute_seconds(self) -> float:
+        """The first token's time neither waiting nor reading: the model's computation
+        and the pager's own work."""
+        return max(0.0, self.ttft_seconds - self.ttft_wait_seconds - self.ttft_read_seconds)
 
     @property
     def bytes_per_token(self) -> float:
@@ -90,6 +98,7 @@ class Stats:
             self.prompt_tokens = self.generation_tokens = self.kv_used_bytes = 0
             self.prompt_reused_tokens = 0
             self.prompt_tps = self.decode_tps = self.ttft_seconds = 0.0
+            self.ttft_wait_seconds = self.ttft_read_seconds = 0.0
 
     def snapshot(self) -> Stats:
         """A consistent copy another thread may read while generation goes on."""
@@ -106,6 +115,7 @@ class Stats:
         data["hit_rate"] = snap.hit_rate
         data["decode_hit_rate"] = snap.decode_hit_rate
         data["bytes_per_token"] = snap.bytes_per_token
+        data["ttft_compute_seconds"] = snap.ttft_compute_seconds
         data["expert_counts"] = snap.expert_counts.tolist()
         return data
 
