@@ -95,29 +95,19 @@ def expect_clean(fn: Callable[[], object], path: Path, also: tuple[type, ...] = 
     return "ok"
 
 
-class _Scratch:
-    """One temporary folder per process, emptied for each case (cheaper than a new one:
-    the 100,000-case runs spend their time in the parsers, not in mkdtemp)."""
-
-    def __init__(self) -> None:
-        self.root: Path | None = None
-
-    def __enter__(self) -> str:
-        if self.root is None or not self.root.exists():
-            self.root = Path(tempfile.mkdtemp(prefix="mlx-pager-fuzz-"))
-        for path in sorted(self.root.rglob("*"), reverse=True):
-            path.rmdir() if path.is_dir() else path.unlink()
-        return str(self.root)
-
-    def __exit__(self, *exc) -> None:
-        return None
+_FOLDERS: dict[str, Path] = {}
 
 
-_SCRATCH = _Scratch()
-
-
-def fresh_dir() -> _Scratch:
-    return _SCRATCH
+def folder(name: str, setup: Callable[[Path], None] | None = None) -> Path:
+    """One folder per parser and process, made (and ``setup`` run) once; each case
+    overwrites the one file it parses. A fresh folder per case cost more than most
+    parsers do (scripts/fuzz_parsers.py runs 100,000 cases of each)."""
+    path = _FOLDERS.get(name)
+    if path is None or not path.is_dir():
+        path = _FOLDERS[name] = Path(tempfile.mkdtemp(prefix=f"mlx-pager-fuzz-{name}-"))
+        if setup is not None:
+            setup(path)
+    return path
 
 
 # ---- safetensors header --------------------------------------------------------------
@@ -176,18 +166,17 @@ def safetensors_files(draw) -> bytes:
 
 
 def check_safetensors(data: bytes) -> str:
-    with fresh_dir() as tmp:
-        path = Path(tmp) / "model.safetensors"
-        path.write_bytes(data)
+    path = folder("safetensors") / "model.safetensors"
+    path.write_bytes(data)
 
-        def parse() -> None:
-            tensors = read_header(path)
-            size = path.stat().st_size
-            for t in tensors.values():
-                assert 0 <= t.offset and t.offset + t.nbytes <= size, t
-                assert all(d >= 0 for d in t.shape), t
+    def parse() -> None:
+        tensors = read_header(path)
+        size = path.stat().st_size
+        for t in tensors.values():
+            assert 0 <= t.offset and t.offset + t.nbytes <= size, t
+            assert all(d >= 0 for d in t.shape), t
 
-        return expect_clean(parse, path)
+    return expect_clean(parse, path)
 
 
 # ---- model.safetensors.index.json ----------------------------------------------------
@@ -226,20 +215,23 @@ def index_files(draw) -> bytes:
 
 
 def check_index(data: bytes) -> str:
-    with fresh_dir() as tmp:
-        folder = Path(tmp) / "model"
-        folder.mkdir()
-        (Path(tmp) / "outside.safetensors").write_bytes(VALID_SAFETENSORS)
-        (folder / "model-00001-of-00002.safetensors").write_bytes(VALID_SAFETENSORS)
-        (folder / "model.safetensors").write_bytes(VALID_SAFETENSORS)
-        path = folder / "model.safetensors.index.json"
-        path.write_bytes(data)
+    model = folder("index", _model_folder) / "model"
+    path = model / "model.safetensors.index.json"
+    path.write_bytes(data)
 
-        def parse() -> None:
-            for f in weight_files(folder):
-                assert f.resolve().parent == folder.resolve(), f"escaped the folder: {f}"
+    def parse() -> None:
+        for f in weight_files(model):
+            assert f.resolve().parent == model.resolve(), f"escaped the folder: {f}"
 
-        return expect_clean(parse, path, also=(FileNotFoundError,))
+    return expect_clean(parse, path, also=(FileNotFoundError,))
+
+
+def _model_folder(root: Path) -> None:
+    """A model folder with one of its two shards, and a shard outside it to escape to."""
+    (root / "model").mkdir()
+    (root / "outside.safetensors").write_bytes(VALID_SAFETENSORS)
+    (root / "model" / "model-00001-of-00002.safetensors").write_bytes(VALID_SAFETENSORS)
+    (root / "model" / "model.safetensors").write_bytes(VALID_SAFETENSORS)
 
 
 # ---- config.json ---------------------------------------------------------------------
@@ -263,16 +255,15 @@ def config_files(draw) -> bytes:
 
 
 def check_config(data: bytes) -> str:
-    with fresh_dir() as tmp:
-        path = Path(tmp) / "config.json"
-        path.write_bytes(data)
+    path = folder("config") / "config.json"
+    path.write_bytes(data)
 
-        def parse() -> None:
-            config = read_config(Path(tmp))
-            assert isinstance(text_config(config), dict)
-            assert kv_bytes_per_layer_token(config, 2) >= 0
+    def parse() -> None:
+        config = read_config(path.parent)
+        assert isinstance(text_config(config), dict)
+        assert kv_bytes_per_layer_token(config, 2) >= 0
 
-        return expect_clean(parse, path)
+    return expect_clean(parse, path)
 
 
 # ---- routing traces (.npz) -----------------------------------------------------------
@@ -352,17 +343,16 @@ def _npz_member(value: np.ndarray) -> bytes:
 
 
 def check_trace(data: bytes) -> str:
-    with fresh_dir() as tmp:
-        path = Path(tmp) / "trace.npz"
-        path.write_bytes(data)
+    path = folder("trace") / "trace.npz"
+    path.write_bytes(data)
 
-        def parse() -> None:
-            trace = load_trace(path)
-            assert trace.expert_ids.ndim == 3
-            assert trace.num_sequences >= 0
-            trace.sequences(0, trace.num_sequences)
+    def parse() -> None:
+        trace = load_trace(path)
+        assert trace.expert_ids.ndim == 3
+        assert trace.num_sequences >= 0
+        trace.sequences(0, trace.num_sequences)
 
-        return expect_clean(parse, path)
+    return expect_clean(parse, path)
 
 
 # ---- settings (TOML) -----------------------------------------------------------------
@@ -400,17 +390,16 @@ def settings_files(draw) -> bytes:
 
 
 def check_settings(data: bytes) -> str:
-    with fresh_dir() as tmp:
-        path = Path(tmp) / "settings.toml"
-        path.write_bytes(data)
+    path = folder("settings") / "settings.toml"
+    path.write_bytes(data)
 
-        def parse() -> None:
-            settings = load_settings(path)
-            assert settings.budget_bytes(8 * 10**9) > 0
-            save_settings(settings, path)
-            assert load_settings(path) == settings
+    def parse() -> None:
+        settings = load_settings(path)
+        assert settings.budget_bytes(8 * 10**9) > 0
+        save_settings(settings, path)
+        assert load_settings(path) == settings
 
-        return expect_clean(parse, path)
+    return expect_clean(parse, path)
 
 
 # ---- saved conversations (JSON) ------------------------------------------------------
@@ -445,17 +434,111 @@ def conversation_files(draw) -> bytes:
 
 
 def check_conversation(data: bytes) -> str:
-    with fresh_dir() as tmp:
-        path = Path(tmp) / "20260101-000000-abcdef.json"
-        path.write_bytes(data)
+    chats = folder("conversation")
+    path = chats / "20260101-000000-abcdef.json"
+    path.write_bytes(data)
 
-        def parse() -> None:
-            chat = load_conversation(path)
-            assert (Path(tmp) / f"{chat.id}.json").resolve().parent == Path(tmp).resolve()
-            assert isinstance(chat.title, str)
+    def parse() -> None:
+        chat = load_conversation(path)
+        assert (chats / f"{chat.id}.json").resolve().parent == chats.resolve()
+        assert isinstance(chat.title, str)
 
-        return expect_clean(parse, path)
+    return expect_clean(parse, path)
 
+
+# ---- what scripts/fuzz_parsers.py starts from -----------------------------------------
+
+MEMBER_SEP = b"\n--member--\n"
+
+
+def zip_members(data: bytes) -> bytes:
+    """An .npz holding the members ``data`` lists (``NAME\\0CONTENT``, separated by
+    MEMBER_SEP), stored with correct checksums: a byte-level fuzzer mutating these reaches
+    numpy's array headers, where mutating the archive itself mostly breaks a CRC."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for member in data.split(MEMBER_SEP):
+            name, _, content = member.partition(b"\0")
+            z.writestr(name.decode("latin-1") or "x", content)
+    return buf.getvalue()
+
+
+def unzip_members(data: bytes) -> bytes | None:
+    """The inverse of zip_members for a readable archive; None for anything else."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return MEMBER_SEP.join(
+                i.filename.encode("latin-1", "replace") + b"\0" + z.read(i) for i in z.infolist()
+            )
+    except Exception:  # zipfile raises many types on odd archives: not a seed, then
+        return None
+
+
+def trace_input(data: bytes) -> bytes:
+    """A fuzzer's bytes as a trace file: after a ``Z``, the members zip_members packs."""
+    return zip_members(data[1:]) if data[:1] == b"Z" else data
+
+
+def trace_seeds(trace: bytes) -> list[bytes]:
+    """A trace file as trace_input's seeds: itself, and its members after a ``Z``."""
+    members = unzip_members(trace)
+    return [trace] if members is None else [trace, b"Z" + members]
+
+
+def _valid_json(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+# A file each parser accepts: the fuzzer's first seed, so its mutations start deep.
+VALID_FILES = {
+    "safetensors header": VALID_SAFETENSORS,
+    "shard index": _valid_json(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model.safetensors"}}
+    ),
+    "config.json": _valid_json(
+        {
+            "model_type": "qwen3_moe",
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "text_config": {"hidden_size": 64},
+        }
+    ),
+    "routing trace": VALID_TRACE,
+    "settings TOML": tomli_w.dumps(
+        {k: v for k, v in Settings().__dict__.items() if v is not None}
+    ).encode(),
+    "saved conversation": _valid_json(
+        {
+            "id": "20260101-000000-abcdef",
+            "model": "org/model",
+            "created": "2026-01-01T00:00:00",
+            "updated": "2026-01-01T00:00:00",
+            "messages": [
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi **there**"},
+            ],
+        }
+    ),
+}
+
+
+# Words the parsers look for: scripts/fuzz_parsers.py's mutations try them.
+FUZZER_WORDS = [
+    *CONFIG_COUNTS, *DTYPE_SIZES, *SETTING_NAMES, "dtype", "shape", "data_offsets",
+    "__metadata__", "weight_map", "text_config", "model_type", "messages", "role", "content",
+    "user", "assistant", "id", "descr", "fortran_order", "\x93NUMPY", "expert_ids",
+    "offsets", "num_experts", "phase", "decode", ".npy", "auto", "GB", "true", "false",
+    "../", ".safetensors", "-1", "1e309",
+]  # fmt: skip
+
+# name -> (a fuzzer's bytes -> the file to parse, a file -> the fuzzer's seeds); the
+# others take a fuzzer's bytes as the file
+FUZZER_INPUTS = {"routing trace": (trace_input, trace_seeds)}
 
 # name -> (strategy of file contents, check)
 TARGETS: dict[str, tuple[st.SearchStrategy[bytes], Callable[[bytes], str]]] = {

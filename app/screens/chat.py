@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Button, Footer, Header, Markdown, Static
+from textual.widgets import Button, Header, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 from textual.worker import get_current_worker
 
@@ -23,8 +23,10 @@ from ..conversations import Conversation, conversations_dir, save_conversation
 from ..messages import ReplyFailed, ReplyFinished, ReplyUpdated
 from ..text import clean, model_label
 from ..widgets.chat_message import AssistantMessage, UserMessage
+from ..widgets.footer import Footer
 from ..widgets.heatmap import ExpertHeatmap
 from ..widgets.prompt import PromptInput
+from ..widgets.render_caches import release_render_caches
 from ..widgets.stats_panel import PanelState, StatsPanel
 
 if TYPE_CHECKING:
@@ -345,6 +347,7 @@ class ChatScreen(Screen):
     def _done(self) -> None:
         self.generating = False
         self._reply = self._asked = None
+        release_render_caches()
         self._stats_dirty = True
         self.refresh_stats()
         self._follow()
@@ -398,6 +401,7 @@ class ChatScreen(Screen):
         self.conversation = conversation
         messages = self.query_one("#messages", VerticalScroll)
         await messages.remove_children()
+        release_render_caches()
         if not conversation.messages:
             await messages.mount(Markdown(WELCOME, id="welcome"))
         label = model_label(conversation.model or self.app.model_name)

@@ -10,11 +10,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Label, OptionList
+from textual.widgets import Label, OptionList
 from textual.widgets.option_list import Option
 
 from ..conversations import Conversation, delete_conversation, list_conversations
 from ..text import model_label
+from ..widgets.footer import Footer
 
 
 def _row(conversation: Conversation) -> Text:

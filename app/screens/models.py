@@ -18,7 +18,6 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import (
     Button,
     DataTable,
-    Footer,
     Header,
     Input,
     Label,
@@ -29,6 +28,7 @@ from textual.widgets import (
 from .. import downloads
 from ..messages import DownloadFinished, DownloadProgress
 from ..text import size
+from ..widgets.footer import Footer
 
 VERDICT_WORD = {"fits": "fits fully", "paged": "runs paged", "too_large": "too large"}
 

@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch
+from textual.widgets import Button, Header, Input, Label, Select, Static, Switch
 
 from mlx_pager.budget import BudgetPlan
 from mlx_pager.machine import budget_warnings
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 from ..text import heading_colour, model_label, percent, size
 from ..widgets.budget_bar import CORE, EXPERTS, HEADROOM, KV, BudgetBar, Part
+from ..widgets.footer import Footer
 
 AUTO_TEXT = f"{AUTO_BUDGET_SHARE:.0%} of memory"
 READ_PATH_HELP = {"auto": "auto (the engine's pick)", "pread": "pread (buffered reads)",

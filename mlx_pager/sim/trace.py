@@ -11,6 +11,7 @@ and scalars ``num_experts``, ``phase`` (``prefill`` or ``decode``), ``model``, o
 from __future__ import annotations
 
 import math
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
@@ -19,9 +20,13 @@ from pathlib import Path
 import numpy as np
 
 REQUIRED_KEYS = ("expert_ids", "offsets", "num_experts", "phase", "model")
+OPTIONAL_KEYS = ("weights", "labels", "text", "label_source")
 PHASES = ("prefill", "decode")  # a trace holds one: a recorded run writes one of them
 MAX_EXPERTS = 2**15  # expert ids are int16
 MAX_TRACE_BYTES = 4 * 2**30  # arrays of one trace, unpacked: refused above, before loading
+# numpy writes members stored or deflated; deflate unpacks at most about 1,032 bytes per
+# byte, so a member claiming more than that came from no numpy (a "zip bomb").
+MAX_DEFLATE_RATIO = 1032
 
 
 @dataclass
@@ -117,9 +122,11 @@ def _refuse(path: Path, what: str) -> ValueError:
 
 
 def _check_members(path: Path) -> None:
-    """Read each array's header before numpy does: a header that announces more bytes
-    than the file holds, or Python objects (pickled data, which could run code), is
-    refused before anything is allocated or unpickled."""
+    """Read each member's size and array header before numpy does: a member that claims
+    to unpack to more than its bytes can hold, an array header announcing more bytes than
+    its member holds, or Python objects (pickled data, which could run code), is refused
+    before anything is allocated, unpacked or unpickled. Every member is checked: numpy
+    reads ``expert_ids`` as an array whether or not its name ends in ``.npy``."""
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic == b"\x93NUMPY":
@@ -130,38 +137,56 @@ def _check_members(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with archive.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-                    elif version == (2, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-                    else:
-                        raise _refuse(path, f"{info.filename} has npy version {version}")
-                if dtype.hasobject:
-                    raise _refuse(
-                        path,
-                        f"{info.filename} holds Python objects; mlx-pager never unpickles "
-                        "data from a file",
-                    )
-                nbytes = math.prod(shape) * dtype.itemsize
-                if nbytes > info.file_size:
-                    raise _refuse(
-                        path,
-                        f"{info.filename} announces {nbytes} bytes but holds {info.file_size}",
-                    )
-                total += nbytes
+                _check_packing(path, info)
+                total += _announced_bytes(path, archive, info)
     except ValueError as e:
         if str(path) in str(e):
             raise
+        raise _refuse(path, "an array header is malformed") from None
+    # numpy parses a header as a Python literal: junk there fails in the tokenizer or parser
+    except (tokenize.TokenError, SyntaxError, RecursionError):
         raise _refuse(path, "an array header is malformed") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
             NotImplementedError, RuntimeError, KeyError, OverflowError):  # fmt: skip
         raise _refuse(path, "a broken .npz archive") from None
     if total > MAX_TRACE_BYTES:
         raise _refuse(path, f"{total} bytes of arrays, more than the {MAX_TRACE_BYTES} replayed")
+
+
+def _check_packing(path: Path, info: zipfile.ZipInfo) -> None:
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _refuse(path, f"{info.filename} is packed with method {info.compress_type}, "
+                      "which numpy never writes")  # fmt: skip
+    limit = max(info.compress_size, 1) * (
+        MAX_DEFLATE_RATIO if info.compress_type == zipfile.ZIP_DEFLATED else 1
+    )
+    if info.file_size > limit:
+        raise _refuse(path, f"{info.filename} claims to unpack {info.compress_size} bytes "
+                      f"to {info.file_size}")  # fmt: skip
+
+
+def _announced_bytes(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """The bytes an array member's header announces (0 for a member that is no array)."""
+    with archive.open(info) as member:
+        if member.read(6) != b"\x93NUMPY":
+            return 0  # numpy hands such a member over as its bytes, at most file_size
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise _refuse(path, f"{info.filename} has npy version {version}")
+    if dtype.hasobject:
+        raise _refuse(
+            path,
+            f"{info.filename} holds Python objects; mlx-pager never unpickles data from a file",
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > info.file_size:
+        raise _refuse(path, f"{info.filename} announces {nbytes} bytes but holds {info.file_size}")
+    return nbytes
 
 
 def load_trace(path: str | Path) -> Trace:
@@ -179,16 +204,18 @@ def load_trace(path: str | Path) -> Trace:
                 raise ValueError(
                     f"{path} is missing {', '.join(missing)}; see docs/trace-format.md for the keys"
                 )
+            keys = [k for k in (*REQUIRED_KEYS, *OPTIONAL_KEYS) if k in data.files]
+            arrays = {k: _array(data, k, path) for k in keys}
             trace = Trace(
-                expert_ids=data["expert_ids"],
-                offsets=_whole_numbers(data["offsets"], path, "offsets"),
-                num_experts=int(data["num_experts"]),
-                phase=str(data["phase"]),
-                model=str(data["model"]),
-                weights=data["weights"].astype(np.float32) if "weights" in data.files else None,
-                labels=data["labels"] if "labels" in data.files else None,
-                text=data["text"] if "text" in data.files else None,
-                label_source=str(data["label_source"]) if "label_source" in data.files else None,
+                expert_ids=arrays["expert_ids"],
+                offsets=_whole_numbers(arrays["offsets"], path, "offsets"),
+                num_experts=int(arrays["num_experts"]),
+                phase=str(arrays["phase"]),
+                model=str(arrays["model"]),
+                weights=arrays["weights"].astype(np.float32) if "weights" in arrays else None,
+                labels=arrays.get("labels"),
+                text=arrays.get("text"),
+                label_source=str(arrays["label_source"]) if "label_source" in arrays else None,
             )
     except ValueError as e:
         if str(e).startswith(str(path)):
@@ -206,6 +233,21 @@ def _whole_numbers(values: np.ndarray, path: Path, name: str) -> np.ndarray:
     if not np.issubdtype(values.dtype, np.integer):
         raise ValueError(f"{path}: {name} must be whole numbers, got {values.dtype}")
     return values.astype(np.int64)
+
+
+def _array(data, key: str, path: Path) -> np.ndarray:
+    """One member as an array: numpy hands a member that is no .npy over as its bytes,
+    and stores each character of a string array as a 32-bit number, where one past
+    U+10FFFF makes every later str() or int() of the array raise SystemError."""
+    value = data[key]
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{path}: {key} is not a numpy array")
+    if value.dtype.kind == "U" and value.size:
+        codes = np.ascontiguousarray(value).reshape(-1)
+        codes = codes.view(value.dtype.byteorder.replace("|", "=") + "u4")
+        if codes.max() > 0x10FFFF:
+            raise ValueError(f"{path}: {key} holds a character beyond Unicode")
+    return value
 
 
 def _safe(error: Exception) -> str:
