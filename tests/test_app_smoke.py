@@ -69,7 +69,7 @@ def test_mlx_pager_in_tmux(app_model, tmp_path):
     )
     tmux = Tmux(command)
     try:
-        tmux.wait_for(lambda s: "● tiny-moe" in s, timeout=8)  # opened on the last used model
+        tmux.wait_for(lambda s: "● tiny-moe" in s, timeout=60)  # opened on the last used model
         # The "Opened tiny-moe" notice lies over the Send/Stop buttons for a few seconds: on a
         # fast machine the whole reply ended under it, so the Stop button was never seen.
         tmux.wait_for(lambda s: "Opened tiny-moe" not in s, timeout=30)
