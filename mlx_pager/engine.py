@@ -114,7 +114,8 @@ class Engine:
         """Open a Hub id (from the local cache, or ``cache_dir``) or a folder, under the
         settings' budget.
 
-        ``overrides`` are setting names (context_length, policy, read_path) for this run.
+        ``overrides`` are setting names (context_length, policy, read_path, route_margin)
+        for this run.
         """
         from .hub.resolve import resolve_model
 
@@ -131,6 +132,7 @@ class Engine:
             read_path=settings.read_path,
             prefetch=settings.prefetch,
             cold_precision=settings.cold_precision,
+            route_margin=settings.route_margin,
         )
         return cls(paged, name, settings.context_length, settings.task_preload)
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..paging.policies import POLICIES
-from ..settings import CONTEXT_RANGE
+from ..settings import CONTEXT_RANGE, ROUTE_MARGIN_RANGE
 from .ranges import (
     MAX_TOKENS_ARG,
     SEED_ARG,
@@ -15,6 +15,7 @@ from .ranges import (
     TOP_P_ARG,
     byte_size,
     open_engine,
+    real,
     whole,
 )
 
@@ -40,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy", choices=list(POLICIES), help="expert cache policy (default: settings)"
     )
     parser.add_argument("--read-path", choices=["auto", "pread", "mmap"])
+    parser.add_argument(
+        "--route-margin",
+        type=real(*ROUTE_MARGIN_RANGE),
+        help="cache-aware routing (lossy, opt-in): 0 is exact routing, up to 1",
+    )
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--record-trace", metavar="FILE", help="save the routing as a trace")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
