@@ -25,7 +25,7 @@ from .settings import Settings, check_budget, load_settings
 from .stats import Stats, current_rss, peak_rss
 from .storage.checkpoint import read_config
 from .tasks.classifier import TaskClassifier
-from .tasks.profiles import MIN_PRELOAD_GAIN, TaskProfiles
+from .tasks.profiles import TaskProfiles
 
 DEFAULT_MODEL = embedded_model()
 
@@ -181,15 +181,11 @@ class Engine:
             return "off: no routed experts"
         if not self.task_preload:
             return "off: turned off in settings"
-        gain = self.profiles.preload_gain
-        if gain is None:
-            return "off: not measured for this model yet (mlx-pager profile)"
-        if round(gain, 9) < MIN_PRELOAD_GAIN:
-            return (
-                f"off: measured {gain * 100:+.1f} hit-rate points, "
-                f"below the {MIN_PRELOAD_GAIN * 100:+.0f} it must gain"
-            )
-        return f"on: {gain * 100:+.1f} hit-rate points after a task switch"
+        verdict = self.profiles.preload_verdict()
+        if verdict is None:
+            return "off: not measured for this model yet (mlx-pager profile --measure-preload)"
+        pays, why = verdict
+        return f"{'on' if pays else 'off'}: {why}"
 
     @property
     def preload_active(self) -> bool:
