@@ -5,8 +5,9 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from checkpoints import compare_with_mlx_lm, open_paged
 
-from mlx_pager.benchmark.fixture import coverage_of, make_model, target_shares
+from mlx_pager.benchmark.fixture import ARCHITECTURES, coverage_of, make_model, target_shares
 from mlx_pager.benchmark.shapes import SHAPES, TARGET_COVERAGE, shape_config
 
 
@@ -44,3 +45,24 @@ def test_small_fixture_loads_in_mlx_lm_and_routes_skewed(tmp_path):
     assert a == (tmp_path / "n" / "model-00001-of-00001.safetensors").read_bytes()
     assert again["coverage"] == report["coverage"]
     assert set(SHAPES) >= {"qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite", "small"}
+
+
+@pytest.mark.parametrize("shape", ["small-olmoe", "small-deepseek"])
+def test_every_architecture_writes_and_pages_exactly(tmp_path, shape):
+    """The writer's other architectures: olmoe's 4-bit router, deepseek's bfloat16 MoEGate,
+    its dense first layer and shared expert; mlx-lm loads them and the paged engine at a
+    quarter of the experts gives its logits bit for bit."""
+    config = shape_config(shape)
+    assert config["model_type"] in ARCHITECTURES
+    report = make_model(shape, tmp_path / "m")
+    moe_layers = config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
+    assert report["moe_layers"] == moe_layers
+    assert report["coverage"]["0.2"] > 0.2 + 0.3 and report["overlap"] > report["uniform_overlap"]
+    experts = config.get("num_experts") or config["n_routed_experts"]
+    paged = open_paged(tmp_path / "m", experts * moe_layers // 4)
+    try:
+        worst, bitwise = compare_with_mlx_lm(tmp_path / "m", paged)
+        assert paged.stats.misses > paged.plan.slots, "the budget must force evictions"
+        assert bitwise, f"logits differ by up to {worst}"
+    finally:
+        paged.close()

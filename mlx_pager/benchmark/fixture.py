@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shapes import TARGET_COVERAGE, shape_config
+from .shapes import REFERENCE_OVERLAP, TARGET_COVERAGE, shape_config
 
 GROUP_SIZE = 64
 BITS = 4
@@ -144,9 +144,10 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _layout(config: dict) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict]:
-    """Tensor names, dtypes and shapes exactly as mlx-lm's quantize_model leaves them, read
-    from a lazily built model (nothing is evaluated), and the quantization config."""
+def _build(config: dict):
+    """The model class's lazily built, quantised model (nothing is evaluated: its arrays are
+    never materialised), its tensors in file order, and the quantization config, exactly as
+    mlx-lm's quantize_model (the model's own quant_predicate included) leaves them."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, quantize_model
@@ -158,12 +159,29 @@ def _layout(config: dict) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict]
     for name, value in tree_flatten(model.parameters()):
         dtype = "U32" if value.dtype == mx.uint32 else "BF16"
         entries.append((name, dtype, tuple(value.shape)))
+
+    def order(entry) -> tuple[int, int]:
+        # Embeddings, then the layers front to back, then the rest (final norm, lm_head):
+        # the writer makes the embeddings first, as the calibration pass needs them.
+        parts = entry[0].split(".")
+        if parts[:2] == ["model", "layers"]:
+            return (1, int(parts[2]))
+        return (0 if parts[:2] == ["model", "embed_tokens"] else 2, 0)
+
+    entries.sort(key=order)  # stable: each layer's tensors keep the model's order
+    return model, entries, quantized
+
+
+def _layout(config: dict) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict]:
+    """Tensor names, dtypes and shapes in file order, and the quantization config."""
+    _, entries, quantized = _build(config)
     return entries, quantized
 
 
 def _tensor(rng, name: str, dtype: str, shape: tuple[int, ...], scales: dict) -> np.ndarray:
     """One tensor's values: random codes, power-of-two scales (biases -7.5 x scale, so a
-    4-bit weight is scale x (q - 7.5), mean zero), norms of one."""
+    4-bit weight is scale x (q - 7.5), mean zero), norms of one, and the rare matrix left
+    unquantised (an input width no group divides) gaussian with std 1/sqrt(fan_in)."""
     if dtype == "U32":
         return rng.integers(0, 2**32, size=shape, dtype=np.uint32)
     base = name.rsplit(".", 1)[0]
@@ -171,7 +189,12 @@ def _tensor(rng, name: str, dtype: str, shape: tuple[int, ...], scales: dict) ->
         return np.full(shape, _bf16(np.float32(scales[base]))[()], dtype=np.uint16)
     if name.endswith(".biases"):
         return np.full(shape, _bf16(np.float32(-7.5 * scales[base]))[()], dtype=np.uint16)
+    if len(shape) >= 2:
+        return _bf16(rng.standard_normal(shape, dtype=np.float32) / math.sqrt(shape[-1]))
     return np.full(shape, 0x3F80, dtype=np.uint16)  # bfloat16 1.0
+
+
+ARCHITECTURES = ("qwen3_moe", "olmoe", "deepseek_v2")
 
 
 def make_model(
@@ -187,19 +210,18 @@ def make_model(
     returns (and writes as ``fixture.json``) its report: size, time, and the routing's
     coverage and per-token overlap against the target."""
     import mlx.core as mx
-    from mlx_lm.utils import _get_classes
 
     from ..sim.synthetic import write_tokenizer
 
     config = shape_config(shape, num_layers)
-    if config["model_type"] != "qwen3_moe":
+    if config["model_type"] not in ARCHITECTURES:
         raise ValueError(
-            f"{shape} ({config['model_type']}) cannot be written yet: the fixture writer "
-            "builds qwen3_moe shapes (qwen3-30b-a3b, small)."
+            f"{shape} ({config['model_type']}) cannot be written: the fixture writer builds "
+            f"{', '.join(ARCHITECTURES)}."
         )
     start = time.perf_counter()
     folder = Path(folder)
-    entries, quantized = _layout(config)
+    model, entries, quantized = _build(config)
     plan = _Plan(entries, shard_bytes)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
@@ -212,38 +234,36 @@ def make_model(
     # A weight's std is scale x 4.6 (codes uniform over 16 levels): 1/sqrt(fan_in).
     scales = {
         name.rsplit(".", 1)[0]: _power_of_two(1 / (4.6 * math.sqrt(shape_[-1] * 32 // BITS)))
-        for name, _, shape_ in entries
-        if name.endswith(".weight") and _ == "U32"
+        for name, dtype, shape_ in entries
+        if name.endswith(".weight") and dtype == "U32"
     }
     scales["model.embed_tokens"] = 2.0**-4
     write_tokenizer(folder, min(config["vocab_size"], 1024))
     tokens = _calibration_tokens(folder, calibration_tokens)
     writer = _ShardWriter(folder, plan)
     by_layer: dict[int | None, list] = {}
-    for name, dtype, shape_ in entries:
+    for entry in entries:
+        name = entry[0]
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-        by_layer.setdefault(layer, []).append((name, dtype, shape_))
+        by_layer.setdefault(layer, []).append(entry)
 
-    model_class, args_class = _get_classes(config)
-    args = args_class.from_dict(config)
-    # Embeddings first (file order follows the model's parameter order).
-    head = [e for e in entries if not e[0].startswith("model.layers.")]
-    written: dict[str, np.ndarray] = {}
-    for name, dtype, shape_ in entries:
-        if name.startswith("model.layers."):
-            break
-        written[name] = _tensor(rng, name, dtype, shape_, scales)
-        writer.write(name, written[name])
-    x = _embed(written, tokens)
-    del written
+    embed = {}
+    for name, dtype, shape_ in by_layer[None]:
+        if name.startswith("model.embed_tokens."):
+            embed[name] = _tensor(rng, name, dtype, shape_, scales)
+            writer.write(name, embed[name])
+    x = _embed(embed, tokens)
+    del embed
     layers_report = []
     for index in range(config["num_hidden_layers"]):
-        x, report = _write_layer(writer, rng, args, index, by_layer[index], scales, x, config)
-        layers_report.append(report)
-    for name, dtype, shape_ in head:
-        if name.startswith("model.embed_tokens"):
-            continue
-        writer.write(name, _tensor(rng, name, dtype, shape_, scales))
+        layer = model.model.layers[index]
+        x, report = _write_layer(writer, rng, layer, index, by_layer[index], scales, x, config)
+        model.model.layers[index] = None  # its weights go with it: one layer held at a time
+        if report is not None:
+            layers_report.append(report)
+    for name, dtype, shape_ in by_layer[None]:
+        if not name.startswith("model.embed_tokens."):
+            writer.write(name, _tensor(rng, name, dtype, shape_, scales))
     writer.close()
     config["quantization"] = quantized["quantization"]
     config["quantization_config"] = quantized["quantization"]
@@ -252,16 +272,19 @@ def make_model(
     coverage = {
         x: float(np.mean([r["coverage"][x] for r in layers_report])) for x in TARGET_COVERAGE
     }
-    top_k, experts = config["num_experts_per_tok"], config["num_experts"]
+    top_k = config["num_experts_per_tok"]
+    experts = config.get("num_experts") or config["n_routed_experts"]
+    moe_layer = next(i for i in range(config["num_hidden_layers"]) if _is_moe(by_layer[i]))
     one_expert = sum(
         4 * math.prod(s[1:]) if d == "U32" else 2 * math.prod(s[1:])
-        for n, d, s in by_layer[0]
+        for n, d, s in by_layer[moe_layer]
         if ".switch_mlp." in n
     )
     report = {
         "shape": shape,
         "seed": seed,
         "layers": config["num_hidden_layers"],
+        "moe_layers": len(layers_report),
         "bytes": plan.total_bytes,
         "expert_bytes": one_expert,
         "seconds": time.perf_counter() - start,
@@ -269,13 +292,18 @@ def make_model(
         "target_coverage": {str(k): v for k, v in TARGET_COVERAGE.items()},
         "overlap": float(np.mean([r["overlap"] for r in layers_report])),
         "uniform_overlap": top_k / experts,
+        "reference_overlap": REFERENCE_OVERLAP,
         "measured": (
             f"in the writer's calibration pass: {len(tokens)} tokens through mlx-lm's "
-            "decoder layers with the final 8-bit routers"
+            "decoder layers with the final routers as stored"
         ),
     }
     (folder / "fixture.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _is_moe(entries) -> bool:
+    return any(".switch_mlp." in name for name, _, _ in entries)
 
 
 def _calibration_tokens(folder: Path, count: int) -> list[int]:
@@ -318,56 +346,79 @@ def _fit_router(m: np.ndarray, experts: int, top_k: int, rng) -> np.ndarray:
     return rows + np.outer(strength, direction)
 
 
-def _write_layer(writer, rng, args, index, entries, scales, x, config):
-    """Make layer ``index``'s tensors, fit its router on the calibration states ``x``,
-    write them, and return the states after the layer."""
+def _router_rows(gate, rows: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+    """The fitted router rows as the model stores its router: quantised at the gate's own
+    bits (qwen3_moe's 8, olmoe's 4), or bfloat16 (a plain Linear, deepseek's MoEGate)."""
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx_lm.models.qwen3_moe import Qwen3MoeDecoderLayer
+
+    if isinstance(gate, nn.QuantizedLinear):
+        w, s, b = mx.quantize(mx.array(rows).astype(mx.bfloat16), gate.group_size, gate.bits)
+        return {
+            prefix + "weight": np.array(w),
+            prefix + "scales": np.array(s.view(mx.uint16)),
+            prefix + "biases": np.array(b.view(mx.uint16)),
+        }
+    return {prefix + "weight": _bf16(rows)}
+
+
+def _routed(gate, m, top_k: int) -> np.ndarray:
+    """The experts the stored router picks for each calibration token (tokens x k)."""
+    import mlx.core as mx
+
+    out = gate(m)
+    if isinstance(out, tuple):  # deepseek's MoEGate returns (indices, scores)
+        return np.array(out[0][0])
+    logits = np.array(out.astype(mx.float32)[0])
+    return np.argpartition(-logits, top_k - 1, axis=1)[:, :top_k]
+
+
+def _write_layer(writer, rng, layer, index, entries, scales, x, config):
+    """Make layer ``index``'s tensors, fit its router (if it has one) on the calibration
+    states ``x``, write them, and return the states after the layer with the routing's
+    report (None for a dense layer)."""
+    import mlx.core as mx
 
     prefix = f"model.layers.{index}."
+    moe = _is_moe(entries)
+    router = prefix + "mlp.gate."
     tensors = {
         name: _tensor(rng, name, dtype, shape_, scales)
         for name, dtype, shape_ in entries
-        if ".mlp.gate." not in name
+        if not (moe and name.startswith(router))
     }
-    layer = Qwen3MoeDecoderLayer(args, index)
-
-    def predicate(path: str, module) -> bool | dict:
-        if path.endswith("mlp.gate"):
-            return {"group_size": GROUP_SIZE, "bits": ROUTER_BITS}
-        return hasattr(module, "to_quantized")
-
-    nn.quantize(layer, group_size=GROUP_SIZE, bits=BITS, class_predicate=predicate)
 
     def as_mx(a: np.ndarray):
         return mx.array(a) if a.dtype == np.uint32 else mx.array(a).view(mx.bfloat16)
 
     def load(names: dict[str, np.ndarray]) -> None:
-        layer.load_weights([(n[len(prefix) :], as_mx(a)) for n, a in names.items()], strict=False)
+        # float32 compute, as both MLX engines run on this CPU (bfloat16 matmuls are slow
+        # here); scales and norms are powers of two, exact in either.
+        weights = [(n[len(prefix) :], as_mx(a)) for n, a in names.items()]
+        layer.load_weights(
+            [(n, a.astype(mx.float32) if a.dtype == mx.bfloat16 else a) for n, a in weights],
+            strict=False,
+        )
 
     load(tensors)
     mask = "causal"
-    h = x + layer.self_attn(layer.input_layernorm(x), mask, None)
-    m = layer.post_attention_layernorm(h).astype(mx.float32)
-    m_np = np.array(m[0])
-    rows = _fit_router(m_np, config["num_experts"], config["num_experts_per_tok"], rng)
-    w, s, b = mx.quantize(mx.array(rows).astype(mx.bfloat16), GROUP_SIZE, ROUTER_BITS)
-    router = {
-        prefix + "mlp.gate.weight": np.array(w),
-        prefix + "mlp.gate.scales": np.array(s.view(mx.uint16)),
-        prefix + "mlp.gate.biases": np.array(b.view(mx.uint16)),
-    }
-    load(router)
-    tensors.update(router)
-    logits = np.array(layer.mlp.gate(m.astype(mx.bfloat16)).astype(mx.float32)[0])
-    top_k = config["num_experts_per_tok"]
-    picked = np.argpartition(-logits, top_k - 1, axis=1)[:, :top_k]
-    counts = np.bincount(picked.ravel(), minlength=config["num_experts"])
-    sets = [set(p) for p in picked]
-    overlap = np.mean([len(a & b) / top_k for a, b in zip(sets, sets[1:], strict=False)])
+    report = None
+    if moe:
+        top_k = config["num_experts_per_tok"]
+        experts = config.get("num_experts") or config["n_routed_experts"]
+        h = x + layer.self_attn(layer.input_layernorm(x), mask, None)
+        m = layer.post_attention_layernorm(h).astype(mx.float32)
+        rows = _fit_router(np.array(m[0]), experts, top_k, rng)
+        fitted = _router_rows(layer.mlp.gate, rows, router)
+        load(fitted)
+        tensors.update(fitted)
+        picked = _routed(layer.mlp.gate, m, top_k)
+        counts = np.bincount(picked.ravel(), minlength=experts)
+        sets = [set(p) for p in picked]
+        overlap = np.mean([len(a & b) / top_k for a, b in zip(sets, sets[1:], strict=False)])
+        report = {"coverage": coverage_of(counts, TARGET_COVERAGE), "overlap": float(overlap)}
     for name, _, _ in entries:
         writer.write(name, tensors[name])
-    out = layer(x.astype(mx.bfloat16), mask, None).astype(mx.float32)
+    out = layer(x, mask, None)
     mx.eval(out)
-    return out, {"coverage": coverage_of(counts, TARGET_COVERAGE), "overlap": float(overlap)}
+    return out, report
