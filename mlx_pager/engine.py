@@ -93,6 +93,9 @@ class Engine:
             if cache
             else None
         )
+        # How often each expert fired in earlier sessions: the cold tier's profile with
+        # this session's counts (``_profile_cold``).
+        self._saved_counts = sum(self.profiles.counts.values()) if self.profiles else 0
         self._classifier: TaskClassifier | None = None
         self._preload: threading.Thread | None = None
         self._preload_cancel = threading.Event()
@@ -270,6 +273,7 @@ class Engine:
             self.paged.run.start(prompt_tokens=len(tokens) - reused)
             task = self.prepare(prompt, preload, task)
             self.wait_preload()  # before the first forward pass writes to the cache
+            self._profile_cold()
             counts_before = stats.expert_counts.copy()
         start = time.perf_counter()
         sampler = make_sampler(temp=temp, top_p=top_p)
@@ -321,6 +325,15 @@ class Engine:
         if self.paged.cache is not None:
             self.paged.cache.reader.refresh()  # a weight file replaced since: reopen it
             self.paged.run.start(prompt_tokens=prompt_tokens)
+            self._profile_cold()
+
+    def _profile_cold(self) -> None:
+        """The cold tier takes the misses of rarely used experts (cold_tier.unimportant):
+        how often each fired, in the saved task profiles and this session so far."""
+        if self.paged.cold is not None:
+            with self.stats.lock:
+                counts = self._saved_counts + self.stats.expert_counts
+            self.paged.cold.format.set_profile(counts)
 
     def note_progress(
         self,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_moe import split_corpus
 
 from mlx_pager.benchmark.quality import heldout_windows, slots_budget, teacher_forced
+from mlx_pager.paging import loader
 from mlx_pager.paging.cold_tier import (
     IMPORTANCE,
     LowBitFormat,
@@ -51,7 +53,21 @@ def density(paged, bits: int) -> dict:
     return out
 
 
-def decide(model: Path, corpus: Path, fraction: float, n: int, seq: int, bits_list, importance):
+@contextmanager
+def cold_density(factor: float):
+    """The loader sizes the cold tier as if each low-bit slot took ``factor`` x its bytes:
+    ``--density bf16`` gives the count of cold slots bfloat16 pools would (a Mac keeps the
+    checkpoint's dtype, so its full slots are smaller and low-bit copies gain less)."""
+    original = loader.slot_bytes
+    loader.slot_bytes = lambda layout: round(original(layout) * factor)
+    try:
+        yield
+    finally:
+        loader.slot_bytes = original
+
+
+def decide(model: Path, corpus: Path, fraction: float, n: int, seq: int, bits_list, importance,
+           density: str = "here"):  # fmt: skip
     budget = slots_budget(model, fraction, CONTEXT)
     split = split_corpus(corpus)
     held = {d: docs for d, (_, docs) in split.items()}
@@ -75,7 +91,9 @@ def decide(model: Path, corpus: Path, fraction: float, n: int, seq: int, bits_li
         exact.close()
     for bits in bits_list:
         for how in importance:
-            paged = load_paged(model, budget, CONTEXT, cold_precision=f"{bits}bit")
+            factor = dense[bits]["here"] / dense[bits][density]
+            with cold_density(factor):
+                paged = load_paged(model, budget, CONTEXT, cold_precision=f"{bits}bit")
             try:
                 if paged.cold is None:
                     print(f"{bits} bits: not below the stored precision, skipped",
@@ -86,7 +104,8 @@ def decide(model: Path, corpus: Path, fraction: float, n: int, seq: int, bits_li
                 result = teacher_forced(paged, windows)
                 s = paged.stats
                 rows.append({
-                    "arm": f"{bits}-bit, {how}", "bits": bits, "importance": how,
+                    "arm": f"{bits}-bit, {how}" + (", bf16 density" if density == "bf16" else ""),
+                    "bits": bits, "importance": how, "density": density,
                     "slots": s.slots, "cold_slots": s.cold_slots,
                     "slots_gained": s.slots + s.cold_slots - base_slots,
                     "bf16_slots_per_full": dense[bits]["bf16"],
@@ -124,12 +143,14 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25, help="experts resident")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], choices=[2, 3, 4])
     parser.add_argument("--importance", nargs="+", default=list(IMPORTANCE), choices=IMPORTANCE)
+    parser.add_argument("--density", choices=["here", "bf16"], default="here",
+                        help="cold slots as here, or as bfloat16 pools give")  # fmt: skip
     parser.add_argument("--windows", type=int, default=3, help="per domain")
     parser.add_argument("--window-tokens", type=int, default=256)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = decide(args.model, args.corpus, args.fraction, args.windows, args.window_tokens,
-                  args.bits, args.importance)  # fmt: skip
+                  args.bits, args.importance, args.density)  # fmt: skip
     print(f"{args.model.name}, {args.fraction:.0%} of the experts, {args.windows} x "
           f"{args.window_tokens} held-out tokens per domain\n")  # fmt: skip
     print(markdown(rows))

@@ -4,10 +4,12 @@ HOBBIT (arXiv 2411.01433) found that serving only the *less important* misses (l
 router weight) at low precision costs little accuracy. Here a miss judged unimportant
 (``unimportant``) goes to this pool instead of the full-precision one: a 4-bit slot of a
 float32 expert takes about a sixth of the memory, so the same bytes keep several times
-more of those experts resident. The bytes read from disk are the checkpoint's own (no
-second copy on disk is made); the saving is in misses. It changes the output, so it is
-off unless the user turns it on (``cold_precision``: "4bit", "3bit" or "2bit";
-docs/cold-precision.md measures them).
+more of those experts resident. Measured (docs/cold-precision.md), "unimportant" pays
+when it means *rarely used* (the access profile's frequency) rather than low router
+weight: the rare experts are the misses, and their low-bit copies stay resident. The
+bytes read from disk are the checkpoint's own (no second copy on disk is made); the
+saving is in misses. It changes the output, so it is off unless the user turns it on
+(``cold_precision``).
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class LowBitFormat:
         shapes: dict[str, tuple[int, ...]],
         dtypes: dict[str, mx.Dtype],
         bits: int = BITS,
-        importance: str = "weight",
+        importance: str = "frequency",
     ):
         if importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}.")
@@ -128,9 +130,12 @@ class LowBitFormat:
         return low_bit_layout(self.source, self.shapes, self.dtypes, self.bits)
 
     def set_profile(self, counts: np.ndarray) -> None:
-        """The access profile's counts [layer, expert]: each expert's share of its layer."""
+        """The access profile's counts [layer, expert]: each expert's share of its layer
+        (an even share where a layer has no counts yet: none of its experts is rare)."""
+        counts = np.asarray(counts, np.float64)
         totals = counts.sum(-1, keepdims=True)
-        self.shares = counts / np.maximum(totals, 1)
+        even = np.full_like(counts, 1 / counts.shape[-1])
+        self.shares = np.where(totals > 0, counts / np.maximum(totals, 1), even)
 
     def unimportant(
         self, layer: int, routed: np.ndarray, experts: np.ndarray, probs: np.ndarray
