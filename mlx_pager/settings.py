@@ -20,7 +20,7 @@ from .units import format_bytes, parse_bytes
 APP_NAME = "mlx-pager"
 
 READ_PATHS = ("auto", "pread", "mmap")
-COLD_PRECISIONS = ("full", "4bit")
+COLD_PRECISIONS = ("full", "4bit")  # 3 and 2 bits measured, rejected: docs/cold-precision.md
 POLICY_NAMES = tuple(POLICIES)
 AUTO_BUDGET_SHARE = 0.6  # budget "auto": this share of the machine's memory
 CONTEXT_RANGE = (128, 1_048_576)  # tokens
