@@ -99,6 +99,7 @@ class Engine:
         self._classifier: TaskClassifier | None = None
         self._preload: threading.Thread | None = None
         self._preload_cancel = threading.Event()
+        self.preload_seconds = 0.0  # how long the last preload took
         self.last_task = ""
         self.learn = True  # add each reply's expert counts to the task profile
         # The conversation's KV cache between replies: a chat resends its history.
@@ -217,7 +218,9 @@ class Engine:
         return task
 
     def _run_preload(self, keys: list[tuple[int, int]]) -> None:
+        start = time.perf_counter()
         loaded = self.paged.cache.preload(keys, self._preload_cancel)
+        self.preload_seconds = time.perf_counter() - start  # the last preload's
         self.paged.run.sync()  # the bytes it read
         with self.stats.lock:
             self.stats.preloaded += loaded
