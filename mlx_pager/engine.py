@@ -118,8 +118,8 @@ class Engine:
         """Open a Hub id (from the local cache, or ``cache_dir``) or a folder, under the
         settings' budget.
 
-        ``overrides`` are setting names (context_length, policy, read_path, route_margin)
-        for this run.
+        ``overrides`` are setting names (context_length, policy, read_path, page_cache,
+        route_margin) for this run.
         """
         from .hub.resolve import resolve_model
 
@@ -134,6 +134,7 @@ class Engine:
             context_length=settings.context_length,
             policy=settings.policy,
             read_path=settings.read_path,
+            page_cache=settings.page_cache,
             prefetch=settings.prefetch,
             cold_precision=settings.cold_precision,
             route_margin=settings.route_margin,
@@ -254,6 +255,7 @@ class Engine:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a whole number from 1, not {max_tokens!r}.")
         self._stop.clear()
+        asked = time.perf_counter()  # the first token's time counts from here
         if seed is not None:
             mx.random.seed(seed)
         tokens = self.encode(prompt, chat_template)
@@ -279,6 +281,7 @@ class Engine:
             self._profile_cold()
             counts_before = stats.expert_counts.copy()
         start = time.perf_counter()
+        waited = start - asked
         sampler = make_sampler(temp=temp, top_p=top_p)
         generated: list[int] = []
         for response in stream_generate(
@@ -294,7 +297,9 @@ class Engine:
             with stats.lock:
                 stats.kv_used_bytes = sum(c.nbytes for c in kv_cache)
                 if response.generation_tokens == 1:
-                    stats.ttft_seconds = time.perf_counter() - start
+                    stats.ttft_seconds = time.perf_counter() - asked
+                    stats.ttft_wait_seconds = waited
+                    stats.ttft_read_seconds = stats.read_seconds
                 # Counted when the prompt's last token was done, not now: mlx-lm has run
                 # the first decode step before it yields the first token.
                 at_prefill = (self.paged.run.prefill_counts if cache else None) or (0, 0)
@@ -357,6 +362,8 @@ class Engine:
             stats.generation_tokens = generation_tokens
             stats.prompt_tps = prompt_tps
             stats.decode_tps = decode_tps
+            if generation_tokens == 1:
+                stats.ttft_read_seconds = stats.read_seconds
             stats.ttft_seconds = ttft_seconds
             stats.kv_used_bytes = kv_used_bytes
             stats.peak_rss_bytes = max(peak_rss(), current_rss())

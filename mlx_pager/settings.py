@@ -19,7 +19,11 @@ from .units import format_bytes, parse_bytes
 
 APP_NAME = "mlx-pager"
 
-READ_PATHS = ("auto", "pread", "mmap")
+READ_PATHS = ("auto", "pread", "mmap", "direct")
+# What happens to an expert's pages in the OS page cache once it is copied into a slot:
+# dropped (the budget holds the only copy) or kept (the page cache as a second tier,
+# outside the budget: it counts against a machine's memory all the same).
+PAGE_CACHE_MODES = ("drop", "keep")
 COLD_PRECISIONS = ("full", "4bit")  # 3 and 2 bits measured, rejected: docs/cold-precision.md
 POLICY_NAMES = tuple(POLICIES)
 AUTO_BUDGET_SHARE = 0.6  # budget "auto": this share of the machine's memory
@@ -99,6 +103,7 @@ class Settings:
     cold_precision: str = "full"
     route_margin: float = 0.0  # cache-aware routing (lossy): 0 is exact, up to 1
     read_path: str = "auto"
+    page_cache: str = "drop"
     task_preload: bool = True
     last_model: str = ""
 
@@ -112,6 +117,8 @@ class Settings:
         check_context_length(self.context_length)
         if self.read_path not in READ_PATHS:
             raise ValueError(f"read_path must be one of {', '.join(READ_PATHS)}.")
+        if self.page_cache not in PAGE_CACHE_MODES:
+            raise ValueError(f"page_cache must be one of {', '.join(PAGE_CACHE_MODES)}.")
         if self.cold_precision not in COLD_PRECISIONS:
             raise ValueError(f"cold_precision must be one of {', '.join(COLD_PRECISIONS)}.")
         if self.policy not in POLICIES:

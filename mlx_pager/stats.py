@@ -55,12 +55,16 @@ class Stats:
     prefetch_used: int = 0  # ... that the next layer then needed
     prefetch_recall: float = 0.0  # share of routed experts the guesses contained
     prefetch_precision: float = 0.0  # share of guesses that were routed
+    read_ahead_issued: int = 0  # prefill: the next layer's likely experts read into slots
+    read_ahead_used: int = 0  # ... that a layer then asked for
     prompt_tokens: int = 0  # fed through the model this reply
     prompt_reused_tokens: int = 0  # ... and those the kept KV cache already held
     prompt_tps: float = 0.0
     generation_tokens: int = 0
     decode_tps: float = 0.0
-    ttft_seconds: float = 0.0
+    ttft_seconds: float = 0.0  # from the request to the first token, and its parts:
+    ttft_wait_seconds: float = 0.0  # ... before the first forward pass (a preload finishing)
+    ttft_read_seconds: float = 0.0  # ... blocked on expert reads (the rest: computing)
     peak_rss_bytes: int = 0
     peak_mlx_bytes: int = 0
     task: str = ""
@@ -88,6 +92,12 @@ class Stats:
         return modes
 
     @property
+    def ttft_compute_seconds(self) -> float:
+        """The first token's time neither waiting nor reading: the model's computation
+        and the pager's own work."""
+        return max(0.0, self.ttft_seconds - self.ttft_wait_seconds - self.ttft_read_seconds)
+
+    @property
     def bytes_per_token(self) -> float:
         tokens = self.prompt_tokens + self.generation_tokens
         return self.bytes_read / tokens if tokens else 0.0
@@ -101,9 +111,11 @@ class Stats:
             self.read_seconds = 0.0
             self.prefetch_issued = self.prefetch_used = 0
             self.prefetch_recall = self.prefetch_precision = 0.0
+            self.read_ahead_issued = self.read_ahead_used = 0
             self.prompt_tokens = self.generation_tokens = self.kv_used_bytes = 0
             self.prompt_reused_tokens = 0
             self.prompt_tps = self.decode_tps = self.ttft_seconds = 0.0
+            self.ttft_wait_seconds = self.ttft_read_seconds = 0.0
 
     def snapshot(self) -> Stats:
         """A consistent copy another thread may read while generation goes on."""
@@ -121,6 +133,7 @@ class Stats:
         data["decode_hit_rate"] = snap.decode_hit_rate
         data["bytes_per_token"] = snap.bytes_per_token
         data["lossy"] = snap.lossy
+        data["ttft_compute_seconds"] = snap.ttft_compute_seconds
         data["expert_counts"] = snap.expert_counts.tolist()
         return data
 

@@ -72,7 +72,7 @@ def model(source, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("read_path", ["pread", "mmap"])
+@pytest.mark.parametrize("read_path", ["pread", "mmap", "direct"])
 def test_truncated_mid_reply_then_restored(model, budget, expected, read_path):
     weights = model / "model.safetensors"
     original = weights.read_bytes()
@@ -95,7 +95,7 @@ def test_truncated_mid_reply_then_restored(model, budget, expected, read_path):
         engine.close()
 
 
-@pytest.mark.parametrize("read_path", ["pread", "mmap"])
+@pytest.mark.parametrize("read_path", ["pread", "mmap", "direct"])
 def test_deleted_and_downloaded_again_is_reopened(model, budget, expected, read_path):
     weights = model / "model.safetensors"
     original = weights.read_bytes()

@@ -19,6 +19,9 @@ def test_prefetch_accounting(tmp_path):
     engine = Engine(paged, "m", 256)
     for _ in engine.generate("Experts are paged from disk.", max_tokens=24, chat_template=False):
         pass
+    for _, read in list(paged.cache.ahead.values()):  # prefill's read-aheads, all done
+        read.result()
+    paged.run.sync()
     prefetcher, stats = paged.cache.prefetcher, engine.stats
     expert_bytes = paged.cache.map.expert_disk_bytes()
     engine.close()
@@ -27,8 +30,10 @@ def test_prefetch_accounting(tmp_path):
     assert stats.prefetch_used == prefetcher.used
     # Prediction scored against what the next layer really routed: width 3 of 16 per token.
     assert 0 < stats.prefetch_precision <= 1 and 0 < stats.prefetch_recall <= 1
-    # Demand misses, plus guesses read and never used: nothing else touched the disk.
-    assert stats.bytes_read == (stats.misses + prefetcher.wasted) * expert_bytes
+    # Demand misses, plus guesses read and never used (the decode prefetcher's, and the
+    # prefill's read-aheads into slots): nothing else touched the disk.
+    unused_ahead = stats.read_ahead_issued - stats.read_ahead_used
+    assert stats.bytes_read == (stats.misses + prefetcher.wasted + unused_ahead) * expert_bytes
     assert hints == []
 
 
@@ -70,8 +75,8 @@ def test_demand_reads_do_not_wait_for_a_guess_under_way(tmp_path):
     demand_read = cache.reader.read
     speculative_reading = []
 
-    def read(pieces):  # demand reads, on the calling thread
-        out = demand_read(pieces)
+    def read(pieces, outs=None):  # demand reads, on the calling thread
+        out = demand_read(pieces, outs)
         speculative_reading.append(not release.is_set())
         demand_done.set()
         return out
@@ -113,3 +118,58 @@ def test_prediction_counts_are_per_run(tmp_path):
             engine.close()
     assert results[0][0] > 0
     assert results[0] == results[1]  # the second run after another == that run alone
+
+
+def test_prefill_reads_the_next_layers_experts_ahead(tmp_path):
+    """A prompt's pass reads the next layer's likely experts into slots while a layer
+    computes: they are asked for, counted as misses (read for this need), every byte
+    accounted for, and the output is unchanged (tests/test_exact.py: bit for bit)."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16, num_hidden_layers=4)
+    paged = open_paged(path, 40)
+    engine = Engine(paged, "m", 256)
+    for _ in engine.generate("A prompt long enough to route to most experts of each layer.",
+                             max_tokens=4, chat_template=False):  # fmt: skip
+        pass
+    cache, stats = paged.cache, engine.stats
+    for _, read in list(cache.ahead.values()):
+        read.result()
+    paged.run.sync()
+    expert_bytes = cache.map.expert_disk_bytes()
+    engine.close()
+    assert stats.read_ahead_issued > 0 and 0 < stats.read_ahead_used <= stats.read_ahead_issued
+    unused = stats.read_ahead_issued - stats.read_ahead_used
+    assert stats.bytes_read == (stats.misses + unused) * expert_bytes
+    assert len(cache.slot_of) <= cache.slots
+
+
+def test_demand_reads_do_not_wait_for_a_read_ahead(tmp_path):
+    """A read-ahead stuck on the disk: a layer that needs another expert reads it at once,
+    and the stuck one is waited for only when asked for."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16)
+    paged = open_paged(path, 8)
+    cache = paged.cache
+    started, release = threading.Event(), threading.Event()
+    original = cache._read_ahead
+
+    def stuck(key, slot):
+        started.set()
+        release.wait(10)
+        original(key, slot)
+
+    cache._read_ahead = stuck
+    try:
+        assert cache.read_ahead(1, np.array([3]), keep=set()) == 1
+        assert started.wait(10)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (cache.fetch(1, np.array([5])), done.set()))
+        worker.start()
+        assert done.wait(5), "the demand read waited behind the read-ahead"
+        assert not release.is_set() and (1, 3) in cache.ahead
+        release.set()
+        worker.join(10)
+        cache.fetch(1, np.array([3, 5]))
+        assert cache.resident(1, 3) and cache.resident(1, 5)
+        assert cache.ahead_used == 1
+    finally:
+        release.set()
+        paged.close()

@@ -37,8 +37,8 @@ from ..text import heading_colour, model_label, percent, size
 from ..widgets.budget_bar import CORE, EXPERTS, HEADROOM, KV, BudgetBar, Part
 
 AUTO_TEXT = f"{AUTO_BUDGET_SHARE:.0%} of memory"
-READ_PATH_HELP = {"auto": "auto (pread)", "pread": "pread (fastest cold reads)",
-                  "mmap": "mmap (page faults)"}  # fmt: skip
+READ_PATH_HELP = {"auto": "auto (the engine's pick)", "pread": "pread (buffered reads)",
+                  "mmap": "mmap (page faults)", "direct": "direct (O_DIRECT, Linux)"}  # fmt: skip
 
 
 def budget_text(settings: Settings) -> str:

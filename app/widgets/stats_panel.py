@@ -81,6 +81,9 @@ def panel_renderable(state: PanelState, width: int, colour: str = "#FFBE98") -> 
         ("prompt", rate(s.prompt_tps)),
         ("decode", rate(s.decode_tps)),
         ("first token", seconds(s.ttft_seconds)),
+        *([("  reading · computing", f"{seconds(s.ttft_read_seconds)} · "
+             f"{seconds(s.ttft_compute_seconds)}")] if s.ttft_seconds else []),
+        *([("  waiting", seconds(s.ttft_wait_seconds))] if s.ttft_wait_seconds >= 0.05 else []),
         ("tokens", f"{s.prompt_tokens} in · {s.generation_tokens} out"),
     ])  # fmt: skip
     parts = memory_parts(s)

@@ -121,7 +121,14 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         raise ValueError("the mlx-pager arm needs --budget BYTES")
     context = max(len(p) for p in prompts) + args.max_tokens + 16
     start = time.perf_counter()
-    paged = load_paged(Path(args.model), args.budget, context_length=context)
+    paged = load_paged(
+        Path(args.model),
+        args.budget,
+        context_length=context,
+        read_path=args.read_path,
+        page_cache=args.page_cache,
+        prefetch=args.prefetch,
+    )
     engine = Engine(paged, str(args.model), context)
     load_s = time.perf_counter() - start
     recorder = None
@@ -270,6 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gguf", type=Path)
     parser.add_argument("--packed", type=Path)
     parser.add_argument("--trace", type=Path, help="mlx-pager: the routing trace (.npz)")
+    parser.add_argument("--read-path", default="auto", help="mlx-pager: pread, mmap, direct")
+    parser.add_argument("--page-cache", default="drop", help="mlx-pager: drop or keep")
+    parser.add_argument("--prefetch", action="store_true", help="mlx-pager: read ahead")
     return parser.parse_args(argv)
 
 

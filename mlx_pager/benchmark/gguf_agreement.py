@@ -127,3 +127,47 @@ def routing_agreement(
         "expert_set_agreement": same_sets / pairs if pairs else None,
         "expert_slot_agreement": overlap / total if total else None,
     }
+
+
+def expert_agreement(ours: dict[int, np.ndarray], theirs: dict[int, np.ndarray], first: int):
+    """Share of (layer, token) pairs among the first ``first`` tokens whose expert sets are
+    equal, and share of experts in common: both engines' routing of the same tokens."""
+    same, common, total, pairs = 0, 0, 0, 0
+    for layer, a_ids in ours.items():
+        b_ids = theirs.get(layer)
+        if b_ids is None:
+            continue
+        for t in range(min(first, len(a_ids), len(b_ids))):
+            a, b = set(np.asarray(a_ids[t]).tolist()), set(np.asarray(b_ids[t]).tolist())
+            same += a == b
+            common += len(a & b)
+            total += len(a)
+            pairs += 1
+    return {
+        "tokens_compared": first,
+        "layers_compared": len(set(ours) & set(theirs)),
+        "expert_set_agreement": same / pairs if pairs else None,
+        "expert_slot_agreement": common / total if total else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mlx_pager.benchmark.gguf_agreement GGUF TOKENS_JSON FIRST``: llama.cpp's
+    routing of the first tokens and its greedy next token at each, as one JSON line (run in
+    a process of its own, as the harness's arms are)."""
+    import json
+    import sys
+
+    gguf, tokens_file, first = (argv if argv is not None else sys.argv[1:])[:3]
+    tokens = [int(t) for t in json.loads(Path(tokens_file).read_text())][: int(first)]
+    logits, routed = llama_routing(Path(gguf), tokens)
+    out = {
+        "routed": {str(layer): ids.tolist() for layer, ids in routed.items()},
+        "top1": logits.argmax(-1).tolist(),
+    }
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

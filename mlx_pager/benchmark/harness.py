@@ -10,6 +10,7 @@ the ratios between runs, and Belady's bound for mlx-pager's own routing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ MiB = 2**20
 PROCESS_BASELINE_BYTES = 256 * MiB
 RESIDENT_SHARE_OF_RAM = 0.8  # stock fully resident is skipped above this share of RAM
 ALL_ARMS = frozenset({"stock", "mlx-pager", "nunspark", "llama"})
+AGREEMENT_TOKENS = 8  # the first prompt tokens whose routing llama.cpp and MLX compare
 
 
 def machine_ram_bytes() -> int:
@@ -79,7 +81,9 @@ def _arm(
     argv = [sys.executable, "-m", "mlx_pager.benchmark.arms", arm, "--model", str(model_dir),
             "--prompt-file", str(prompt_file), "--max-tokens", str(max_tokens)]  # fmt: skip
     for key, value in options.items():
-        if value is not None:
+        if value is True:  # a flag
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
             argv += [f"--{key}", str(value)]
     cold = drop_page_cache()
     if arm != "baseline":  # libraries warm, model cold: read_bytes is the model's
@@ -123,6 +127,8 @@ def _belady(run: dict) -> None:
     if not trace_path or not Path(trace_path).exists():
         return
     trace = load_trace(trace_path)
+    first = trace.expert_ids[: int(trace.offsets[1])][:AGREEMENT_TOKENS]
+    run["first_routes"] = {layer: first[:, layer] for layer in range(trace.num_layers)}
     per_layer = max(-(-run["slots"] // trace.num_layers), trace.top_k)
     result = belady(trace, per_layer, shared=True)
     run["belady_hit_rate"] = result.hit_rate
@@ -234,9 +240,21 @@ def run_benchmark(
                 )
             else:
                 skipped["nunspark"] = pack
-        if "llama" in arms:
+        gguf_report: dict = {"given": str(gguf) if gguf else None}
+        if "llama" in arms and importlib.util.find_spec("llama_cpp") is None:
+            gguf_report["skipped"] = "llama-cpp-python is not installed: no GGUF written"
+        elif "llama" in arms:
+            if gguf is None:
+                gguf = _export_gguf(model_dir, tmp / "model.gguf", gguf_report)
+            if gguf is not None:
+                gguf_report["bytes"] = Path(gguf).stat().st_size
+                ours = runs.get("mlx-pager-capped", {}).get("first_routes")
+                if ours is not None:
+                    gguf_report["agreement"] = _llama_agreement(gguf, tokens[0], ours, tmp)
             runs["llama-resident"] = _arm("llama", *common, None, gguf=gguf)
             runs["llama-capped"] = _arm("llama", *common, cap_bytes, gguf=gguf)
+        for r in runs.values():
+            r.pop("first_routes", None)
         for name, r in list(runs.items()):
             if "skipped" in r:
                 skipped[name] = r["skipped"]
@@ -253,6 +271,7 @@ def run_benchmark(
         "prompts": prompts,
         "prompt_token_counts": [len(t) for t in tokens],
         "nunspark_packed_extra_disk_bytes": packed_extra,
+        "gguf": gguf_report,
         "runs": runs,
         "skipped": skipped,
         "ratios": _ratios(runs),
@@ -261,8 +280,6 @@ def run_benchmark(
 
 def _pack_nunspark(model_dir: Path, out: Path) -> str | None:
     """``nunspark pack`` in a process of its own; None when done, else why it could not."""
-    import importlib.util
-
     if importlib.util.find_spec("nunspark") is None:
         return "nunspark is not installed: pip install 'mlx-pager[peers]'"
     code = "import sys; from nunspark.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -271,3 +288,39 @@ def _pack_nunspark(model_dir: Path, out: Path) -> str | None:
         tail = child.stderr.strip().splitlines()[-1:] or ["no output"]
         return f"nunspark pack failed: {tail[0]}"
     return None
+
+
+def _export_gguf(model_dir: Path, out: Path, report: dict) -> Path | None:
+    """The llama.cpp arm's GGUF, written beside the run (the same weights, repacked); None
+    with the reason in ``report`` when the model cannot be exported."""
+    import time
+
+    from .gguf_export import export_gguf
+
+    start = time.perf_counter()
+    try:
+        export_gguf(model_dir, out)
+    except (ValueError, ImportError) as e:
+        report["skipped"] = f"no GGUF export: {e}"
+        return None
+    report["export_s"] = time.perf_counter() - start
+    report["exported"] = True
+    return out
+
+
+def _llama_agreement(gguf: Path, prompt: list[int], ours: dict, tmp: Path) -> dict:
+    """llama.cpp's routing of the prompt's first tokens (its own process) against
+    mlx-pager's, recorded in the capped run (bit for bit mlx-lm's, tests/test_exact.py)."""
+    from .gguf_agreement import expert_agreement
+
+    tokens_file = tmp / "agreement-tokens.json"
+    tokens_file.write_text(json.dumps(prompt))
+    argv = [sys.executable, "-m", "mlx_pager.benchmark.gguf_agreement", str(gguf),
+            str(tokens_file), str(AGREEMENT_TOKENS)]  # fmt: skip
+    child = run_capped(argv, None)
+    line = next((x for x in reversed(child.stdout.splitlines()) if x.startswith("{")), None)
+    if line is None:
+        tail = child.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"llama.cpp routing failed: {tail[0]}"}
+    theirs = {int(k): v for k, v in json.loads(line)["routed"].items()}
+    return expert_agreement(ours, theirs, AGREEMENT_TOKENS)

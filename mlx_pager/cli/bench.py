@@ -36,6 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true")
     add_peer_arguments(parser)
+    make = parser.add_argument_group("real-shaped checkpoints (--make-model)")
+    make.add_argument(
+        "--make-model",
+        nargs=2,
+        metavar=("SHAPE", "DIR"),
+        help="write a random checkpoint of a real model's shape (qwen3-30b-a3b, olmoe-1b-7b, "
+        "deepseek-v2-lite, small...) to DIR, a layer at a time; with --gguf, its GGUF too",
+    )
+    make.add_argument("--layers", type=whole(1, 1000), help="only the first N layers")
+    make.add_argument("--seed", type=whole(0, 2**32 - 1), default=0)
 
 
 def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +159,59 @@ def peer_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def make_model(args: argparse.Namespace) -> int:
+    """`bench --make-model SHAPE DIR [--gguf FILE]`: the fixture, and its report."""
+    from ..benchmark.fixture import make_model as write
+    from ..benchmark.shapes import SHAPES
+
+    shape, folder = args.make_model
+    if shape not in SHAPES:
+        return _peer_error(f"--make-model: unknown shape {shape!r}; one of {', '.join(SHAPES)}")
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        return _peer_error(f"--make-model: {folder} is not empty; pick a new folder")
+    try:
+        report = write(shape, folder, seed=args.seed, num_layers=args.layers)
+    except (ValueError, OSError) as e:
+        return _peer_error(str(e))
+    if args.gguf:
+        from ..benchmark.gguf_export import export_gguf
+
+        try:
+            report["gguf"] = str(export_gguf(folder, Path(args.gguf)))
+        except (ValueError, OSError) as e:
+            return _peer_error(f"--gguf: {e}")
+        report["gguf_bytes"] = Path(args.gguf).stat().st_size
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(fixture_summary(report))
+    return 0
+
+
+def fixture_summary(report: dict) -> str:
+    """The fixture's size and its routing against the target curve and a real model's."""
+    points = report["target_coverage"]
+    reference = report["reference_overlap"]
+    lines = [
+        f"{report['shape']}: {report['layers']} layers ({report['moe_layers']} MoE), "
+        f"{report['bytes'] / 1e9:.2f} GB, one expert {report['expert_bytes'] / 1e6:.2f} MB, "
+        f"written in {report['seconds']:.0f} s",
+        "share of activations taken by the top experts (fixture / target):",
+        *(f"  top {float(x):.0%}: {report['coverage'][x]:.2f} / {points[x]:.2f}" for x in points),
+        f"consecutive tokens share {report['overlap']:.2f} of their experts (random "
+        f"routing: {report['uniform_overlap']:.2f}; a real model: {reference['overlap']:.3f} "
+        f"against {reference['uniform_overlap']:.3f}, {reference['source']})",
+        f"({report['measured']})",
+    ]
+    if "gguf" in report:
+        lines.append(f"GGUF for llama.cpp: {report['gguf']} ({report['gguf_bytes'] / 1e9:.2f} GB)")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.make_model:
+        return make_model(args)
     if args.peers:
         return run_peers(args)
     from ..sim.bench import (

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..paging.policies import POLICIES
-from ..settings import CONTEXT_RANGE, ROUTE_MARGIN_RANGE
+from ..settings import CONTEXT_RANGE, PAGE_CACHE_MODES, READ_PATHS, ROUTE_MARGIN_RANGE
 from .ranges import (
     MAX_TOKENS_ARG,
     SEED_ARG,
@@ -40,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy", choices=list(POLICIES), help="expert cache policy (default: settings)"
     )
-    parser.add_argument("--read-path", choices=["auto", "pread", "mmap"])
+    parser.add_argument("--read-path", choices=READ_PATHS)
+    parser.add_argument(
+        "--page-cache",
+        choices=PAGE_CACHE_MODES,
+        help="drop an expert's pages once copied (default) or keep them cached by the OS",
+    )
     parser.add_argument(
         "--route-margin",
         type=real(*ROUTE_MARGIN_RANGE),

@@ -15,6 +15,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..settings import PAGE_CACHE_MODES, READ_PATHS
     from ..units import parse_bytes
 
     parser.add_argument(
@@ -25,7 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", help="memory budget, e.g. 8GB (default: settings)")
     parser.add_argument("--context-length", type=int, help="tokens the KV cache is sized for")
     parser.add_argument("--policy", help="expert cache policy (default: settings)")
-    parser.add_argument("--read-path", choices=["auto", "pread", "mmap"])
+    parser.add_argument("--read-path", choices=READ_PATHS)
+    parser.add_argument(
+        "--page-cache",
+        choices=PAGE_CACHE_MODES,
+        help="drop an expert's pages once copied (default) or keep them cached by the OS",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine)")
     parser.add_argument("--port", type=int, default=8080, help="default: 8080 (0: any free)")
     parser.add_argument(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
@@ -46,6 +47,58 @@ def piece_to_mx(buf: np.ndarray, piece: Piece, shape: tuple[int, ...], dtype: mx
     if piece.dtype == "BF16":
         array = array.view(mx.bfloat16)
     return array if array.dtype == dtype else array.astype(dtype)
+
+
+# Stored dtype -> pool dtype conversions the host does exactly (widening), besides a copy.
+_WIDEN = {("BF16", np.float32), ("F16", np.float32)}
+
+
+def host_views(pools: dict[str, mx.array]) -> dict[str, np.ndarray] | None:
+    """Writable numpy views of the pools' own memory, or None where MLX's buffers cannot be
+    written from the host. Checked, not assumed: a value written through each view must be
+    what MLX then reads from the pool. With them a miss is read straight into its slot:
+    no staging buffer, no copy into an MLX array, no graph to evaluate."""
+    views = {}
+    for name, pool in pools.items():
+        # bfloat16 has no buffer format: write its bits through a uint16 view of the pool.
+        source = pool.view(mx.uint16) if pool.dtype == mx.bfloat16 else pool
+        try:
+            mx.eval(source)
+            view = np.asarray(memoryview(source))
+        except (TypeError, ValueError, BufferError, RuntimeError):
+            return None
+        if not (view.flags.writeable and view.flags.c_contiguous and view.nbytes == pool.nbytes):
+            return None
+        first = view.reshape(-1)[:1]
+        first[:] = 1
+        written = mx.any(pool.reshape(-1)[:1] != 0).item()
+        first[:] = 0
+        cleared = not mx.any(pool.reshape(-1)[:1] != 0).item()
+        if not (written and cleared):
+            return None
+        views[name] = view
+    return views
+
+
+def host_writable(pieces: dict[str, Piece], views: dict[str, np.ndarray]) -> bool:
+    """Every parameter either has the pool's bytes on disk or widens exactly on the host."""
+    for param, piece in pieces.items():
+        stored = _NP_DTYPES.get(piece.dtype)
+        target = views[param].dtype
+        if stored is None:
+            return False
+        if np.dtype(stored) != target and (piece.dtype, target.type) not in _WIDEN:
+            return False
+    return True
+
+
+def widen_into(view: np.ndarray, buf: np.ndarray, piece: Piece) -> None:
+    """A piece read into a scratch buffer, converted into its slot (bf16 -> f32 exactly)."""
+    stored = buf.view(_NP_DTYPES[piece.dtype])
+    if piece.dtype == "BF16":
+        view.reshape(-1).view(np.uint32)[:] = stored.astype(np.uint32) << 16
+    else:
+        view.reshape(-1)[:] = stored
 
 
 class StoredFormat:
@@ -107,6 +160,11 @@ class ExpertCache:
             for name, (shape, dtype) in slot_format.layout().items()
         }
         mx.eval(list(self.pools.values()))
+        # Misses are read straight into their slots where the host can write MLX's memory
+        # and the stored bytes are the slot's (or widen exactly); else through MLX arrays.
+        self.views = host_views(self.pools) if isinstance(slot_format, StoredFormat) else None
+        if self.views is not None and not host_writable(expert_map.expert_pieces(0, 0), self.views):
+            self.views = None
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_in: list[tuple[int, int] | None] = [None] * slots
         # [layer, expert] -> slot, -1 when not resident: a hit is a numpy gather
@@ -116,6 +174,12 @@ class ExpertCache:
         self.free = list(range(slots - 1, -1, -1))
         self.prefetcher = None  # optional Prefetcher: guessed experts read ahead
         self.lock = threading.Lock()  # fetches and background preloads take turns
+        # Read ahead into slots (prefill): key -> (slot, its read), not resident yet; and
+        # keys read ahead, resident, not yet asked for (their first use counts as a miss).
+        self.ahead: dict[tuple[int, int], tuple[int, Future]] = {}
+        self.fresh: set[tuple[int, int]] = set()
+        self.ahead_issued = self.ahead_used = 0
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     @property
     def slot_bytes(self) -> int:
@@ -156,19 +220,115 @@ class ExpertCache:
 
     def _fetch(self, layer: int, experts: np.ndarray, requests) -> np.ndarray:
         table = self.slot_table[layer]
+        if self.ahead or self.fresh:
+            self._reap()
         missing = experts[table[experts] < 0]
-        waited = 0.0
+        waited, already_read = 0.0, 0
+        if self.fresh:  # read ahead for this need, done before it: misses all the same
+            done = [(layer, e) for e in experts.tolist() if (layer, e) in self.fresh]
+            self.fresh.difference_update(done)
+            already_read = len(done)
+            self.ahead_used += already_read
         if missing.size:  # a hit touches nothing but the table and the policy
             pinned = {(layer, int(e)) for e in experts}
-            misses = [(layer, int(e)) for e in missing]
+            keys = [(layer, int(e)) for e in missing]
+            coming = [k for k in keys if k in self.ahead]
+            misses = [k for k in keys if k not in self.ahead]
             slots = [self._claim(pinned) for _ in misses]
             start = time.perf_counter()
-            self._load(misses, slots)
+            self._load(misses, slots)  # demand reads first, on the reader's own threads
+            self._collect(coming, pinned)
             waited = time.perf_counter() - start
+            self.ahead_used += len(coming)
         self.policy.access_layer(layer, experts, requests)
         if self.on_fetch is not None:
-            self.on_fetch(len(experts) - missing.size, missing.size, waited)
+            misses = missing.size + already_read
+            self.on_fetch(len(experts) - misses, misses, waited)
         return table
+
+    # -- reading ahead into slots (prefill) --------------------------------------------------
+
+    def read_ahead(self, layer: int, experts: np.ndarray, keep: set[tuple[int, int]]) -> int:
+        """Start reading guessed ``experts`` of ``layer`` straight into slots, on threads
+        of their own, while the layer before computes. ``keep``: the keys a pending
+        computation reads (never evicted for a guess). At most half the slots are in
+        flight; a guess never delays a demand read (it is collected only after the demand
+        reads of its layer). Returns how many reads started."""
+        if self.views is None:
+            return 0
+        with self.lock:
+            self._reap()
+            room = min(self.slots // 2 - len(self.ahead), self.slots - len(keep) - len(self.ahead))
+            table = self.slot_table[layer]
+            keys = [
+                (layer, int(e))
+                for e in experts
+                if table[e] < 0 and (layer, int(e)) not in self.ahead
+            ][: max(0, room)]
+            if not keys:
+                return 0
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(4, thread_name_prefix="read-ahead")
+            pinned = set(keep) | set(keys)
+            for key in keys:
+                slot = self._claim(pinned)
+                self.key_in[slot] = None
+                self.ahead[key] = (slot, self._ahead_pool.submit(self._read_ahead, key, slot))
+            self.ahead_issued += len(keys)
+            return len(keys)
+
+    def _read_ahead(self, key: tuple[int, int], slot: int) -> None:
+        """On a read-ahead thread: one expert's pieces straight into its claimed slot."""
+        pieces = self.map.expert_pieces(*key)
+        for param, piece in pieces.items():
+            view = self.views[param][slot]
+            if np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype:
+                self.reader.read_piece(piece, view.reshape(-1).view(np.uint8))
+            else:
+                widen_into(view, self.reader.read_piece(piece), piece)
+        self.reader.count(sum(p.nbytes for p in pieces.values()))
+
+    def _reap(self) -> None:
+        """Read-aheads that finished become resident (and evictable); failed ones give
+        their slot back (a demand read of the expert will say what went wrong)."""
+        for key, (slot, future) in list(self.ahead.items()):
+            if future.done():
+                del self.ahead[key]
+                self._settle(key, slot, future)
+
+    def _collect(self, keys: list[tuple[int, int]], pinned: set[tuple[int, int]]) -> None:
+        """Wait for these keys' read-aheads (after the demand reads): resident, or, where
+        the read failed, read again on demand, which raises what went wrong."""
+        for key in keys:
+            slot, future = self.ahead.pop(key)
+            self._settle(key, slot, future, pinned)
+
+    def _settle(
+        self, key, slot: int, future: Future, needed: set[tuple[int, int]] | None = None
+    ) -> None:
+        """A finished read-ahead: resident (``needed``: by the fetch under way, pinned with
+        these keys; else admitted to the policy, and its first use counted a miss)."""
+        try:
+            future.result()
+        except Exception:
+            self.free.append(slot)
+            if needed is not None:
+                self._load([key], [self._claim(needed)])
+            return
+        self._mark(key, slot)
+        if needed is None:
+            self.policy.admit(key)
+            self.fresh.add(key)
+
+    def _drop_ahead(self) -> None:
+        """Wait out every read-ahead and forget it (the cache is being emptied)."""
+        for _, future in self.ahead.values():
+            try:
+                future.result()
+            except Exception:
+                pass
+        self.ahead.clear()
+        self.fresh.clear()
 
     def preload(self, keys: list[tuple[int, int]], cancel: threading.Event | None = None) -> int:
         """Make ``keys`` resident, most important first, without counting hits or misses.
@@ -196,6 +356,7 @@ class ExpertCache:
     def clear(self) -> None:
         """Evict everything (benchmarks that need a cold cache)."""
         with self.lock:
+            self._drop_ahead()
             for key in list(self.slot_of):
                 self.policy.remove(key)
             self.slot_of.clear()
@@ -214,6 +375,7 @@ class ExpertCache:
             return self.free.pop()
         victim = self.policy.victim(pinned)
         self.policy.remove(victim)
+        self.fresh.discard(victim)
         slot = self.slot_of.pop(victim)
         self.slot_table[victim] = -1
         self.key_in[slot] = None
@@ -249,7 +411,7 @@ class ExpertCache:
         for key, slot in zip(keys, slots, strict=True):
             if key in under_way:
                 continue
-            expert_size = self.map.expert_disk_bytes(*key)
+            expert_size = self._buffer_bytes(key)
             if group and size + expert_size > self.staging_bytes:
                 self._load_group(group)
                 group, size = [], 0
@@ -260,10 +422,25 @@ class ExpertCache:
         for key, slot in zip(keys, slots, strict=True):
             if key in under_way:
                 self._place(key, slot, self.prefetcher.collect(under_way[key]))
-        if under_way:
+        if under_way and self.views is None:
             mx.eval(list(self.pools.values()))
 
+    def _buffer_bytes(self, key: tuple[int, int]) -> int:
+        """Read buffers an expert's load holds: all its bytes, or, read straight into its
+        slot, only the pieces that widen on the way (bf16 scales into float32 slots)."""
+        pieces = self.map.expert_pieces(*key)
+        if self.views is None:
+            return sum(p.nbytes for p in pieces.values())
+        return sum(
+            p.nbytes
+            for param, p in pieces.items()
+            if np.dtype(_NP_DTYPES[p.dtype]) != self.views[param].dtype
+        )
+
     def _load_group(self, group: list[tuple[tuple[int, int], int]]) -> None:
+        if self.views is not None:
+            self._read_direct(group)
+            return
         pieces = [pc for key, _ in group for pc in self.map.expert_pieces(*key).values()]
         read = iter(self.reader.read(pieces))
         for key, slot in group:
@@ -272,14 +449,51 @@ class ExpertCache:
         # referenced by a pending computation would make MLX copy the whole pool.
         mx.eval(list(self.pools.values()))
 
+    def _read_direct(self, group: list[tuple[tuple[int, int], int]]) -> None:
+        """Every piece of the group in one parallel read, each straight into its slot
+        (or into a scratch buffer that widens into it)."""
+        pieces, outs, widen = [], [], []
+        for key, slot in group:
+            for param, piece in self.map.expert_pieces(*key).items():
+                view = self.views[param][slot]
+                direct = np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype
+                pieces.append(piece)
+                outs.append(view.reshape(-1).view(np.uint8) if direct else None)
+                widen.append(None if direct else view)
+        # Nothing still queued may read a slot about to be overwritten.
+        mx.synchronize()
+        buffers = self.reader.read(pieces, outs)
+        for view, buf, piece in zip(widen, buffers, pieces, strict=True):
+            if view is not None:
+                widen_into(view, buf, piece)
+        for key, slot in group:
+            self._mark(key, slot)
+
     def _place(self, key: tuple[int, int], slot: int, buffers: list[np.ndarray]) -> None:
-        self.format.write(self.pools, slot, self.map.expert_pieces(*key), buffers)
+        pieces = self.map.expert_pieces(*key)
+        if self.views is not None:
+            mx.synchronize()
+            for (param, piece), buf in zip(pieces.items(), buffers, strict=True):
+                view = self.views[param][slot]
+                if np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype:
+                    view.reshape(-1).view(np.uint8)[:] = buf
+                else:
+                    widen_into(view, buf, piece)
+        else:
+            self.format.write(self.pools, slot, pieces, buffers)
+        self._mark(key, slot)
+
+    def _mark(self, key: tuple[int, int], slot: int) -> None:
         self.slot_of[key] = slot
         self.slot_table[key] = slot
         self.key_in[slot] = key
 
     def close(self) -> None:
-        """Stop the prefetcher and close the files (the reader is the model's own)."""
+        """Stop the prefetcher and the read-aheads, close the files (the model's reader)."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+        with self.lock:
+            self._drop_ahead()
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True)
         self.reader.close()

@@ -23,7 +23,7 @@ from ..budget import BudgetPlan, check_budget, plan_budget
 from ..stats import Stats
 from ..storage.checkpoint import declared_experts, declared_top_k, index_checkpoint
 from ..storage.expert_map import ExpertMap, build_expert_map
-from ..storage.readers import make_reader
+from ..storage.readers import DEFAULT_READ_THREADS, make_reader
 from .cache_routing import enable_cache_routing
 from .cold_tier import LowBitFormat, cold_eligible, precision_bits, slot_bytes
 from .expert_cache import ExpertCache, StoredFormat
@@ -285,6 +285,8 @@ def load_paged(
     compute_dtype: mx.Dtype | None | str = "auto",
     prefetch: bool = False,
     cold_precision: str = "full",
+    read_threads: int = DEFAULT_READ_THREADS,
+    page_cache: str = "drop",
     route_margin: float = 0.0,
 ) -> PagedModel:
     """Open a checkpoint folder under a byte budget; see the module docstring."""
@@ -292,7 +294,8 @@ def load_paged(
     plan = check_budget(layout.plan(budget_bytes))
     model, stats, cache, cold, run = layout.model, Stats(), None, None, None
     if layout.switches:
-        reader = make_reader(read_path, layout.expert_map.files())
+        keep = page_cache == "keep"  # the OS page cache as a second tier (not dropped)
+        reader = make_reader(read_path, layout.expert_map.files(), read_threads, not keep)
         run = PagingRun(stats, reader, layout.moe_layers, layout.experts_per_layer)
         projections = describe_projections(layout.switches[0][1])
         params = layout.expert_map.params
@@ -307,6 +310,7 @@ def load_paged(
         staging = plan.headroom_bytes // 4
         cache = ExpertCache(layout.expert_map, reader, slots, make_policy(policy), stored,
                             staging, on_fetch=run.count)  # fmt: skip
+        run.cache = cache
         if cold_slots:
             cold = ExpertCache(layout.expert_map, reader, cold_slots, make_policy("lru"), low,
                                staging, on_fetch=run.count_cold)  # fmt: skip

@@ -71,6 +71,15 @@ def expert_param_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def likely_experts(scores: np.ndarray, k: int) -> np.ndarray:
+    """Experts in any token's top ``k`` of ``scores`` (tokens x experts), the most often
+    chosen first: what to read first when not all of them can be."""
+    flat = scores.reshape(-1, scores.shape[-1])
+    top = np.argpartition(-flat, k - 1, axis=-1)[:, :k]
+    experts, counts = np.unique(top, return_counts=True)
+    return experts[np.argsort(-counts, kind="stable")]
+
+
 class PagedSwitch(nn.Module):
     def __init__(
         self,
@@ -141,7 +150,9 @@ class PagedSwitch(nn.Module):
         return x.squeeze(-2)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        start = time.perf_counter()
+        # The pager's own cost is this thread's CPU time outside MLX (its syncs and the
+        # graph of mlx-lm's computation): on a busy machine wall time counts other work.
+        start = time.thread_time()
         cache, run, cold, prefetcher = self.cache, self.run, self.cold, self.cache.prefetcher
         decode = run.phase == "decode"
         # One host sync for this layer's choices, the next layer's guess and the weights:
@@ -151,9 +162,14 @@ class PagedSwitch(nn.Module):
             wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
         if cold is not None and self.router is not None:
             wanted["probs"] = mx.softmax(router_scores(self.router, x).astype(mx.float32), -1)
-        before = time.perf_counter()
+        several = indices.size > indices.shape[-1]  # a prompt's tokens, not one step's
+        if several and self.next_router is not None and cache.views is not None:
+            # The next layer's router on this layer's input: its likely experts, read
+            # into slots while this layer computes.
+            wanted["ahead"] = router_scores(self.next_router, x).astype(mx.float32)
+        before = time.thread_time()
         mx.eval(wanted)
-        synced = time.perf_counter() - before
+        in_mlx = time.thread_time() - before
         routed = np.array(indices)
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
@@ -177,12 +193,26 @@ class PagedSwitch(nn.Module):
             group = plan[0][1]
             lut = cache.fetch(self.layer, group, None if requests is None else requests[group])
             slots = mx.array(lut[routed])
-            before = time.perf_counter()
+            before = time.thread_time()
             y = self._compute(x, slots, cache)
-            synced += time.perf_counter() - before  # mlx-lm's own computation, not the pager's
+            in_mlx += time.thread_time() - before  # mlx-lm's own computation, not the pager's
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
+        if "ahead" in wanted:
+            cache.read_ahead(
+                self.layer + 1,
+                likely_experts(np.array(wanted["ahead"]), routed.shape[-1]),
+                {(self.layer, int(e)) for e in experts},
+            )
         if self.last:
+            if cache.views is not None:
+                # Slots are overwritten from the host, behind MLX's back: no computation
+                # that reads them may still be pending when the next pass reads misses.
+                # Each layer's output is forced by the next layer's sync; the last one's
+                # is forced here (a caller may hold it lazily across passes).
+                before = time.thread_time()
+                mx.eval(y)
+                in_mlx += time.thread_time() - before
             n = flat.size // routed.shape[-1]
             cache.next_tokens(n)
             if cold is not None:
@@ -193,7 +223,7 @@ class PagedSwitch(nn.Module):
             if guess is not None:  # read while this layer computes
                 prefetcher.issue(self.layer + 1, guess, cache.resident)
             run.sync()
-        run.timed(decode, time.perf_counter() - start, synced)
+        run.timed(decode, time.thread_time() - start - in_mlx)
         return y
 
     def _unimportant_misses(

@@ -24,12 +24,13 @@ class PagingRun:
         self.stats = stats
         self.reader = reader
         self.prefetcher = None  # the Prefetcher, when one reads ahead: its counters
+        self.cache = None  # the ExpertCache: its read-ahead counters
         self.on_tokens: RoutingHook | None = None  # e.g. sim.trace.attach_recorder
         self.prompt_tokens = 0  # this reply's first tokens: the prefill
         self.tokens = 0  # tokens that went through every layer this reply
         self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
         self._bytes_at_start = 0
-        # Decode layers' time on the host outside their sync and their reads (the bench's).
+        # Decode layers that read nothing: the pager's CPU time outside MLX (the bench's).
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         stats.expert_counts = np.zeros((layers, experts), np.int64)
 
@@ -42,6 +43,8 @@ class PagingRun:
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         if self.prefetcher is not None:
             self.prefetcher.reset_counts()
+        if self.cache is not None:
+            self.cache.ahead_issued = self.cache.ahead_used = 0
 
     @property
     def phase(self) -> str:
@@ -79,13 +82,13 @@ class PagingRun:
             self.stats.read_seconds += waited
         self._waited += waited
 
-    def timed(self, decode: bool, seconds: float, synced: float) -> None:
-        """A layer call took ``seconds``, ``synced`` of them in its host sync and in
-        building mlx-lm's computation: what is left, less its reads, is the pager's own
-        work (decode layers only)."""
-        if decode:
+    def timed(self, decode: bool, host_seconds: float) -> None:
+        """A layer call spent ``host_seconds`` of its thread's CPU time outside MLX: the
+        pager's own work. Counted for decode calls that read nothing, the hit path every
+        token pays (a miss's cost is its read, counted apart)."""
+        if decode and not self._waited:
             self.host_layers += 1
-            self.host_seconds += seconds - synced - self._waited
+            self.host_seconds += host_seconds
         self._waited = 0.0
 
     def passed(self, n: int) -> None:
@@ -100,6 +103,9 @@ class PagingRun:
         """Copy the reader's and the prefetcher's counters into the stats."""
         with self.stats.lock:
             self.stats.bytes_read = self.reader.bytes_read - self._bytes_at_start
+            if self.cache is not None:
+                self.stats.read_ahead_issued = self.cache.ahead_issued
+                self.stats.read_ahead_used = self.cache.ahead_used
             p = self.prefetcher
             if p is not None:
                 self.stats.prefetch_issued = p.issued

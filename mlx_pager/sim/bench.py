@@ -7,6 +7,7 @@ mmap, cold (dropped from the page cache) and warm. Ratios are taken within the r
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from mlx_lm import load, stream_generate
 
 from ..engine import Engine, ban_tokens
 from ..paging.loader import cast_floating, inspect_model, load_paged
-from ..storage.readers import make_reader
+from ..storage.readers import drop_page_cache, make_reader
 
 PROMPT = "Mixture of experts models route every token to a few experts in each layer. " * 4
 WARMUP = "A cache holds the experts that fire most; the rest are read from the disk. " * 4
@@ -244,3 +245,70 @@ def bench_reads(path: Path, samples: int) -> dict:
             reader.close()
             result[f"{name}_{state}_ms"] = 1e3 * statistics.median(times)
     return result
+
+
+def bench_layer_reads(
+    path: Path,
+    threads: tuple[int, ...] = (1, 4, 8, 16),
+    rounds: int = 6,
+    seed: int = 0,
+    read_paths: tuple[str, ...] = ("pread", "direct"),
+) -> dict:
+    """A layer's misses read through the expert cache (straight into its slots), cold,
+    against the same number of bytes read sequentially from the same file, cold, in turn:
+    MB/s of each and their ratio (median), per read path and reader thread count."""
+    import numpy as np
+
+    layout = inspect_model(path, 4096)
+    expert_map = layout.expert_map
+    per_layer = layout.top_k
+    slots = max(per_layer, layout.moe_layers * layout.experts_per_layer // 4)
+    budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
+    out: dict = {"expert_bytes": expert_map.expert_disk_bytes(), "experts_per_read": per_layer}
+    rng = np.random.default_rng(seed)
+    for read_path, count in ((r, t) for r in read_paths for t in threads):
+        paged = load_paged(path, budget, read_path=read_path, read_threads=count)
+        cache, misses, plain = paged.cache, [], []
+        try:
+            for _ in range(rounds):
+                layer = int(rng.integers(layout.moe_layers))
+                free = np.flatnonzero(cache.slot_table[layer] < 0)
+                experts = rng.choice(free, min(per_layer, len(free)), replace=False)
+                nbytes = sum(expert_map.expert_disk_bytes(layer, int(e)) for e in experts)
+                cache.reader.drop()
+                start = time.perf_counter()
+                cache.fetch(layer, experts)
+                misses.append(nbytes / (time.perf_counter() - start))
+                plain.append(_sequential_read(expert_map.expert_pieces(layer, 0), nbytes))
+        finally:
+            paged.close()
+        out[f"{read_path}_{count}"] = {
+            "miss_mb_s": statistics.median(misses) / 1e6,
+            "sequential_mb_s": statistics.median(plain) / 1e6,
+            "ratio": statistics.median(m / q for m, q in zip(misses, plain, strict=True)),
+        }
+    return out
+
+
+def _sequential_read(pieces: dict, nbytes: int) -> float:
+    """Bytes/s of one cold sequential read of ``nbytes`` from the file of ``pieces``,
+    starting at the first piece (the same region the misses come from)."""
+    piece = next(iter(pieces.values()))
+    fd = os.open(piece.path, os.O_RDONLY)
+    try:
+        drop_page_cache(fd)
+        size = os.fstat(fd).st_size
+        start_at = max(0, min(piece.offset, size - nbytes))
+        buffer = bytearray(nbytes)
+        view, done = memoryview(buffer), 0
+        start = time.perf_counter()
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], start_at + done)
+            if n == 0:
+                break
+            done += n
+        seconds = time.perf_counter() - start
+        drop_page_cache(fd)
+        return done / seconds
+    finally:
+        os.close(fd)
