@@ -39,7 +39,7 @@ from mlx_pager.paging.loader import load_paged
 CONTEXT = 1024
 
 
-def density(paged, bits: int) -> dict:
+def slot_density(paged, bits: int) -> dict:
     """Low-bit slots per full slot: here (the pools' dtype) and with bfloat16 pools (a Mac
     keeps the checkpoint's dtype)."""
     fmt = paged.cache.format
@@ -86,7 +86,7 @@ def decide(model: Path, corpus: Path, fraction: float, n: int, seq: int, bits_li
         rows.append({"arm": "exact", "bits": None, "importance": "", "slots": base_slots,
                      "cold_slots": 0, **base.row(base)})  # fmt: skip
         print(rows[-1], file=sys.stderr, flush=True)
-        dense = {b: density(exact, b) for b in bits_list}
+        dense = {b: slot_density(exact, b) for b in bits_list}
     finally:
         exact.close()
     for bits in bits_list:
@@ -118,6 +118,34 @@ def decide(model: Path, corpus: Path, fraction: float, n: int, seq: int, bits_li
     return rows
 
 
+def speed(model: Path, corpus: Path, fraction: float, seq: int, bits: int, how: str,
+          repeats: int) -> dict:  # fmt: skip
+    """Decode ms per token, exact against one arm, alternating ``repeats`` times over one
+    window per domain (a busy machine slows both alike); medians."""
+    import statistics
+
+    budget = slots_budget(model, fraction, CONTEXT)
+    split = split_corpus(corpus)
+    train = {d: docs[:200] for d, (docs, _) in split.items()}
+    held = {d: docs for d, (_, docs) in split.items()}
+    exact = load_paged(model, budget, CONTEXT)
+    cold = load_paged(model, budget, CONTEXT, cold_precision=f"{bits}bit")
+    try:
+        teacher_forced(exact, heldout_windows(exact.tokenizer, train, 1, seq))
+        cold.cold.format.importance = how
+        cold.cold.format.set_profile(exact.stats.expert_counts.copy())
+        windows = heldout_windows(exact.tokenizer, held, 1, seq)
+        times: dict[str, list[float]] = {"exact": [], "cold": []}
+        for r in range(repeats):
+            arms = [("exact", exact), ("cold", cold)]
+            for name, paged in arms if r % 2 == 0 else arms[::-1]:
+                times[name].append(teacher_forced(paged, windows).seconds / (len(windows) * seq))
+    finally:
+        exact.close()
+        cold.close()
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| arm | slots (full + cold) | gained | misses / token | bytes / token "
@@ -147,8 +175,17 @@ def main() -> None:
                         help="cold slots as here, or as bfloat16 pools give")  # fmt: skip
     parser.add_argument("--windows", type=int, default=3, help="per domain")
     parser.add_argument("--window-tokens", type=int, default=256)
+    parser.add_argument("--speed", type=int, default=0, metavar="N",
+                        help="only time exact against the first arm, N times each")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.speed:
+        ms = speed(args.model, args.corpus, args.fraction, args.window_tokens, args.bits[0],
+                   args.importance[0], args.speed)  # fmt: skip
+        arm = f"{args.bits[0]}-bit {args.importance[0]}"
+        print(f"decode ms per token, medians of {args.speed} alternating passes: exact "
+              f"{ms['exact']:.1f}, {arm} {ms['cold']:.1f}")  # fmt: skip
+        return
     rows = decide(args.model, args.corpus, args.fraction, args.windows, args.window_tokens,
                   args.bits, args.importance, args.density)  # fmt: skip
     print(f"{args.model.name}, {args.fraction:.0%} of the experts, {args.windows} x "
