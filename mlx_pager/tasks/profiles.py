@@ -96,7 +96,8 @@ class TaskProfiles:
         hit, ttft = self.preload_gain, self.ttft_gain
         if hit is None:
             return None
-        hit_words = f"{hit * 100:+.1f} hit-rate points"
+        points = round(hit * 100, 1) + 0.0  # no "-0.0"
+        hit_words = f"{points:+.1f} hit-rate points"
         if ttft is None:  # measured before the time to first token was
             if round(hit, 9) < MIN_PRELOAD_GAIN:
                 return False, (
@@ -104,17 +105,17 @@ class TaskProfiles:
                 )
             return True, f"{hit_words} after a task switch"
         t = self.preload_ttft
-        times = f"{t['ttft_without']:.2f} -> {t['ttft_with']:.2f} s"
+        measured = (
+            f"first token {round(ttft * 100) + 0:+d}% sooner after a task switch "
+            f"({t['ttft_without']:.2f} -> {t['ttft_with']:.2f} s), decode {hit_words}"
+        )
         gains = round(hit, 9) >= MIN_PRELOAD_GAIN or round(ttft, 9) >= MIN_TTFT_GAIN
         loses = round(hit, 9) <= -MIN_PRELOAD_GAIN or round(ttft, 9) <= -MIN_TTFT_GAIN
         if gains and not loses:
-            return True, (
-                f"first token {ttft:.0%} sooner after a task switch ({times}), decode {hit_words}"
-            )
+            return True, measured
         return False, (
-            f"measured first token {ttft:+.0%} sooner ({times}), decode {hit_words} after a "
-            f"task switch; it must gain {MIN_TTFT_GAIN:.0%} or {MIN_PRELOAD_GAIN * 100:+.0f} "
-            "point and lose neither"
+            f"measured {measured}; it must gain {MIN_TTFT_GAIN:.0%} or "
+            f"{MIN_PRELOAD_GAIN * 100:.0f} point and lose neither"
         )
 
     def save(self) -> None:
