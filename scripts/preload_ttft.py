@@ -69,13 +69,13 @@ def measure(
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | slots | expert | typing | first token, without | with | sooner "
+        "| model | slots | expert | typing | first token, without | with | sooner (paired) "
         "| reads before it, without | with | preload took | decode hit, without | with "
         "| verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        sooner = 1 - r["ttft_with"] / r["ttft_without"]
+        sooner = 1 - r.get("ttft_ratio", r["ttft_with"] / r["ttft_without"])
         lines.append(
             f"| {r['model']} | {r['slots']} of {r['experts']} | {r['expert_bytes'] / 1e6:.2f} MB "
             f"| {r['typing_seconds']:g} s | {r['ttft_without']:.3f} s "

@@ -101,7 +101,8 @@ def measure_preload(
     the preloads took. Each arm starts from the same state, an empty cache and a policy
     that has learned nothing, so neither inherits what the other taught the policy.
     ``repeats`` alternates the arms' order (a busy machine slows both alike); the times
-    are medians over prompts and repeats."""
+    are medians over prompts and repeats, ``ttft_ratio`` the median of each prompt's time
+    with over its time without."""
     hit: dict[str, float] = {}
     ttft: dict[str, list[float]] = {"without": [], "with": []}
     reads: dict[str, int] = {}  # the prompts' misses: reads before the first token
@@ -140,10 +141,14 @@ def measure_preload(
                 reads.setdefault(f"prompt_misses_{mode}", prompt_misses)
     finally:
         engine.learn = True
+    # Each prompt's time with over without, the same prompt and repeat: paired, so the
+    # prompts' own spread does not drown the difference.
+    ratios = [w / wo for w, wo in zip(ttft["with"], ttft["without"], strict=True)]
     return {
         **hit,
         "ttft_without": statistics.median(ttft["without"]),
         "ttft_with": statistics.median(ttft["with"]),
+        "ttft_ratio": statistics.median(ratios),
         "preload_seconds": statistics.median(preloading),
         **reads,
     }
