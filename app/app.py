@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from mlx_pager.engine import Engine
 
 # Settings whose change needs the model reopened; the others apply on the next reply.
-ENGINE_FIELDS = ("budget", "context_length", "policy", "prefetch", "cold_precision", "read_path")
+ENGINE_FIELDS = (
+    "budget", "context_length", "policy", "prefetch", "cold_precision", "route_margin",
+    "read_path",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

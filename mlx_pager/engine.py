@@ -25,7 +25,7 @@ from .settings import Settings, check_budget, load_settings
 from .stats import Stats, current_rss, peak_rss
 from .storage.checkpoint import read_config
 from .tasks.classifier import TaskClassifier
-from .tasks.profiles import MIN_PRELOAD_GAIN, TaskProfiles
+from .tasks.profiles import TaskProfiles
 
 DEFAULT_MODEL = embedded_model()
 
@@ -93,9 +93,13 @@ class Engine:
             if cache
             else None
         )
+        # How often each expert fired in earlier sessions: the cold tier's profile with
+        # this session's counts (``_profile_cold``).
+        self._saved_counts = sum(self.profiles.counts.values()) if self.profiles else 0
         self._classifier: TaskClassifier | None = None
         self._preload: threading.Thread | None = None
         self._preload_cancel = threading.Event()
+        self.preload_seconds = 0.0  # how long the last preload took
         self.last_task = ""
         self.learn = True  # add each reply's expert counts to the task profile
         # The conversation's KV cache between replies: a chat resends its history.
@@ -114,7 +118,8 @@ class Engine:
         """Open a Hub id (from the local cache, or ``cache_dir``) or a folder, under the
         settings' budget.
 
-        ``overrides`` are setting names (context_length, policy, read_path) for this run.
+        ``overrides`` are setting names (context_length, policy, read_path, page_cache,
+        route_margin) for this run.
         """
         from .hub.resolve import resolve_model
 
@@ -132,6 +137,7 @@ class Engine:
             page_cache=settings.page_cache,
             prefetch=settings.prefetch,
             cold_precision=settings.cold_precision,
+            route_margin=settings.route_margin,
         )
         return cls(paged, name, settings.context_length, settings.task_preload)
 
@@ -180,15 +186,11 @@ class Engine:
             return "off: no routed experts"
         if not self.task_preload:
             return "off: turned off in settings"
-        gain = self.profiles.preload_gain
-        if gain is None:
-            return "off: not measured for this model yet (mlx-pager profile)"
-        if round(gain, 9) < MIN_PRELOAD_GAIN:
-            return (
-                f"off: measured {gain * 100:+.1f} hit-rate points, "
-                f"below the {MIN_PRELOAD_GAIN * 100:+.0f} it must gain"
-            )
-        return f"on: {gain * 100:+.1f} hit-rate points after a task switch"
+        verdict = self.profiles.preload_verdict()
+        if verdict is None:
+            return "off: not measured for this model yet (mlx-pager profile --measure-preload)"
+        pays, why = verdict
+        return f"{'on' if pays else 'off'}: {why}"
 
     @property
     def preload_active(self) -> bool:
@@ -217,7 +219,9 @@ class Engine:
         return task
 
     def _run_preload(self, keys: list[tuple[int, int]]) -> None:
+        start = time.perf_counter()
         loaded = self.paged.cache.preload(keys, self._preload_cancel)
+        self.preload_seconds = time.perf_counter() - start  # the last preload's
         self.paged.run.sync()  # the bytes it read
         with self.stats.lock:
             self.stats.preloaded += loaded
@@ -274,6 +278,7 @@ class Engine:
             self.paged.run.start(prompt_tokens=len(tokens) - reused)
             task = self.prepare(prompt, preload, task)
             self.wait_preload()  # before the first forward pass writes to the cache
+            self._profile_cold()
             counts_before = stats.expert_counts.copy()
         start = time.perf_counter()
         waited = start - asked
@@ -328,6 +333,15 @@ class Engine:
         if self.paged.cache is not None:
             self.paged.cache.reader.refresh()  # a weight file replaced since: reopen it
             self.paged.run.start(prompt_tokens=prompt_tokens)
+            self._profile_cold()
+
+    def _profile_cold(self) -> None:
+        """The cold tier takes the misses of rarely used experts (cold_tier.unimportant):
+        how often each fired, in the saved task profiles and this session so far."""
+        if self.paged.cold is not None:
+            with self.stats.lock:
+                counts = self._saved_counts + self.stats.expert_counts
+            self.paged.cold.format.set_profile(counts)
 
     def note_progress(
         self,

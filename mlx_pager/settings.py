@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -23,11 +24,14 @@ READ_PATHS = ("auto", "pread", "mmap", "direct")
 # dropped (the budget holds the only copy) or kept (the page cache as a second tier,
 # outside the budget: it counts against a machine's memory all the same).
 PAGE_CACHE_MODES = ("drop", "keep")
-COLD_PRECISIONS = ("full", "4bit")
+COLD_PRECISIONS = ("full", "4bit")  # 3 and 2 bits measured, rejected: docs/cold-precision.md
 POLICY_NAMES = tuple(POLICIES)
 AUTO_BUDGET_SHARE = 0.6  # budget "auto": this share of the machine's memory
 CONTEXT_RANGE = (128, 1_048_576)  # tokens
 BUDGET_RANGE = (10**6, 10**15)  # 1 MB to 1 PB: a budget outside is a typo
+# Cache-aware routing's margin, a share of each token's router-logit range: at 1 any
+# resident expert already beats any missing one, so more changes nothing.
+ROUTE_MARGIN_RANGE = (0.0, 1.0)
 
 
 def check_context_length(value: object) -> int:
@@ -42,6 +46,21 @@ def check_context_length(value: object) -> int:
     if not low <= tokens <= high:
         raise ValueError(f"context_length must be between {low} and {high} tokens, not {tokens}.")
     return tokens
+
+
+def check_route_margin(value: object) -> float:
+    """Cache-aware routing's margin as a number in range, or ValueError saying the range."""
+    low, high = ROUTE_MARGIN_RANGE
+    try:
+        margin = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        margin = math.nan
+    if isinstance(value, bool) or not low <= margin <= high:
+        raise ValueError(
+            f"route_margin takes a number from {low:g} (exact routing, off) to {high:g} "
+            f"(a share of each token's router-logit range), not {value!r}."
+        )
+    return margin
 
 
 def check_budget(value: str) -> int:
@@ -82,6 +101,7 @@ class Settings:
     policy: str = DEFAULT_POLICY
     prefetch: bool = False
     cold_precision: str = "full"
+    route_margin: float = 0.0  # cache-aware routing (lossy): 0 is exact, up to 1
     read_path: str = "auto"
     page_cache: str = "drop"
     task_preload: bool = True
@@ -103,6 +123,7 @@ class Settings:
             raise ValueError(f"cold_precision must be one of {', '.join(COLD_PRECISIONS)}.")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}.")
+        check_route_margin(self.route_margin)
 
     def budget_bytes(self, memory_bytes: int | None = None) -> int:
         """The budget in bytes; "auto" is a share of ``memory_bytes`` (default: this
@@ -131,6 +152,13 @@ class Settings:
                     value = int(value)
                 except ValueError:
                     raise ValueError(f"{name} takes a whole number, not {value!r}.") from None
+            elif kind == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise ValueError(f"{name} takes a number, not {value!r}.")
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(f"{name} takes a number, not {value!r}.") from None
             elif kind == "str":
                 if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                     raise ValueError(f"{name} takes text, not {value!r}.")

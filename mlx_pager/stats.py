@@ -42,9 +42,13 @@ class Stats:
     decode_hits: int = 0  # after the prompt: what the cache does token by token
     decode_misses: int = 0
     preloaded: int = 0  # experts loaded ahead for the detected task
-    cold_slots: int = 0  # 4-bit slots for unimportant misses (cold_precision = "4bit")
+    cold_precision: str = "full"  # lossy when not "full": unimportant misses at low bits
+    cold_slots: int = 0  # low-bit slots for unimportant misses
     cold_hits: int = 0
     cold_misses: int = 0
+    routing: str = "exact"  # "cache-aware" (lossy), or "exact" and why not the other
+    route_margin: float = 0.0  # cache-aware routing's margin; 0 with exact routing
+    rerouted: int = 0  # routes cache-aware routing changed to a resident expert
     bytes_read: int = 0
     read_seconds: float = 0.0  # time the forward pass waited on expert reads
     prefetch_issued: int = 0  # experts read ahead on a guess
@@ -78,6 +82,16 @@ class Stats:
         return self.decode_hits / total if total else 0.0
 
     @property
+    def lossy(self) -> list[str]:
+        """The modes on that change the output from exact mlx-lm's, as the UI says them."""
+        modes = []
+        if self.routing == "cache-aware":
+            modes.append(f"cache-aware routing, margin {self.route_margin:g}")
+        if self.cold_slots:
+            modes.append(f"cold experts at {self.cold_precision}")
+        return modes
+
+    @property
     def ttft_compute_seconds(self) -> float:
         """The first token's time neither waiting nor reading: the model's computation
         and the pager's own work."""
@@ -93,7 +107,7 @@ class Stats:
         with self.lock:
             self.hits = self.misses = self.bytes_read = 0
             self.decode_hits = self.decode_misses = self.preloaded = 0
-            self.cold_hits = self.cold_misses = 0
+            self.cold_hits = self.cold_misses = self.rerouted = 0
             self.read_seconds = 0.0
             self.prefetch_issued = self.prefetch_used = 0
             self.prefetch_recall = self.prefetch_precision = 0.0
@@ -118,6 +132,7 @@ class Stats:
         data["hit_rate"] = snap.hit_rate
         data["decode_hit_rate"] = snap.decode_hit_rate
         data["bytes_per_token"] = snap.bytes_per_token
+        data["lossy"] = snap.lossy
         data["ttft_compute_seconds"] = snap.ttft_compute_seconds
         data["expert_counts"] = snap.expert_counts.tolist()
         return data
@@ -125,6 +140,10 @@ class Stats:
     def summary(self) -> str:
         from .units import format_bytes
 
+        lossy = ""
+        if self.lossy:
+            changed = f", {self.rerouted} routes changed" if self.routing == "cache-aware" else ""
+            lossy = f" | lossy: {'; '.join(self.lossy)}{changed}"
         return (
             f"prompt {self.prompt_tokens} tok @ {self.prompt_tps:.1f} tok/s"
             f"{f' (+{self.prompt_reused_tokens} kept)' if self.prompt_reused_tokens else ''} | "
@@ -134,4 +153,5 @@ class Stats:
             f"resident {format_bytes(self.resident_bytes)} + cache "
             f"{format_bytes(self.cache_bytes)} ({self.slots} slots) of budget "
             f"{format_bytes(self.budget_bytes)} | peak RSS {format_bytes(self.peak_rss_bytes)}"
+            f"{lossy}"
         )

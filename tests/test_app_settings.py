@@ -160,3 +160,30 @@ async def test_task_preload_applies_without_reopening(make_app, settings_file):
         await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
         assert app.engine is engine and engine.task_preload is False
         assert load_settings(settings_file).task_preload is False
+
+
+async def test_route_margin_reopens_and_the_panel_says_so(make_app, settings_file):
+    """Cache-aware routing is lossy: a bad margin is refused with its range, a good one
+    reopens the model with it, and the stats panel says routing is cache-aware."""
+    from mlx_pager_app.widgets.stats_panel import StatsPanel
+
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_settings(pilot)
+        assert screen.query_one("#route_margin").value == "0"
+        screen.query_one("#route_margin").value = "2"
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)
+        assert any("route_margin takes a number from 0" in n.message for n in app._notifications)
+        screen.query_one("#route_margin").value = "0.3"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        assert load_settings(settings_file).route_margin == 0.3
+        await wait_ready(pilot)
+        assert app.engine.stats.routing == "cache-aware" and app.engine.stats.route_margin == 0.3
+        app.screen._stats_dirty = True
+        app.screen.refresh_stats()
+        await pilot.pause()
+        panel = app.screen.query_one(StatsPanel)
+        text = " ".join(str(panel.render_line(y).text) for y in range(panel.size.height))
+        assert "routing" in text and "margin 0.3 · 0 rerouted" in text, text

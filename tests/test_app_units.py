@@ -80,3 +80,17 @@ def test_heatmap_tooltip_names_the_cell():
     )
     assert cell_info(counts, 28, x=4, y=1) == "layer 0, expert 0: 0 tokens"
     assert cell_info(counts, 28, x=1, y=1) is None  # the gutter
+
+
+def test_stats_panel_says_which_lossy_modes_are_on():
+    from mlx_pager_app.widgets.stats_panel import cold_text, routing_text
+
+    from mlx_pager.stats import Stats
+
+    exact = Stats()
+    assert str(routing_text(exact)) == "exact" and str(cold_text(exact)) == "full precision"
+    lossy = Stats(routing="cache-aware", route_margin=0.2, rerouted=41,
+                  cold_precision="3bit", cold_slots=90, cold_hits=7, cold_misses=5)  # fmt: skip
+    assert str(routing_text(lossy)) == "margin 0.2 · 41 rerouted"
+    assert str(cold_text(lossy)) == "3bit · 12 served"
+    assert lossy.lossy == ["cache-aware routing, margin 0.2", "cold experts at 3bit"]

@@ -111,6 +111,10 @@ class SettingsScreen(Screen):
                     yield Select([(c, c) for c in COLD_PRECISIONS], value=s.cold_precision,
                                  allow_blank=False, id="cold_precision")  # fmt: skip
                 with Horizontal(classes="field-row"):
+                    yield Label("Routing margin")
+                    yield Input(f"{s.route_margin:g}", id="route_margin", type="number")
+                    yield Label("0 exact, to 1 lossy", classes="hint")
+                with Horizontal(classes="field-row"):
                     yield Label("Prefetch")
                     yield Switch(s.prefetch, id="prefetch")
                     yield Label("next layer's experts", classes="hint")
@@ -320,6 +324,7 @@ class SettingsScreen(Screen):
             policy=value("policy"),
             read_path=value("read_path"),
             cold_precision=value("cold_precision"),
+            route_margin=self.query_one("#route_margin", Input).value or "0",
             prefetch=value("prefetch"),
             task_preload=value("task_preload"),
         )

@@ -40,6 +40,24 @@ def memory_parts(stats: Stats) -> list[Part]:
     ]
 
 
+def routing_text(stats: Stats) -> Text:
+    """Exact routing, or cache-aware (lossy) with its margin and the routes it changed."""
+    if stats.routing != "cache-aware":
+        return Text("exact", style="dim")
+    text = Text(f"margin {stats.route_margin:g}", style="#e5a50a")
+    text.append(f" · {stats.rerouted} rerouted", style="dim")
+    return text
+
+
+def cold_text(stats: Stats) -> Text:
+    """Full precision, or the cold tier (lossy): its precision and what it served."""
+    if not stats.cold_slots:
+        return Text("full precision", style="dim")
+    text = Text(f"{stats.cold_precision}", style="#e5a50a")
+    text.append(f" · {stats.cold_hits + stats.cold_misses} served", style="dim")
+    return text
+
+
 def _section(title: str, right: str = "", colour: str = "#FFBE98") -> Table:
     table = Table.grid(expand=True)
     table.add_column(no_wrap=True)
@@ -93,6 +111,8 @@ def panel_renderable(state: PanelState, width: int, colour: str = "#FFBE98") -> 
         ("prefetch accuracy", prefetch if state.prefetch_on else "off"),
         ("detected task", s.task or "—"),
         ("task preload", Text(preload.strip() or "off", style="" if preload == "on" else "dim")),
+        ("routing", routing_text(s)),
+        ("cold experts", cold_text(s)),
     ])  # fmt: skip
     note = Text(f" {why.strip()}", style="dim italic") if why.strip() else Text("")
     bar = Text(" ") + bar_text(parts, s.budget_bytes, width - 1)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..paging.policies import POLICIES
-from ..settings import CONTEXT_RANGE, PAGE_CACHE_MODES, READ_PATHS
+from ..settings import CONTEXT_RANGE, PAGE_CACHE_MODES, READ_PATHS, ROUTE_MARGIN_RANGE
 from .ranges import (
     MAX_TOKENS_ARG,
     SEED_ARG,
@@ -15,6 +15,7 @@ from .ranges import (
     TOP_P_ARG,
     byte_size,
     open_engine,
+    real,
     whole,
 )
 
@@ -44,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--page-cache",
         choices=PAGE_CACHE_MODES,
         help="drop an expert's pages once copied (default) or keep them cached by the OS",
+    )
+    parser.add_argument(
+        "--route-margin",
+        type=real(*ROUTE_MARGIN_RANGE),
+        help="cache-aware routing (lossy, opt-in): 0 is exact routing, up to 1",
     )
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--record-trace", metavar="FILE", help="save the routing as a trace")

@@ -4,8 +4,8 @@ Prompts come from a JSONL file of {"task", "text"} records (the calibration form
 plain text file with one prompt per line (tasks then come from the classifier). Every
 fifth prompt of each task is held out: the others teach the model's task profile, the
 held-out ones, visited so that the task changes every time, measure the decode hit rate
-after a switch with and without preloading. The result decides whether preloading is on
-for this model: it must gain at least ``MIN_PRELOAD_GAIN`` (one hit-rate point).
+and the time to the first token after a switch, with and without preloading. The result
+decides whether preloading is on for this model (``TaskProfiles.preload_verdict``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ..tasks.classifier import split_held_out
 from ..tasks.coverage import coverage_curve, layer_skew, task_coverage
-from .ranges import MAX_TOKENS_ARG, byte_size
+from .ranges import MAX_TOKENS_ARG, byte_size, whole
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=MAX_TOKENS_ARG,
         default=32,
         help="decode tokens after a task switch to score",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=whole(1, 100),
+        default=1,
+        help="with --measure-preload: passes per arm, alternating (times: medians)",
     )
     parser.add_argument(
         "--export-trace", metavar="FILE", help="save the prompts' routing as a prefill trace"
@@ -74,35 +82,76 @@ def run_prompts(engine, pairs, max_tokens, recorder=None) -> dict[str, np.ndarra
     return by_task
 
 
-def measure_preload(engine, held_out, decode_tokens: int) -> dict[str, float]:
-    """Decode hit rate after task switches, without and with preloading.
+# The user's last keystrokes before Enter: both arms idle this long before each reply,
+# the "with" arm's preload running in it, as the app's does (started 0.8 s into a pause in
+# typing). With no pause the preload's work just before the reply showed as a gain on the
+# embedded model although it saved no reads (docs/task-preload.md).
+TYPING_SECONDS = 0.5
 
-    Each arm starts from the same state, an empty cache and a policy that has learned
-    nothing, so neither inherits what the other taught the policy."""
-    result = {}
+
+def measure_preload(
+    engine, held_out, decode_tokens: int, repeats: int = 1, typing: float = TYPING_SECONDS
+) -> dict:
+    """After task switches, without and with preloading: the decode hit rate and the time
+    from sending the prompt to the reply's first token.
+
+    "with" starts preloading the new task's hot set ``typing`` seconds before the prompt
+    is sent, as the app does while the user types (``Engine.prepare``); a preload not done
+    by then is waited for, inside the time to first token. ``preload_seconds`` is how long
+    the preloads took. Each arm starts from the same state, an empty cache and a policy
+    that has learned nothing, so neither inherits what the other taught the policy.
+    ``repeats`` alternates the arms' order (a busy machine slows both alike); the times
+    are medians over prompts and repeats, ``ttft_ratio`` the median of each prompt's time
+    with over its time without."""
+    hit: dict[str, float] = {}
+    ttft: dict[str, list[float]] = {"without": [], "with": []}
+    reads: dict[str, int] = {}  # the prompts' misses: reads before the first token
+    preloading: list[float] = []
     engine.learn = False  # measure with the profile as it stands
     try:
-        for mode, preload in (("without", False), ("with", True)):
-            engine.paged.reset_cache()
-            engine.last_task = ""
-            hits = misses = 0
-            for task, text in interleave(held_out):
-                # The decode counts start with the first generated token's pass, and
-                # mlx-lm runs one pass per token it yields.
-                for _ in engine.generate(
-                    text,
-                    max_tokens=decode_tokens,
-                    chat_template=False,
-                    preload=preload,
-                    task=task,
-                ):
-                    pass
-                hits += engine.stats.decode_hits
-                misses += engine.stats.decode_misses
-            result[mode] = hits / max(1, hits + misses)
+        for repeat in range(repeats):
+            arms = (("without", False), ("with", True))
+            for mode, preload in arms if repeat % 2 == 0 else arms[::-1]:
+                engine.paged.reset_cache()
+                engine.last_task = ""
+                hits = misses = prompt_misses = 0
+                for task, text in interleave(held_out):
+                    if preload:  # the draft, prepared while the user types
+                        engine.preload_seconds = 0.0
+                        engine.prepare(text, preload=True, task=task)
+                    time.sleep(typing)
+                    sent, first = time.perf_counter(), None
+                    # The decode counts start with the first generated token's pass, and
+                    # mlx-lm runs one pass per token it yields.
+                    for _ in engine.generate(
+                        text,
+                        max_tokens=decode_tokens,
+                        chat_template=False,
+                        preload=preload,
+                        task=task,
+                    ):
+                        first = first or time.perf_counter() - sent
+                    hits += engine.stats.decode_hits
+                    misses += engine.stats.decode_misses
+                    ttft[mode].append(first)
+                    prompt_misses += (engine.paged.run.prefill_counts or (0, 0))[1]
+                    if preload:
+                        preloading.append(engine.preload_seconds)
+                hit.setdefault(mode, hits / max(1, hits + misses))  # the same every repeat
+                reads.setdefault(f"prompt_misses_{mode}", prompt_misses)
     finally:
         engine.learn = True
-    return result
+    # Each prompt's time with over without, the same prompt and repeat: paired, so the
+    # prompts' own spread does not drown the difference.
+    ratios = [w / wo for w, wo in zip(ttft["with"], ttft["without"], strict=True)]
+    return {
+        **hit,
+        "ttft_without": statistics.median(ttft["without"]),
+        "ttft_with": statistics.median(ttft["with"]),
+        "ttft_ratio": statistics.median(ratios),
+        "preload_seconds": statistics.median(preloading),
+        **reads,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,9 +172,12 @@ def run(args: argparse.Namespace) -> int:
         by_task = run_prompts(engine, train, args.max_tokens, recorder)
         if recorder is not None:
             engine.paged.run.on_tokens = None  # the trace holds the profiled prompts only
-        preload = measure_preload(engine, held, args.decode_tokens) if held else None
-        if preload is not None:
+        measured = measure_preload(engine, held, args.decode_tokens, args.repeats) if held else {}
+        preload = {k: measured[k] for k in ("without", "with")} if measured else None
+        ttft = {k: v for k, v in measured.items() if k not in ("without", "with")} or None
+        if measured:
             engine.profiles.preload_hit = preload
+            engine.profiles.preload_ttft = ttft
             engine.profiles.save()
         status = engine.preload_status
     finally:
@@ -145,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "tasks": tasks,
         "task_coverage": matrix.round(4).tolist(),
         "preload_hit": preload,
+        "preload_ttft": ttft,
         "preload": status,
     }
     if args.json:
@@ -164,6 +217,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"decode hit rate after a task switch: without preloading {preload['without']:.1%}"
             f", with {preload['with']:.1%}"
+        )
+        print(
+            f"first token after a task switch: without preloading {ttft['ttft_without']:.3f} s"
+            f", with {ttft['ttft_with']:.3f} s (the preload took {ttft['preload_seconds']:.3f} s"
+            f" of the last {TYPING_SECONDS} s of typing)"
         )
     print(f"task preloading: {status}")
     return 0

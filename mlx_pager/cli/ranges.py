@@ -111,16 +111,16 @@ TOP_P_ARG = real(0.0, 1.0, low_open=True)
 
 
 def open_engine(args: argparse.Namespace) -> Engine:
-    """The Engine a command's --model, --budget, --context-length, --policy, --read-path
-    and --page-cache ask for, the budget checked against this machine first (``generate`` and
-    ``serve`` alike)."""
+    """The Engine a command's --model, --budget, --context-length, --policy, --read-path,
+    --page-cache and --route-margin ask for, the budget checked against this machine first
+    (``generate`` and ``serve`` alike)."""
     from ..engine import Engine
 
     if args.budget:
         check_budget_on_machine(args.budget, "--budget")
     overrides = {
         name: getattr(args, name)
-        for name in ("context_length", "policy", "read_path", "page_cache")
+        for name in ("context_length", "policy", "read_path", "page_cache", "route_margin")
         if getattr(args, name, None) is not None
     }
     return Engine.open(args.model, budget=args.budget, **overrides)

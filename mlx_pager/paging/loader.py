@@ -24,7 +24,8 @@ from ..stats import Stats
 from ..storage.checkpoint import declared_experts, declared_top_k, index_checkpoint
 from ..storage.expert_map import ExpertMap, build_expert_map
 from ..storage.readers import DEFAULT_READ_THREADS, make_reader
-from .cold_tier import LowBitFormat, cold_eligible, slot_bytes
+from .cache_routing import enable_cache_routing
+from .cold_tier import LowBitFormat, cold_eligible, precision_bits, slot_bytes
 from .expert_cache import ExpertCache, StoredFormat
 from .kv_cache import kv_cache_bytes
 from .paged_switch import SWITCH_TYPES, PagedSwitch, describe_projections, expert_param_shapes
@@ -286,6 +287,7 @@ def load_paged(
     cold_precision: str = "full",
     read_threads: int = DEFAULT_READ_THREADS,
     page_cache: str = "drop",
+    route_margin: float = 0.0,
 ) -> PagedModel:
     """Open a checkpoint folder under a byte budget; see the module docstring."""
     layout = inspect_model(model_path, context_length, compute_dtype)
@@ -299,11 +301,11 @@ def load_paged(
         params = layout.expert_map.params
         stored = StoredFormat(params, layout.shapes, layout.pool_dtypes, projections)
         slots, cold_slots = plan.slots, 0
-        use_cold = cold_precision == "4bit" and cold_eligible(projections)
-        if use_cold and plan.slots > layout.top_k:
-            # A quarter of the expert bytes buys 4-bit slots for unimportant misses.
+        bits = precision_bits(cold_precision)
+        if bits and cold_eligible(projections, bits) and plan.slots > layout.top_k:
+            # A quarter of the expert bytes buys low-bit slots for unimportant misses.
             slots = max(layout.top_k, plan.slots * 3 // 4)
-            low = LowBitFormat(projections, params, layout.shapes, layout.pool_dtypes)
+            low = LowBitFormat(projections, params, layout.shapes, layout.pool_dtypes, bits)
             cold_slots = (plan.slots - slots) * layout.expert_bytes // slot_bytes(low.layout())
         staging = plan.headroom_bytes // 4
         cache = ExpertCache(layout.expert_map, reader, slots, make_policy(policy), stored,
@@ -326,6 +328,11 @@ def load_paged(
             next_router = routers[layer + 1] if layer + 1 < len(routers) else None
             switch = PagedSwitch(original, layer, cache, run, routers[layer], next_router, cold)
             _set_module(model, path, switch)
+        if route_margin > 0:  # lossy, opt-in: decode steps rerouted to resident experts
+            parents = [path.rsplit(".", 1) for path, _ in layout.switches]
+            blocks = [(_module(model, parent), name) for parent, name in parents]
+            stats.routing = enable_cache_routing(blocks, route_margin)
+            stats.route_margin = route_margin if stats.routing == "cache-aware" else 0.0
     mx.eval(model.parameters())  # the dense core, and nothing else
     mx.set_cache_limit(plan.headroom_bytes // 4)
 
@@ -335,6 +342,7 @@ def load_paged(
     stats.headroom_bytes = plan.headroom_bytes
     stats.slots = cache.slots if cache else 0
     stats.cold_slots = cold.slots if cold else 0
+    stats.cold_precision = cold_precision if cold else "full"
     stats.cache_bytes = plan.cache_bytes if cache else 0
     tokenizer = load_tokenizer(layout.path, eos_token_ids=layout.config.get("eos_token_id"))
     return PagedModel(model, tokenizer, layout.config, layout.path, plan, cache, stats, run, cold)

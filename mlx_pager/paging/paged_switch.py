@@ -229,15 +229,9 @@ class PagedSwitch(nn.Module):
     def _unimportant_misses(
         self, routed: np.ndarray, experts: np.ndarray, probs: np.ndarray
     ) -> np.ndarray:
-        """Experts not resident at full precision whose normalised router weight is below
-        half an even share for every token routed to them: HOBBIT's "less important"."""
-        k = routed.shape[-1]
-        weights = np.take_along_axis(probs.reshape(-1, probs.shape[-1]),
-                                     routed.reshape(-1, k), -1)  # fmt: skip
-        weights /= weights.sum(-1, keepdims=True)
-        top = np.zeros(probs.shape[-1])
-        np.maximum.at(top, routed.reshape(-1), weights.reshape(-1))
-        low = top[experts] < 0.5 / k
+        """Experts not resident at full precision that the cold tier judges unimportant
+        (cold_tier.unimportant: HOBBIT's low router weight, or rarely used)."""
+        low = self.cold.format.unimportant(self.layer, routed, experts, probs)
         resident = self.cache.slot_table[self.layer, experts] >= 0
         return experts[low & ~resident]
 
