@@ -124,6 +124,9 @@ def _arm(
         result["disk_bytes_per_token"] = result["decode_read_bytes"] / decoded
     if decoded and result.get("decode_blkio_s") is not None:
         result["blkio_stall_s_per_token"] = result["decode_blkio_s"] / decoded
+    if arm != "baseline":  # a long run says where it is; stdout carries only the report
+        done = "done" if result["exit"]["completed"] else "did not finish"
+        print(f"{arm} {' '.join(argv[10:])}: {done} in {child.wall_s:.0f} s", file=sys.stderr)
     return result
 
 
