@@ -71,6 +71,8 @@ def test_harness_end_to_end(tmp_path):
     assert low["slots"] < low["num_experts"]
     assert 0 <= low["hit_rate"] <= low["belady_hit_rate"] + 1e-9 <= 1 + 1e-9
     assert low["misses_per_token"] > 0 and low["read_stall_s"] >= 0
+    (cold_read,) = low["ttft_read_s_per_prompt"][:1]  # the first token's wait on reads
+    assert 0 < cold_read <= low["read_stall_s"] and cold_read < low["ttft_s"]
     resident = runs["mlx-pager-resident"]  # every expert fits: misses are first uses only
     assert resident["slots"] == resident["num_experts"]
     assert resident["misses_per_token"] * resident["decoded_tokens"] <= resident["slots"]
@@ -85,6 +87,7 @@ def test_harness_end_to_end(tmp_path):
         assert r["disk_bytes_per_token"] >= 0 and r["decode_read_bytes"] >= 0, name
     table = peer_table(report)
     assert "PROJECTION" in table and "goals for mlx-pager" in table
+    assert "first token, reading experts + the rest" in table
     assert all(name in table for name in runs)
     for png in plot_report(report, tmp_path / "plots"):
         assert png.read_bytes().startswith(b"\x89PNG")

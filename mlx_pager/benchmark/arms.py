@@ -154,7 +154,7 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     if paged.run is not None:  # every token fed, prompt and reply, in the order served
         recorder = TraceRecorder(engine.info.experts_per_layer, str(args.model), phase="decode")
         paged.run.on_tokens = lambda layer, ids: recorder.record(layer, ids)
-    runs, hits, misses, dhits, dmisses = [], 0, 0, 0, 0
+    runs, hits, misses, dhits, dmisses, prefill_reads = [], 0, 0, 0, 0, []
     read_s = decode_read_s = bytes_read = host_s = host_layers = 0
     try:
         for prompt in prompts:
@@ -169,9 +169,9 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
             dhits += s.hits - at_prefill[0]
             dmisses += s.misses - at_prefill[1]
             read_s += s.read_seconds
-            decode_read_s += s.read_seconds - (
-                run.prefill_read_seconds if run.prefill_counts else 0
-            )
+            prefill_read = run.prefill_read_seconds if run.prefill_counts else s.read_seconds
+            prefill_reads.append(prefill_read)  # of its time to first token, waiting on reads
+            decode_read_s += s.read_seconds - prefill_read
             bytes_read += s.bytes_read
             host_s += run.host_seconds
             host_layers += run.host_layers
@@ -189,6 +189,7 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
             decode_hit_rate=dhits / (dhits + dmisses) if dhits + dmisses else None,
             misses_per_token=dmisses / decoded if decoded else None,
             read_stall_s=read_s,
+            ttft_read_s_per_prompt=prefill_reads,
             engine_bytes_read=bytes_read,
             host_us_per_moe_layer=1e6 * host_s / host_layers if host_layers else None,
             **_projection_counts(args, paged, decode_read_s / decoded if decoded else None),

@@ -172,6 +172,13 @@ def peer_table(report: dict) -> str:
             f"{_num(peak and peak / 1e6, '9.0f'):>9} {_num(r.get('hit_rate'), '6.1%')} "
             f"{_num(r.get('belady_hit_rate'), '6.1%')} {str(same.get(name, '-')):>5} {how}"
         )
+    split = []
+    for name, r in report["runs"].items():
+        if r.get("ttft_read_s_per_prompt") and r.get("ttft_s") is not None:
+            read = r["ttft_read_s_per_prompt"][0]  # the first prompt's: cold
+            split.append(f"{name} {read:.2f} + {r['ttft_s'] - read:.2f}")
+    if split:
+        lines.append(f"first token, reading experts + the rest (s): {', '.join(split)}")
     kept = ", ".join(f"{k} {_num(v, '.2f')}" for k, v in report["ratios"]["speed_kept"].items())
     lines.append(f"speed kept under the cap (capped / fully resident decode): {kept}")
     for name, why in report["skipped"].items():
