@@ -247,6 +247,12 @@ def run_benchmark(
             pager("mlx-pager-resident", budgets[1.0], None)
             pager("mlx-pager-capped", capped, cap_bytes)
             for f in fractions:
+                if cap_bytes and budgets[f] > cap_budget:  # it could only be killed
+                    skipped[f"mlx-pager-{f:g}"] = (
+                        f"holding {f:.1%} of the experts takes a {budgets[f] / 2**30:.2f} GiB "
+                        f"budget; the cap leaves {cap_budget / 2**30:.2f} GiB"
+                    )
+                    continue
                 pager(f"mlx-pager-{f:g}", budgets[f], cap_bytes)
                 runs[f"mlx-pager-{f:g}"]["expert_share_asked"] = f
             for variant in variants:
