@@ -120,3 +120,20 @@ def test_a_family_left_out_keeps_weight_zero():
                       turns=(0.0,), features=only, say=lambda _: None)  # fmt: skip
     left_out = [i for i, name in enumerate(FEATURES) if name not in only and name != "bias"]
     assert not fit.weights[left_out].any() and fit.weights[9:15].any()
+
+
+def test_a_preload_pins_several_layers_and_ranks_what_it_admits():
+    """``ExpertCache.preload`` pins keys of many layers at once and admits what it loads."""
+    p = LearnedUse()
+    feed(p, [[(0, t % 4), (1, t % 3)] for t in range(20)])
+    p.admit((1, 9))  # never requested: ranked as the layer's last service would rank it
+    assert np.isfinite(p._layers[1].scores[9])
+    pinned = {(0, 0), (0, 1), (1, 0), (1, 9)}
+    resident = {(0, e) for e in range(4)} | {(1, e) for e in range(3)} | {(1, 9)}
+    for _ in range(len(resident) - len(pinned)):
+        victim = p.victim(pinned)
+        assert victim in resident and victim not in pinned
+        p.remove(victim)
+        resident.remove(victim)
+    with pytest.raises(LookupError):
+        p.victim(pinned)

@@ -219,6 +219,7 @@ class LearnedUse(Policy):
         self._dirty: set[int] = set()  # layers whose least must be found again
         self._version = 0  # anything but a removal since: a fetch's victim orders are stale
         self._group: tuple | None = None  # (pinned, version, bias, orders) of one fetch
+        self._bias: dict[tuple[int, int], np.ndarray] = {}  # (served, layers) -> turn term
 
     def _split(self, key: Key) -> tuple[int, int]:
         if isinstance(key, tuple):
@@ -373,7 +374,10 @@ class LearnedUse(Policy):
             self._scored(served, np.array(sorted(set(held)), np.int64))
         turn = served if served is not None else self._last_served
         count = self._layer_count
-        bias = self.params.weights[19] * (((np.arange(count) - turn - 1) % count + 1) / count)
+        bias = self._bias.get((turn, count))
+        if bias is None:
+            steps = ((np.arange(count) - turn - 1) % count + 1) / count  # to each layer's turn
+            bias = self._bias[turn, count] = self.params.weights[19] * steps
         orders = {}
         for layer, held in by_layer.items():
             state = self._layers.get(layer)
