@@ -48,7 +48,11 @@ def hit_rate(trace: Trace, capacity: int, weights: np.ndarray, shared: bool) -> 
 
 
 def samples(
-    trace: Trace, capacity: int, weights: np.ndarray, every: int, seed: int = 0,
+    trace: Trace,
+    capacity: int,
+    weights: np.ndarray,
+    every: int,
+    seed: int = 0,
     shared: bool = True,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """(hit rate, features, tokens to next use) of the served layer's candidates at about
