@@ -6,3 +6,7 @@ layer's choices, the ``expert_cache`` for slots (``policies`` choose what to evi
 ``cold_tier`` holds unimportant misses at low precision), and ``prefetch`` reads the
 next layer's likely experts early. Bytes come from ``mlx_pager.storage``.
 """
+
+# ``policies`` registers ``learned.LearnedUse``, which subclasses its ``Policy``: importing
+# it here first keeps that order whichever module is asked for.
+from . import policies  # noqa: F401

@@ -444,12 +444,17 @@ def _cheapest(
     return best
 
 
+# The learned policy subclasses ``Policy``: imported once everything above is defined
+# (``mlx_pager/paging/__init__.py`` imports this module first, whichever is asked for).
+from .learned import LearnedUse  # noqa: E402
+
 POLICIES: dict[str, type[Policy]] = {
     "lru": LRU,
     "lfu": LFU,
     "slru": SLRU,
     "lfu-decay": DecayedLFU,
     "predict": PredictedUse,
+    "learned": LearnedUse,
 }
 # The best measured on replayed traces (scripts/bench_policies.py).
 DEFAULT_POLICY = "predict"

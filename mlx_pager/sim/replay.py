@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..paging.policies import DecayedLFU, PredictedUse, make_policy
-from . import fast
+from . import fast, learned_replay
 from .trace import Trace
 
 
@@ -197,7 +197,7 @@ def belady_reference(
 
 
 # The policies with a compiled replay; ``replay`` runs any other through the Python one.
-COMPILED = ("lru", "lfu", "slru", "lfu-decay", "predict", "belady")
+COMPILED = ("lru", "lfu", "slru", "lfu-decay", "predict", "learned", "belady")
 
 
 def fast_counts(
@@ -217,6 +217,14 @@ def fast_counts(
         ids = trace.expert_ids.astype(np.int64)
         return fast._predict(ids, weights, tuple_hash, E, shared, limit, defaults.mix,
                              defaults._growth, defaults.own_layer, at)  # fmt: skip
+    if policy == "learned":
+        ids = trace.expert_ids.astype(np.int64)
+        params = make_policy("learned").params.weights
+        none = np.zeros(1, np.int64)
+        hits, misses, before_hits, before_misses, _, _ = learned_replay.run(
+            ids, E, params, learned_replay.GROWTH, shared, limit, at, 0, 0, none, none
+        )
+        return hits, misses, before_hits, before_misses
     if policy == "slru":
         share = make_policy("slru").protected_share
         return fast._slru(keys, E, shared, limit, share, at)

@@ -1,0 +1,322 @@
+"""The learned policy (``mlx_pager/paging/learned.py``) replayed compiled, hit for hit.
+
+``LearnedUse`` is transcribed here operation for operation: the same features, the same
+additions in the same order, the same ``ln`` series, the same ties (lowest score, then
+lowest layer, then lowest expert). Two differences that change no decision: a layer's
+state is learned as soon as its service ends (the policy learns it when the next layer
+starts, and nothing reads it in between), and scores are computed only for the experts
+that can be evicted before the layer's next service (its residents and the set served).
+
+The same loop records training samples for ``mlx_pager/sim/learn.py``: at some eviction
+events, every candidate's features and how many tokens until its layer uses it again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ..paging.learned import FEATURES, HALF_LIVES, LN2, NEVER, RECENCY_EDGES, RESCALE, LayerState
+
+NF = len(FEATURES)
+H = len(HALF_LIVES)
+GROWTH = LayerState(1).growth  # numpy's powers, passed in (the compiled pow may round apart)
+
+
+@njit(cache=True)
+def ln(x: float) -> float:
+    """``learned.ln`` for one number: the same operations in the same order."""
+    m, e = math.frexp(x)
+    z = m * 2.0 - 1.0
+    s = z / (z + 2.0)
+    s2 = s * s
+    p = (((s2 * (1.0 / 9.0) + 1.0 / 7.0) * s2 + 1.0 / 5.0) * s2 + 1.0 / 3.0) * s2 + 1.0
+    return float(e - 1) * LN2 + 2.0 * s * p
+
+
+@njit(cache=True)
+def _score(x, w, e, layer, now, n_now, in_now, prev, n_prev, above, n_above, st) -> float:
+    """``LayerState.score`` of expert ``e``, its additions in the same order; its
+    features (the means of the log rows) into ``x``, for training."""
+    (services, requests, last, pop, dec, tot, follows, fseen, follows2, f2seen, below,
+     bseen, seen_count, edges) = st  # fmt: skip
+    x[:] = 0.0
+    r = 0 if in_now[e] else services[layer] - last[layer, e]
+    b = 0
+    for edge in edges:
+        if r >= edge:
+            b += 1
+    x[b] = 1.0
+    s = w[b]
+    base = (pop[layer, e] + 0.5) / (services[layer] + 1.0)
+    for h in range(H):
+        v = ln(dec[layer, h, e] / max(tot[layer, h], 1e-300) / base + 0.01)
+        x[9 + h] = v
+        s = s + w[9 + h] * v
+    k_mean = max(requests[layer] / max(services[layer], 1), 1.0)
+    v = ln(base * (max(seen_count[layer], 1) / k_mean))
+    x[14] = v
+    s = s + w[14] * v
+    c = w[15] / n_now
+    for j in range(n_now):
+        a = now[j]
+        v = ln((follows[layer, a, e] + base) / (fseen[layer, a] + 1.0) / base)
+        x[15] += v
+        s = s + c * v
+    x[15] /= n_now
+    if n_prev:
+        c = w[17] / n_prev
+        for j in range(n_prev):
+            a = prev[j]
+            v = ln((follows2[layer, a, e] + base) / (f2seen[layer, a] + 1.0) / base)
+            x[17] += v
+            s = s + c * v
+        x[17] /= n_prev
+    if n_above:
+        c = w[18] / n_above
+        for j in range(n_above):
+            a = above[j]
+            v = ln((below[layer, a, e] + base) / (bseen[layer, a] + 1.0) / base)
+            x[18] += v
+            s = s + c * v
+        x[18] /= n_above
+    c = w[16] / n_now
+    for j in range(n_now):
+        a = now[j]
+        v = (follows[layer, a, e] + base) / (fseen[layer, a] + 1.0) / base
+        x[16] += v
+        s = s + c * v
+    x[16] /= n_now
+    x[20] = 1.0
+    return s + w[20]
+
+
+@njit(cache=True)
+def _least(scores, resident, E):
+    best = -1
+    for e in range(E):
+        if resident[e] and (best < 0 or scores[e] < scores[best]):
+            best = e
+    return best
+
+
+@njit(cache=True)
+def _next_use(uses, starts, cursor, key, after):
+    """The first token after ``after`` that uses ``key`` (``uses`` sorted per key)."""
+    i = cursor[key]
+    end = starts[key + 1]
+    while i < end and uses[i] <= after:
+        i += 1
+    cursor[key] = i
+    return uses[i] if i < end else 1 << 40
+
+
+@njit(cache=True)
+def run(ids, n_experts, w, growth, shared, limit, split, sample_every, seed, uses, starts):
+    """Hits and misses of ``LearnedUse`` (per-layer caches of ``limit``, or one of
+    ``limit`` for all layers when ``shared``), counted also from token ``split`` on; and,
+    when ``sample_every`` > 0, the features of every candidate at one eviction in about
+    ``sample_every`` before ``split`` (the served layer's) with the tokens until its next
+    use (``uses``/``starts``: each (layer, expert)'s tokens, sorted)."""
+    T, L, K = ids.shape
+    E = n_experts
+    services = np.zeros(L, np.int64)
+    requests = np.zeros(L, np.int64)
+    last = np.full((L, E), NEVER, np.int64)
+    pop = np.zeros((L, E))
+    seen_count = np.zeros(L, np.int64)
+    dec = np.zeros((L, H, E))
+    tot = np.zeros((L, H))
+    unit = np.ones((L, H))
+    follows = np.zeros((L, E, E))
+    fseen = np.zeros((L, E))
+    follows2 = np.zeros((L, E, E))
+    f2seen = np.zeros((L, E))
+    below = np.zeros((L, E, E))
+    bseen = np.zeros((L, E))
+    latest = np.zeros((L, K), np.int64)
+    n_latest = np.zeros(L, np.int64)
+    previous = np.zeros((L, K), np.int64)
+    n_previous = np.zeros(L, np.int64)
+    scores = np.zeros((L, E))
+    resident = np.zeros((L, E), np.bool_)
+    count = np.zeros(L, np.int64)
+    total = 0
+    created = np.zeros(L, np.bool_)
+    layer_count = 0
+    least = np.full(L, -1, np.int64)
+    dirty = np.zeros(L, np.bool_)
+    st = (services, requests, last, pop, dec, tot, follows, fseen, follows2, f2seen, below,
+          bseen, seen_count, RECENCY_EDGES)  # fmt: skip
+    x = np.zeros(NF)
+    now = np.zeros(K, np.int64)
+    in_now = np.zeros(E, np.bool_)
+    missed = np.zeros(K, np.int64)
+    empty = np.zeros(0, np.int64)
+    cap = 1
+    if sample_every > 0:
+        cap = min(split * L * min(limit, E) // sample_every + 1000, 4_000_000)
+    X = np.zeros((cap, NF), np.float32)
+    Y = np.zeros(cap, np.float32)
+    cursor = starts[:-1].copy() if sample_every > 0 else np.zeros(0, np.int64)
+    n_samples = 0
+    np.random.seed(seed)
+    hits = misses = 0
+    held = np.zeros(2, np.int64)
+    for t in range(T):
+        if t == split:
+            held[0], held[1] = hits, misses
+        for layer in range(L):
+            row = ids[t, layer]
+            n_now = 0  # the distinct experts, sorted
+            want = 0
+            for k in range(K):
+                e = row[k]
+                if e < 0:
+                    continue
+                want += 1
+                dup = False
+                for j in range(n_now):
+                    if now[j] == e:
+                        dup = True
+                if not dup:
+                    now[n_now] = e
+                    n_now += 1
+            if n_now == 0:
+                continue
+            now[:n_now].sort()
+            m = 0
+            for k in range(K):  # the misses, in request order
+                e = row[k]
+                if e < 0 or resident[layer, e]:
+                    continue
+                dup = False
+                for j in range(m):
+                    if missed[j] == e:
+                        dup = True
+                if not dup:
+                    missed[m] = e
+                    m += 1
+            misses += m
+            hits += want - m
+            created[layer] = True
+            layer_count = max(layer_count, layer + 1)
+            # this service's scores, from the state before it
+            has_above = shared and layer > 0 and created[layer - 1] and n_latest[layer - 1] > 0
+            above = latest[layer - 1, : n_latest[layer - 1]] if has_above else empty
+            prev = latest[layer, : n_latest[layer]]
+            sample = (sample_every > 0 and t < split and n_samples < cap
+                      and (count[layer] if not shared else total) + m > limit
+                      and np.random.randint(sample_every) == 0)  # fmt: skip
+            for j in range(n_now):
+                in_now[now[j]] = True
+            for e in range(E):
+                if not (resident[layer, e] or in_now[e]):
+                    continue
+                scores[layer, e] = _score(x, w, e, layer, now, n_now, in_now, prev, len(prev),
+                                          above, len(above), st)  # fmt: skip
+                if sample and resident[layer, e] and not in_now[e] and n_samples < cap:
+                    X[n_samples] = x
+                    X[n_samples, 19] = 0.0  # the turn is the same for every candidate
+                    Y[n_samples] = _next_use(uses, starts, cursor, layer * E + e, t) - t
+                    n_samples += 1
+            dirty[layer] = True
+            over = (total if shared else count[layer]) + m - limit
+            for _ in range(over):
+                best = -1  # the served layer: its least resident not being served
+                for e in range(E):
+                    if resident[layer, e] and not in_now[e]:
+                        if best < 0 or scores[layer, e] < scores[layer, best]:
+                            best = e
+                victim_layer, victim = layer, best
+                if shared:
+                    best_value = 0.0
+                    victim_layer = -1
+                    for d in range(layer_count):
+                        bias = w[19] * (((d - layer - 1) % layer_count + 1) / float(layer_count))
+                        if d == layer:
+                            e = best
+                        else:
+                            if dirty[d]:
+                                least[d] = _least(scores[d], resident[d], E)
+                                dirty[d] = False
+                            e = least[d]
+                        if e < 0:
+                            continue
+                        value = scores[d, e] + bias
+                        if victim_layer < 0 or value < best_value:
+                            victim_layer, victim, best_value = d, e, value
+                if victim_layer < 0 or victim < 0:
+                    raise LookupError("every resident expert is pinned")
+                resident[victim_layer, victim] = False
+                count[victim_layer] -= 1
+                total -= 1
+                dirty[victim_layer] = True
+            for j in range(m):
+                resident[layer, missed[j]] = True
+            count[layer] += m
+            total += m
+            for j in range(n_now):
+                in_now[now[j]] = False
+            # the service is learned (``LayerState.learn``)
+            n = services[layer]
+            for j in range(n_now):
+                e = now[j]
+                last[layer, e] = n
+                if pop[layer, e] == 0.0:
+                    seen_count[layer] += 1
+                pop[layer, e] += 1.0
+            requests[layer] += n_now
+            services[layer] += 1
+            for h in range(H):
+                u = unit[layer, h]
+                for j in range(n_now):
+                    dec[layer, h, now[j]] += u
+                tot[layer, h] += u
+                unit[layer, h] = u * growth[h]
+                if unit[layer, h] > RESCALE:
+                    u = unit[layer, h]
+                    for e in range(E):
+                        dec[layer, h, e] /= u
+                    tot[layer, h] /= u
+                    unit[layer, h] = 1.0
+            for i in range(n_latest[layer]):
+                a = latest[layer, i]
+                for j in range(n_now):
+                    follows[layer, a, now[j]] += 1.0
+                fseen[layer, a] += 1.0
+            for i in range(n_previous[layer]):
+                a = previous[layer, i]
+                for j in range(n_now):
+                    follows2[layer, a, now[j]] += 1.0
+                f2seen[layer, a] += 1.0
+            if shared and layer > 0 and created[layer - 1]:
+                for i in range(n_previous[layer - 1]):
+                    a = previous[layer - 1, i]
+                    for j in range(n_now):
+                        below[layer, a, now[j]] += 1.0
+                    bseen[layer, a] += 1.0
+            n_previous[layer] = n_latest[layer]
+            previous[layer, : n_latest[layer]] = latest[layer, : n_latest[layer]]
+            n_latest[layer] = n_now
+            latest[layer, :n_now] = now[:n_now]
+    if split < 0 or split >= T:
+        held[0], held[1] = hits, misses
+    return hits, misses, held[0], held[1], X[:n_samples], Y[:n_samples]
+
+
+def uses_of(ids: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each (layer, expert)'s tokens, sorted, as one array and its row starts."""
+    T, L, K = ids.shape
+    t = np.broadcast_to(np.arange(T)[:, None, None], ids.shape)
+    key = np.where(ids >= 0, ids + n_experts * np.arange(L)[:, None], -1)
+    valid = key >= 0
+    key, t = key[valid], t[valid]
+    order = np.lexsort((t, key))
+    key, t = key[order], t[order]
+    keep = np.r_[True, (key[1:] != key[:-1]) | (t[1:] != t[:-1])]
+    key, t = key[keep], t[keep]
+    starts = np.searchsorted(key, np.arange(L * n_experts + 1))
+    return t.astype(np.int64), starts.astype(np.int64)
