@@ -22,7 +22,10 @@ from .cap import cgroup_version, drop_page_cache, run_capped
 MiB = 2**20
 # What the interpreter and its libraries take beside the engine's budget, under a cap.
 PROCESS_BASELINE_BYTES = 256 * MiB
-RESIDENT_SHARE_OF_RAM = 0.8  # stock fully resident is skipped above this share of RAM
+# A fully resident run is skipped when the model is larger than this share of the memory
+# available when it starts: past it the kernel's OOM killer would pick the largest process,
+# the run itself or someone else's work, and that measures nothing.
+RESIDENT_SHARE_OF_RAM = 0.8
 ALL_ARMS = frozenset({"stock", "mlx-pager", "nunspark", "llama"})
 AGREEMENT_TOKENS = 8  # the first prompt tokens whose routing llama.cpp and MLX compare
 # mlx-pager once more under the cap: (share of the cap's budget, arm options). "keep":
@@ -36,6 +39,19 @@ PAGER_VARIANTS: dict[str, tuple[float, dict]] = {
 
 def machine_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def too_big_to_hold(model_bytes: int) -> str | None:
+    """Why a fully resident run of ``model_bytes`` cannot run here now, or None."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if model_bytes <= RESIDENT_SHARE_OF_RAM * available:
+        return None
+    return (
+        f"the model ({model_bytes / 1e9:.1f} GB) is larger than {RESIDENT_SHARE_OF_RAM:.0%} of "
+        f"the memory available now ({available / 1e9:.1f} GB of {machine_ram_bytes() / 1e9:.1f})"
+    )
 
 
 def folder_bytes(path: Path) -> int:
@@ -228,8 +244,9 @@ def run_benchmark(
         library = baseline.get("read_bytes") or 0  # what warming the libraries read, cold
         common = (model_dir, prompt_file, max_tokens)
         if "stock" in arms:
-            if model_bytes > RESIDENT_SHARE_OF_RAM * machine_ram_bytes():
-                skipped["stock-resident"] = "the model is larger than 80% of this machine's RAM"
+            why_not = too_big_to_hold(model_bytes)
+            if why_not:
+                skipped["stock-resident"] = why_not
             else:
                 runs["stock-resident"] = _arm("stock", *common, None, arm_timeout_s)
             runs["stock-capped"] = _arm("stock", *common, cap_bytes, arm_timeout_s)
@@ -244,7 +261,11 @@ def run_benchmark(
                 _belady(runs[name])
 
             capped = min(cap_budget, budgets[1.0])
-            pager("mlx-pager-resident", budgets[1.0], None)
+            why_not = too_big_to_hold(budgets[1.0])
+            if why_not:
+                skipped["mlx-pager-resident"] = why_not
+            else:
+                pager("mlx-pager-resident", budgets[1.0], None)
             pager("mlx-pager-capped", capped, cap_bytes)
             for f in fractions:
                 if cap_bytes and budgets[f] > cap_budget:  # it could only be killed
@@ -266,9 +287,14 @@ def run_benchmark(
             if pack is None:
                 packed_extra = folder_bytes(packed)
                 everything = 2 * packed_extra + 512 * MiB
-                runs["nunspark-resident"] = _arm(
-                    "nunspark", *common, None, arm_timeout_s, budget=everything, packed=packed
-                )
+                why_not = too_big_to_hold(packed_extra)
+                if why_not:
+                    skipped["nunspark-resident"] = why_not
+                else:
+                    runs["nunspark-resident"] = _arm(
+                        "nunspark", *common, None, arm_timeout_s, budget=everything,
+                        packed=packed,
+                    )  # fmt: skip
                 runs["nunspark-capped"] = _arm(
                     "nunspark", *common, cap_bytes, arm_timeout_s, budget=cap_budget,
                     packed=packed,
