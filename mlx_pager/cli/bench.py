@@ -179,6 +179,16 @@ def peer_table(report: dict) -> str:
             split.append(f"{name} {read:.2f} + {r['ttft_s'] - read:.2f}")
     if split:
         lines.append(f"first token, reading experts + the rest (s): {', '.join(split)}")
+    waits = [
+        f"{name} {r['read_seconds_per_token'] * 1e3:.1f}"
+        for name, r in report["runs"].items()
+        if r.get("read_seconds_per_token") is not None
+    ]
+    if waits:
+        lines.append(
+            "decode's wall time waiting on expert reads, ms/token (the engine's clock; the "
+            f"kernel's stall column sums every thread's, parallel readers each): {', '.join(waits)}"
+        )
     kept = ", ".join(f"{k} {_num(v, '.2f')}" for k, v in report["ratios"]["speed_kept"].items())
     lines.append(f"speed kept under the cap (capped / fully resident decode): {kept}")
     for name, why in report["skipped"].items():
