@@ -160,8 +160,14 @@ def _belady(run: dict) -> None:
     first = trace.expert_ids[: int(trace.offsets[1])][:AGREEMENT_TOKENS]
     run["first_routes"] = {layer: first[:, layer] for layer in range(trace.num_layers)}
     per_layer = max(-(-run["slots"] // trace.num_layers), trace.top_k)
-    result = belady(trace, per_layer, shared=True)
+    one_sequence = len(trace.offsets) == 2 and run.get("prompt_tokens")
+    result = belady(
+        trace, per_layer, shared=True, split=run["prompt_tokens"] if one_sequence else None
+    )
     run["belady_hit_rate"] = result.hit_rate
+    # Decode only, in the live decode hit rate's units (one request per token and expert;
+    # a prefill fetch counts an expert once for all its tokens, the trace once per token).
+    run["belady_decode_hit_rate"] = result.held_out_hit_rate
     run["belady_misses_per_token"] = result.misses_per_token
     run["belady_slots"] = per_layer * trace.num_layers
     run["trace_tokens"] = trace.num_tokens

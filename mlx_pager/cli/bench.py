@@ -154,7 +154,7 @@ def peer_table(report: dict) -> str:
         f"{report['max_tokens']} tokens x {len(report['prompts'])} prompts",
         f"{'run':<20} {'load s':>7} {'ttft s':>7} {'pre t/s':>8} {'dec t/s':>8} "
         f"{'disk KB/tok':>11} {'stall ms/tok':>12} {'rss MB':>7} {'cgroup MB':>9} "
-        f"{'hit':>6} {'belady':>6} {'same':>5} exit",
+        f"{'hit':>6} {'belady':>6} {'same':>5} exit  (hit: decode's)",
     ]
     same = report["ratios"]["tokens_equal_stock"]
     for name, r in report["runs"].items():
@@ -169,8 +169,8 @@ def peer_table(report: dict) -> str:
             f"{_num(r.get('prefill_tps'), '8.1f')} {_num(r.get('decode_tps'), '8.1f')} "
             f"{_num(disk and disk / 1e3, '11.1f'):>11} {_num(stall and stall * 1e3, '12.2f'):>12} "
             f"{_num(r.get('peak_rss_bytes', 0) / 1e6, '7.0f')} "
-            f"{_num(peak and peak / 1e6, '9.0f'):>9} {_num(r.get('hit_rate'), '6.1%')} "
-            f"{_num(r.get('belady_hit_rate'), '6.1%')} {str(same.get(name, '-')):>5} {how}"
+            f"{_num(peak and peak / 1e6, '9.0f'):>9} {_num(r.get('decode_hit_rate'), '6.1%')} "
+            f"{_num(r.get('belady_decode_hit_rate'), '6.1%')} {str(same.get(name, '-')):>5} {how}"
         )
     split = []
     for name, r in report["runs"].items():
