@@ -100,6 +100,34 @@ def test_uncast_bf16_4bit_matches_stock_mlx_lm(tmp_path, arch):
         paged.close()
 
 
+@pytest.mark.parametrize("cast", [True, False], ids=["cast", "uncast"])
+def test_per_module_quantisation_as_the_embedded_model_ships(tmp_path, cast):
+    """config.json's per-layer entries: an 8-bit embedding (the tied lm_head), 4-bit
+    attention and experts in groups of 32, a float router, float16 scales; cast to the
+    compute dtype or not (the path a Mac runs)."""
+    import mlx.core as mx
+
+    path = make_checkpoint(
+        tmp_path / "mixed", "mixtral", quantize_bits=4, quantize_mode="mixed", dtype=mx.float16
+    )
+    config = json.loads((path / "config.json").read_text())["quantization"]
+    assert config["model.embed_tokens"]["bits"] == 8
+    assert config["model.layers.0.block_sparse_moe.switch_mlp.down_proj"]["group_size"] == 32
+    assert "model.layers.0.block_sparse_moe.gate.scales" not in mx.load(
+        str(path / "model.safetensors")
+    )
+    dtype = "auto" if cast else None
+    paged = open_paged(path, 3, compute_dtype=dtype)
+    try:
+        assert paged.cache.projections["down_proj"].group_size == 32
+        assert paged.model.model.embed_tokens.bits == 8
+        worst, bitwise = compare_with_mlx_lm(path, paged, compute_dtype=dtype)
+        assert paged.stats.misses > paged.plan.slots, "the budget must force evictions"
+        assert bitwise, f"logits differ by up to {worst}"
+    finally:
+        paged.close()
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
 def test_prefetch_leaves_output_unchanged(tmp_path, arch):
     """Three router kinds: Linear, DeepSeek's MoEGate, gpt-oss's biased router."""

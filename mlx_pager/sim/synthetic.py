@@ -134,7 +134,9 @@ def make_checkpoint(
 
     ``quantize_mode="mxfp4"`` quantises the routed experts as gpt-oss ships them (MXFP4,
     groups of 32, no biases) and the rest at ``quantize_bits`` affine, as the
-    mlx-community gpt-oss checkpoints do."""
+    mlx-community gpt-oss checkpoints do. ``quantize_mode="mixed"`` quantises per module as
+    the embedded model ships: embedding 8-bit, other linear layers ``quantize_bits`` in
+    groups of 32, routers left in float."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {"model_type": arch, **ARCH_CONFIGS.get(arch, {}), **overrides}
@@ -152,7 +154,16 @@ def make_checkpoint(
     model.load_weights(list(params.items()))
     if quantize_bits:
         predicate = None
-        if quantize_mode != "affine":
+        if quantize_mode == "mixed":
+
+            def predicate(name: str, module: nn.Module) -> bool | dict:
+                if isinstance(module, nn.Embedding):
+                    return {"group_size": 32, "bits": 8, "mode": "affine"}
+                if name.endswith((".gate", ".router")):
+                    return False
+                return {"group_size": 32, "bits": quantize_bits, "mode": "affine"}
+
+        elif quantize_mode != "affine":
 
             def predicate(name: str, module: nn.Module) -> bool | dict:
                 if isinstance(module, SwitchLinear):
