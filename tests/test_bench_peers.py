@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -25,7 +26,9 @@ FIGURES = ("load_s", "ttft_s", "prefill_tps", "decode_tps", "disk_bytes_per_toke
 
 
 def _groups() -> set[str]:
-    return {p.name for p in V1_MEMORY.glob("mlx-pager-bench-*")} if V1_MEMORY.exists() else set()
+    """This process's cgroups (a benchmark running beside the suite has its own)."""
+    mine = f"mlx-pager-bench-{os.getpid()}-*"
+    return {p.name for p in V1_MEMORY.glob(mine)} if V1_MEMORY.exists() else set()
 
 
 @pytest.mark.slow
