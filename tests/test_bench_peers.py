@@ -13,7 +13,7 @@ import pytest
 
 from mlx_pager.benchmark.cap import V1_MEMORY, cgroup_version
 from mlx_pager.benchmark.fixture import make_model
-from mlx_pager.benchmark.harness import _arm, run_benchmark
+from mlx_pager.benchmark.harness import _arm, run_benchmark, too_big_to_hold
 from mlx_pager.benchmark.plots import plot_report
 from mlx_pager.cli.bench import peer_table
 from mlx_pager.sim.synthetic import make_checkpoint
@@ -122,3 +122,9 @@ def test_cli_refuses_bad_input(tmp_path):
     assert no_corpus.returncode == 2 and "--corpus DIR" in no_corpus.stderr
     huge = bench("--model", str(tmp_path / "m"), "--corpus", str(tmp_path), "--cap", "64TiB")
     assert huge.returncode == 2 and "this machine" in huge.stderr
+
+
+def test_a_resident_run_that_cannot_fit_is_skipped_with_the_numbers():
+    assert too_big_to_hold(1) is None
+    why = too_big_to_hold(10**15)  # a petabyte: more than any machine has available
+    assert "1000000.0 GB" in why and "available now" in why

@@ -41,15 +41,15 @@ def machine_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def too_big_to_hold(model_bytes: int) -> str | None:
-    """Why a fully resident run of ``model_bytes`` cannot run here now, or None."""
+def too_big_to_hold(needed_bytes: int) -> str | None:
+    """Why a fully resident run holding ``needed_bytes`` cannot run here now, or None."""
     import psutil
 
     available = psutil.virtual_memory().available
-    if model_bytes <= RESIDENT_SHARE_OF_RAM * available:
+    if needed_bytes <= RESIDENT_SHARE_OF_RAM * available:
         return None
     return (
-        f"the model ({model_bytes / 1e9:.1f} GB) is larger than {RESIDENT_SHARE_OF_RAM:.0%} of "
+        f"holding it all takes {needed_bytes / 1e9:.1f} GB, over {RESIDENT_SHARE_OF_RAM:.0%} of "
         f"the memory available now ({available / 1e9:.1f} GB of {machine_ram_bytes() / 1e9:.1f})"
     )
 
