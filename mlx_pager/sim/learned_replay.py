@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from ..paging.learned import FEATURES, HALF_LIVES, LN2, NEVER, RECENCY_EDGES, RESCALE, LayerState
+from .fast import _missed
 
 NF = len(FEATURES)
 H = len(HALF_LIVES)
@@ -187,18 +188,7 @@ def run(ids, n_experts, w, growth, shared, limit, split, sample_every, seed, use
             if n_now == 0:
                 continue
             now[:n_now].sort()
-            m = 0
-            for k in range(K):  # the misses, in request order
-                e = row[k]
-                if e < 0 or resident[layer, e]:
-                    continue
-                dup = False
-                for j in range(m):
-                    if missed[j] == e:
-                        dup = True
-                if not dup:
-                    missed[m] = e
-                    m += 1
+            m = _missed(row, resident[layer], missed)  # the misses, in request order
             misses += m
             hits += want - m
             created[layer] = True
