@@ -52,7 +52,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_affine import fake_quant  # noqa: E402
-from train_tiny_moe import DOMAINS, as_chat, split_corpus, spread_windows  # noqa: E402
+from train_tiny_moe import (  # noqa: E402
+    DOMAINS,
+    as_chat,
+    greedy_agreement,
+    split_corpus,
+    spread_windows,
+)
 
 # The shipped grid: linear layers 4-bit in groups of 32 (Q4_1's blocks), embedding 8-bit
 # in groups of 32 (Q8_0's), routers and norms float16.
@@ -1081,19 +1087,7 @@ def crosscheck_transformers(mlx_dir: Path, hf_dir: Path, prompts: list[str], n: 
     floats = lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a  # noqa: E731
     model.update(tree_map(floats, model.parameters()))
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    worst, agree = 0.0, 0
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        m_tok, t_tok = [], []
-        for _ in range(n):
-            m_last = np.array(model(mx.array([ids + m_tok]))[0, -1])
-            with torch.no_grad():
-                t_last = hf(torch.tensor([ids + m_tok])).logits[0, -1].float().numpy()
-            worst = max(worst, float(np.abs(m_last - t_last).max()))
-            m_tok.append(int(m_last.argmax()))
-            t_tok.append(int(t_last.argmax()))
-        agree += int(m_tok == t_tok)
-    return {"prompts": len(prompts), "tokens": n, "agree": agree, "max_logit_diff": worst}
+    return greedy_agreement(model, tokenizer, hf, prompts, n)
 
 
 def chat_replies(model_dir: Path, max_tokens: int = 120) -> dict:

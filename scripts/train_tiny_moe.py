@@ -474,6 +474,15 @@ def crosscheck_transformers(out_dir: Path, prompts: list[str], n: int = 16) -> d
     model, tokenizer = mlx_lm.load(str(out_dir))
     model.update(tree_map(lambda a: a.astype(mx.float32), model.parameters()))
     hf = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    return greedy_agreement(model, tokenizer, hf, prompts, n)
+
+
+def greedy_agreement(model, tokenizer, hf, prompts: list[str], n: int) -> dict:
+    """mlx-lm and transformers fed the same greedy continuations: how many prompts agree
+    token for token over ``n`` steps, and the largest logit difference seen."""
+    import mlx.core as mx
+    import torch
+
     worst, agree = 0.0, 0
     for prompt in prompts:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
