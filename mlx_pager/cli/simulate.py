@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out: dict = {"capacity": capacity}
     modes = ["layer", "global"] if args.mode == "both" else [args.mode]
-    for mode in modes:
-        result = simulate(trace, capacity, policies, shared=mode == "global")
+    for mode, result in simulate(trace, capacity, policies, tuple(modes)).items():
         if mode == modes[0] and mode == "layer":
             out.update(result)
         else:

@@ -48,6 +48,8 @@ FEATURES = (
 NEVER = -(2**40)
 LN2 = 0.6931471805599453
 RESCALE = 1e100  # decay units are divided out past this
+CHUNK = 8  # lifts multiplied before one log: 8 within float64's range whatever the counts
+FOLLOWS, FOLLOWS2, BELOW = 0, 1, 2  # kinds of transition counts
 _NONE = np.zeros(0, np.int64)
 
 
@@ -132,34 +134,45 @@ class LayerState:
         self, now: np.ndarray, above: np.ndarray | None, params: Params, cols: np.ndarray
     ) -> np.ndarray:
         """The scores of experts ``cols`` for a service of the set ``now`` (sorted,
-        distinct), from the state before it; ``above``: the layer above's latest set."""
+        distinct), from the state before it; ``above``: the layer above's latest set.
+
+        A set's mean log lift is taken as the log of products of up to ``CHUNK`` lifts
+        (one log per chunk, not per expert in the set: the replay's cost is its logs)."""
         w = params.weights
         r = self.services - self.last[cols]
         serving = np.zeros(self.size, bool)
         serving[now] = True
         r[serving[cols]] = 0
         base = (self.pop[cols] + 0.5) / (self.services + 1.0)
+        inv_base = 1.0 / base
         k_mean = max(self.requests / max(self.services, 1), 1.0)
         seen = max(int(np.count_nonzero(self.pop)), 1)
-        above = _NONE if above is None else above
-        sets = (now, self.latest, above)  # for FOLLOWS, FOLLOWS2, BELOW
-        kinds = np.repeat(np.arange(3), [len(x) for x in sets])
-        rows = np.concatenate(sets)
-        counts = self.trans[kinds[:, None], rows[:, None], cols]
-        chance = (counts + base) / (self.trans_seen[kinds, rows] + 1.0)[:, None]
-        rates = self.decayed[:, cols] / np.maximum(self.total, 1e-300)[:, None] / base + 0.01
-        popularity = base * (seen / k_mean)
-        lifts = chance / base
-        logs = ln(np.concatenate([rates, popularity[None], lifts]))
-        # The sum, in this order (the compiled replay adds in the same one): recency,
-        # then each log row times its weight (a set's mean is its rows times the weight
-        # over the set's size), then the mean chance the same way, then the bias.
-        sizes = [len(x) for x in sets]
-        each = [w[feature] / n for feature, n in zip((15, 17, 18), sizes, strict=True) if n]
-        factor = np.concatenate([w[9:15], np.repeat(each, [n for n in sizes if n])])
-        rec = params.recency[np.searchsorted(RECENCY_EDGES, r, side="right")]
-        rows = [rec[None], factor[:, None] * logs, (w[16] / len(now)) * lifts[: len(now)]]
-        return np.add.accumulate(np.concatenate(rows), axis=0)[-1] + w[20]
+        inv_total = 1.0 / np.maximum(self.total, 1e-300)
+        # The sum, in this order (the compiled replay adds in the same one): recency, each
+        # rate's log, popularity's, each set's summed log lift times its weight over the
+        # set's size, the summed lift of the current set the same way, then the bias.
+        s = params.recency[np.searchsorted(RECENCY_EDGES, r, side="right")]
+        rates = ln(self.decayed[:, cols] * inv_total[:, None] * inv_base + 0.01)
+        for h in range(len(HALF_LIVES)):
+            s = s + w[9 + h] * rates[h]
+        s = s + w[14] * ln(base * (seen / k_mean))
+        lifts = 0.0
+        for feature, kind, rows in ((15, FOLLOWS, now), (17, FOLLOWS2, self.latest),
+                                    (18, BELOW, _NONE if above is None else above)):  # fmt: skip
+            if not len(rows):
+                continue
+            inv_seen = 1.0 / (self.trans_seen[kind, rows] + 1.0)
+            logs, product = 0.0, 1.0
+            for j, a in enumerate(rows):
+                lift = (self.trans[kind, a, cols] + base) * inv_seen[j] * inv_base
+                if kind == FOLLOWS:
+                    lifts = lifts + lift
+                product = product * lift
+                if j % CHUNK == CHUNK - 1 or j == len(rows) - 1:
+                    logs, product = logs + ln(product), 1.0
+            s = s + (w[feature] / len(rows)) * logs
+        s = s + (w[16] / len(now)) * lifts
+        return s + w[20]
 
     def learn(self, now: np.ndarray, above_previous: np.ndarray | None) -> None:
         """The service of ``now`` happened: every count and decay moves on."""
@@ -176,7 +189,7 @@ class LayerState:
                 self.total[h] /= self.unit[h]
                 self.unit[h] = 1.0
         sets = (self.latest, self.previous, _NONE if above_previous is None else above_previous)
-        kinds = np.repeat(np.arange(3), [len(x) for x in sets])
+        kinds = np.repeat([FOLLOWS, FOLLOWS2, BELOW], [len(x) for x in sets])
         rows = np.concatenate(sets)
         self.trans[kinds[:, None], rows[:, None], now] += 1.0  # distinct: one addition each
         self.trans_seen[kinds, rows] += 1.0

@@ -78,7 +78,7 @@ def _evict(layer_of, members, n_members, index, key) -> None:
     index[key] = -1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ranked(keys, weights, nxt, n_experts, shared, limit, kind, growth, split):
     T, L, K = keys.shape
     n_keys = L * n_experts
@@ -206,7 +206,7 @@ def _oldest(members, n, stamp, segment, which, pin, skip) -> int:
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _slru(keys, n_experts, shared, limit, share, split):
     T, L, K = keys.shape
     n_keys = L * n_experts
@@ -380,7 +380,7 @@ def _finish(layer, follows, seen, current, n_current, previous, n_previous, vali
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _predict(keys, weights, tuple_hash, n_experts, shared, limit, mix, growth, own, split):
     T, L, K = keys.shape
     E = n_experts

@@ -18,7 +18,16 @@ import math
 import numpy as np
 from numba import njit
 
-from ..paging.learned import FEATURES, HALF_LIVES, LN2, NEVER, RECENCY_EDGES, RESCALE, LayerState
+from ..paging.learned import (
+    CHUNK,
+    FEATURES,
+    HALF_LIVES,
+    LN2,
+    NEVER,
+    RECENCY_EDGES,
+    RESCALE,
+    LayerState,
+)
 from .fast import _missed
 
 NF = len(FEATURES)
@@ -37,10 +46,35 @@ def ln(x: float) -> float:
     return float(e - 1) * LN2 + 2.0 * s * p
 
 
-@njit(cache=True)
-def _score(x, w, e, layer, now, n_now, in_now, prev, n_prev, above, n_above, st) -> float:
-    """``LayerState.score`` of expert ``e``, its additions in the same order; its
-    features (the means of the log rows) into ``x``, for training."""
+@njit(cache=True, inline="always")
+def _set_logs(x, f, slot, base, inv_base, rows, n, inv_seen, trans, layer, e, mean):
+    """A set's summed log lift (``LayerState.score``: products of up to ``CHUNK`` lifts,
+    one log each) into ``x[slot]`` as its mean; with ``mean``, its summed lift into
+    ``x[16]`` too."""
+    logs = 0.0
+    product = 1.0
+    lifts = 0.0
+    for j in range(n):
+        lift = (trans[layer, rows[j], e] + base) * inv_seen[j] * inv_base
+        if mean:
+            lifts = lifts + lift
+        product = product * lift
+        if j % CHUNK == CHUNK - 1 or j == n - 1:
+            logs = logs + ln(product)
+            product = 1.0
+    x[slot] = logs / n
+    if mean:
+        x[16] = lifts / n
+    return logs, lifts
+
+
+@njit(cache=True, inline="always")
+def _score(x, w, e, layer, in_now, now, n_now, prev, n_prev, above, n_above, inv, popular,
+           st) -> float:  # fmt: skip
+    """``LayerState.score`` of expert ``e``, its operations in the same order; its
+    features (the means of the log rows) into ``x``, for training. ``inv``: the inverses
+    the service shares (each set's seen counts, the layer's decayed totals);
+    ``popular``: seen experts over the mean set size."""
     (services, requests, last, pop, dec, tot, follows, fseen, follows2, f2seen, below,
      bseen, seen_count, edges) = st  # fmt: skip
     x[:] = 0.0
@@ -52,46 +86,46 @@ def _score(x, w, e, layer, now, n_now, in_now, prev, n_prev, above, n_above, st)
     x[b] = 1.0
     s = w[b]
     base = (pop[layer, e] + 0.5) / (services[layer] + 1.0)
+    inv_base = 1.0 / base
     for h in range(H):
-        v = ln(dec[layer, h, e] / max(tot[layer, h], 1e-300) / base + 0.01)
+        v = ln(dec[layer, h, e] * inv[3, h] * inv_base + 0.01)
         x[9 + h] = v
         s = s + w[9 + h] * v
-    k_mean = max(requests[layer] / max(services[layer], 1), 1.0)
-    v = ln(base * (max(seen_count[layer], 1) / k_mean))
+    v = ln(base * popular)
     x[14] = v
     s = s + w[14] * v
-    c = w[15] / n_now
-    for j in range(n_now):
-        a = now[j]
-        v = ln((follows[layer, a, e] + base) / (fseen[layer, a] + 1.0) / base)
-        x[15] += v
-        s = s + c * v
-    x[15] /= n_now
+    logs, lifts = _set_logs(x, w, 15, base, inv_base, now, n_now, inv[0], follows, layer, e, True)
+    s = s + (w[15] / n_now) * logs
     if n_prev:
-        c = w[17] / n_prev
-        for j in range(n_prev):
-            a = prev[j]
-            v = ln((follows2[layer, a, e] + base) / (f2seen[layer, a] + 1.0) / base)
-            x[17] += v
-            s = s + c * v
-        x[17] /= n_prev
+        logs, _ = _set_logs(x, w, 17, base, inv_base, prev, n_prev, inv[1], follows2, layer, e,
+                            False)  # fmt: skip
+        s = s + (w[17] / n_prev) * logs
     if n_above:
-        c = w[18] / n_above
-        for j in range(n_above):
-            a = above[j]
-            v = ln((below[layer, a, e] + base) / (bseen[layer, a] + 1.0) / base)
-            x[18] += v
-            s = s + c * v
-        x[18] /= n_above
-    c = w[16] / n_now
-    for j in range(n_now):
-        a = now[j]
-        v = (follows[layer, a, e] + base) / (fseen[layer, a] + 1.0) / base
-        x[16] += v
-        s = s + c * v
-    x[16] /= n_now
+        logs, _ = _set_logs(x, w, 18, base, inv_base, above, n_above, inv[2], below, layer, e,
+                            False)  # fmt: skip
+        s = s + (w[18] / n_above) * logs
+    s = s + (w[16] / n_now) * lifts
     x[20] = 1.0
     return s + w[20]
+
+
+@njit(cache=True, inline="always")
+def _shared_inverses(inv, layer, now, n_now, prev, n_prev, above, n_above, st) -> float:
+    """What every candidate's score of one service divides by, inverted once (``inv``
+    rows: the current, previous and above sets' seen counts, the decayed totals); returns
+    the popularity factor, seen experts over the mean set size."""
+    (services, requests, last, pop, dec, tot, follows, fseen, follows2, f2seen, below,
+     bseen, seen_count, edges) = st  # fmt: skip
+    for j in range(n_now):
+        inv[0, j] = 1.0 / (fseen[layer, now[j]] + 1.0)
+    for j in range(n_prev):
+        inv[1, j] = 1.0 / (f2seen[layer, prev[j]] + 1.0)
+    for j in range(n_above):
+        inv[2, j] = 1.0 / (bseen[layer, above[j]] + 1.0)
+    for h in range(H):
+        inv[3, h] = 1.0 / max(tot[layer, h], 1e-300)
+    k_mean = max(requests[layer] / max(services[layer], 1), 1.0)
+    return max(seen_count[layer], 1) / k_mean
 
 
 @njit(cache=True)
@@ -114,7 +148,7 @@ def _next_use(uses, starts, cursor, key, after):
     return uses[i] if i < end else 1 << 40
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def run(ids, n_experts, w, growth, shared, limit, split, sample_every, seed, uses, starts):
     """Hits and misses of ``LearnedUse`` (per-layer caches of ``limit``, or one of
     ``limit`` for all layers when ``shared``), counted also from token ``split`` on; and,
@@ -152,6 +186,7 @@ def run(ids, n_experts, w, growth, shared, limit, split, sample_every, seed, use
     st = (services, requests, last, pop, dec, tot, follows, fseen, follows2, f2seen, below,
           bseen, seen_count, RECENCY_EDGES)  # fmt: skip
     x = np.zeros(NF)
+    inv = np.zeros((4, max(K, H)))
     now = np.zeros(K, np.int64)
     in_now = np.zeros(E, np.bool_)
     missed = np.zeros(K, np.int64)
@@ -202,18 +237,37 @@ def run(ids, n_experts, w, growth, shared, limit, split, sample_every, seed, use
                       and np.random.randint(sample_every) == 0)  # fmt: skip
             for j in range(n_now):
                 in_now[now[j]] = True
-            for e in range(E):
-                if not (resident[layer, e] or in_now[e]):
-                    continue
-                scores[layer, e] = _score(x, w, e, layer, now, n_now, in_now, prev, len(prev),
-                                          above, len(above), st)  # fmt: skip
-                if sample and resident[layer, e] and not in_now[e] and n_samples < cap:
-                    X[n_samples] = x
-                    X[n_samples, 19] = 0.0  # the turn is the same for every candidate
-                    Y[n_samples] = _next_use(uses, starts, cursor, layer * E + e, t) - t
-                    n_samples += 1
-            dirty[layer] = True
             over = (total if shared else count[layer]) + m - limit
+            # With one cache for all layers every resident's score may be read later; with
+            # a cache per layer only this service's candidates are, and only to evict.
+            if shared or over > 0:
+                popular = _shared_inverses(inv, layer, now, n_now, prev, len(prev), above,
+                                           len(above), st)  # fmt: skip
+                for e in range(E):
+                    if not (resident[layer, e] or in_now[e]) or (in_now[e] and not shared):
+                        continue
+                    scores[layer, e] = _score(
+                        x,
+                        w,
+                        e,
+                        layer,
+                        in_now,
+                        now,
+                        n_now,
+                        prev,
+                        len(prev),
+                        above,
+                        len(above),
+                        inv,
+                        popular,
+                        st,
+                    )
+                    if sample and resident[layer, e] and not in_now[e] and n_samples < cap:
+                        X[n_samples] = x
+                        X[n_samples, 19] = 0.0  # the turn is the same for every candidate
+                        Y[n_samples] = _next_use(uses, starts, cursor, layer * E + e, t) - t
+                        n_samples += 1
+            dirty[layer] = True
             for _ in range(over):
                 best = -1  # the served layer: its least resident not being served
                 for e in range(E):

@@ -12,6 +12,8 @@ resident expert whose next use is furthest away) bounds every policy in both mod
 from __future__ import annotations
 
 import heapq
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -262,12 +264,30 @@ def belady(trace: Trace, capacity: int, shared: bool = False, split: int | None 
     return replace(replay(trace, capacity, "belady", shared, split), policy="belady")
 
 
-def simulate(trace: Trace, capacity: int, policies: list[str], shared: bool) -> dict:
-    """Hit rate and misses per token of each policy and of Belady, as plain data."""
-    results = [replay(trace, capacity, name, shared) for name in policies]
-    best = belady(trace, capacity, shared)
-    return {
-        "belady": best.hit_rate,
-        "policies": {r.policy: r.hit_rate for r in results},
-        "misses_per_token": {r.policy: r.misses_per_token for r in [*results, best]},
-    }
+def simulate(
+    trace: Trace,
+    capacity: int,
+    policies: list[str],
+    modes: tuple[str, ...] = ("layer",),
+    workers: int | None = None,
+) -> dict[str, dict]:
+    """Per mode ("layer": a cache per layer, "global": one for all), the hit rate and
+    misses per token of each policy and of Belady, as plain data. The replays run side by
+    side on ``workers`` threads (default: one per core): the compiled loops release the GIL."""
+    jobs = [(mode, name) for mode in modes for name in [*policies, "belady"]]
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        counted = pool.map(lambda job: replay(trace, capacity, job[1], job[0] == "global"), jobs)
+        done = dict(zip(jobs, counted, strict=True))
+    out = {}
+    for mode in modes:
+        results = [replace(done[mode, name], policy=name) for name in policies]
+        best = done[mode, "belady"]
+        out[mode] = {
+            "belady": best.hit_rate,
+            "policies": {r.policy: r.hit_rate for r in results},
+            "misses_per_token": {
+                **{r.policy: r.misses_per_token for r in results},
+                "belady": best.misses_per_token,
+            },
+        }
+    return out
