@@ -137,3 +137,20 @@ def test_a_preload_pins_several_layers_and_ranks_what_it_admits():
         resident.remove(victim)
     with pytest.raises(LookupError):
         p.victim(pinned)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["layer", "global"])
+def test_scoring_one_expert_or_the_whole_layer_gives_the_same_hits(shared):
+    """The replay scores a whole layer at once (vector loops) and, while it records
+    training samples, one candidate at a time: both must make the same decisions."""
+    trace = random_trace(6, tokens=400, experts=16)
+    ids = trace.expert_ids.astype(np.int64)
+    uses, starts = learned_replay.uses_of(ids, trace.num_experts)
+    weights = make_policy("learned").params.weights
+    limit = 5 * trace.num_layers if shared else 5
+    growth = learned_replay.GROWTH
+    args = (ids, trace.num_experts, weights, growth, shared, limit, len(ids))
+    layer_at_once = learned_replay.run(*args, 0, 0, uses, starts)
+    one_by_one = learned_replay.run(*args, 1, 0, uses, starts)  # every eviction sampled
+    assert len(one_by_one[4]) > 100
+    assert layer_at_once[:4] == one_by_one[:4]

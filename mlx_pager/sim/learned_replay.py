@@ -13,10 +13,10 @@ events, every candidate's features and how many tokens until its layer uses it a
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from ..paging.learned import (
     CHUNK,
@@ -32,18 +32,107 @@ from .fast import _missed
 
 NF = len(FEATURES)
 H = len(HALF_LIVES)
+MANTISSA = (1 << 52) - 1
+ONE = 1023 << 52
 GROWTH = LayerState(1).growth  # numpy's powers, passed in (the compiled pow may round apart)
 
 
-@njit(cache=True)
+@intrinsic
+def _bits(typingctx, x):
+    """A float64's bits as an int64 (numpy's ``view``), compiled to nothing."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _float(typingctx, i):
+    """An int64's bits as a float64."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+@njit(cache=True, inline="always")
 def ln(x: float) -> float:
-    """``learned.ln`` for one number: the same operations in the same order."""
-    m, e = math.frexp(x)
-    z = m * 2.0 - 1.0
+    """``learned.ln`` for one number: the same operations in the same order (no call, so
+    loops of it vectorise)."""
+    bits = _bits(x)
+    z = _float((bits & MANTISSA) | ONE) - 1.0
     s = z / (z + 2.0)
     s2 = s * s
     p = (((s2 * (1.0 / 9.0) + 1.0 / 7.0) * s2 + 1.0 / 5.0) * s2 + 1.0 / 3.0) * s2 + 1.0
-    return float(e - 1) * LN2 + 2.0 * s * p
+    return float((bits >> 52) - 1023) * LN2 + 2.0 * s * p
+
+
+@njit(cache=True, inline="always")
+def _dense_set(s, base, inv_base, trans, layer, rows, n, inv_seen, weight, product, logs,
+               lifts) -> None:  # fmt: skip
+    """``_set_logs`` for every expert of the layer at once, its weighted sum added to
+    ``s``; with ``lifts`` (not empty), the summed lifts into it."""
+    E = s.shape[0]
+    logs[:] = 0.0
+    product[:] = 1.0
+    for j in range(n):
+        row = trans[layer, rows[j]]
+        iv = inv_seen[j]
+        for e in range(E):
+            lift = (row[e] + base[e]) * iv * inv_base[e]
+            product[e] = product[e] * lift
+        if len(lifts):
+            for e in range(E):
+                lifts[e] = lifts[e] + (row[e] + base[e]) * iv * inv_base[e]
+        if j % CHUNK == CHUNK - 1 or j == n - 1:
+            for e in range(E):
+                logs[e] = logs[e] + ln(product[e])
+                product[e] = 1.0
+    c = weight / n
+    for e in range(E):
+        s[e] = s[e] + c * logs[e]
+
+
+@njit(cache=True, inline="always")
+def _score_layer(out, w, layer, in_now, now, n_now, prev, n_prev, above, n_above, inv, popular,
+                 st, tmp) -> None:  # fmt: skip
+    """``_score`` of every expert of the layer at once, into ``out``: the same operations
+    per expert, in loops over experts that compile to vector instructions."""
+    (services, requests, last, pop, dec, tot, follows, fseen, follows2, f2seen, below,
+     bseen, seen_count, edges) = st  # fmt: skip
+    E = out.shape[0]
+    base, inv_base, product, logs, lifts = tmp[0], tmp[1], tmp[2], tmp[3], tmp[4]
+    n_served = services[layer] + 1.0
+    for e in range(E):
+        r = 0 if in_now[e] else services[layer] - last[layer, e]
+        b = 0
+        for edge in edges:
+            if r >= edge:
+                b += 1
+        out[e] = w[b]
+        base[e] = (pop[layer, e] + 0.5) / n_served
+        inv_base[e] = 1.0 / base[e]
+    for h in range(H):
+        row = dec[layer, h]
+        c = inv[3, h]
+        for e in range(E):
+            out[e] = out[e] + w[9 + h] * ln(row[e] * c * inv_base[e] + 0.01)
+    for e in range(E):
+        out[e] = out[e] + w[14] * ln(base[e] * popular)
+    lifts[:] = 0.0
+    _dense_set(out, base, inv_base, follows, layer, now, n_now, inv[0], w[15], product, logs,
+               lifts)  # fmt: skip
+    if n_prev:
+        _dense_set(out, base, inv_base, follows2, layer, prev, n_prev, inv[1], w[17], product,
+                   logs, lifts[:0])  # fmt: skip
+    if n_above:
+        _dense_set(out, base, inv_base, below, layer, above, n_above, inv[2], w[18], product,
+                   logs, lifts[:0])  # fmt: skip
+    c = w[16] / n_now
+    for e in range(E):
+        out[e] = out[e] + c * lifts[e] + w[20]
 
 
 @njit(cache=True, inline="always")
@@ -148,7 +237,9 @@ def _next_use(uses, starts, cursor, key, after):
     return uses[i] if i < end else 1 << 40
 
 
-@njit(cache=True, nogil=True)
+# error_model="numpy": no zero-division branch (no divisor here can be zero), so the
+# loops over a layer's experts compile to vector instructions.
+@njit(cache=True, nogil=True, error_model="numpy")
 def run(ids, n_experts, w, growth, shared, limit, split, sample_every, seed, uses, starts):
     """Hits and misses of ``LearnedUse`` (per-layer caches of ``limit``, or one of
     ``limit`` for all layers when ``shared``), counted also from token ``split`` on; and,
@@ -187,6 +278,7 @@ def run(ids, n_experts, w, growth, shared, limit, split, sample_every, seed, use
           bseen, seen_count, RECENCY_EDGES)  # fmt: skip
     x = np.zeros(NF)
     inv = np.zeros((4, max(K, H)))
+    tmp = np.zeros((5, E))
     now = np.zeros(K, np.int64)
     in_now = np.zeros(E, np.bool_)
     missed = np.zeros(K, np.int64)
@@ -238,35 +330,28 @@ def run(ids, n_experts, w, growth, shared, limit, split, sample_every, seed, use
             for j in range(n_now):
                 in_now[now[j]] = True
             over = (total if shared else count[layer]) + m - limit
-            # With one cache for all layers every resident's score may be read later; with
-            # a cache per layer only this service's candidates are, and only to evict.
-            if shared or over > 0:
+            if sample:  # one candidate at a time, its features kept
                 popular = _shared_inverses(inv, layer, now, n_now, prev, len(prev), above,
                                            len(above), st)  # fmt: skip
                 for e in range(E):
-                    if not (resident[layer, e] or in_now[e]) or (in_now[e] and not shared):
+                    if not (resident[layer, e] or in_now[e]):
                         continue
-                    scores[layer, e] = _score(
-                        x,
-                        w,
-                        e,
-                        layer,
-                        in_now,
-                        now,
-                        n_now,
-                        prev,
-                        len(prev),
-                        above,
-                        len(above),
-                        inv,
-                        popular,
-                        st,
-                    )
-                    if sample and resident[layer, e] and not in_now[e] and n_samples < cap:
+                    scores[layer, e] = _score(x, w, e, layer, in_now, now, n_now, prev,
+                                              len(prev), above, len(above), inv, popular,
+                                              st)  # fmt: skip
+                    if resident[layer, e] and not in_now[e] and n_samples < cap:
                         X[n_samples] = x
                         X[n_samples, 19] = 0.0  # the turn is the same for every candidate
                         Y[n_samples] = _next_use(uses, starts, cursor, layer * E + e, t) - t
                         n_samples += 1
+            elif shared or over > 0:
+                # With one cache for all layers every resident's score may be read later;
+                # with one per layer, only when this service evicts. Every expert's is
+                # computed (the same bits; only residents' and the set's are ever read).
+                popular = _shared_inverses(inv, layer, now, n_now, prev, len(prev), above,
+                                           len(above), st)  # fmt: skip
+                _score_layer(scores[layer], w, layer, in_now, now, n_now, prev, len(prev),
+                             above, len(above), inv, popular, st, tmp)  # fmt: skip
             dirty[layer] = True
             for _ in range(over):
                 best = -1  # the served layer: its least resident not being served
