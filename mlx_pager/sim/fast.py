@@ -78,7 +78,7 @@ def _evict(layer_of, members, n_members, index, key) -> None:
     index[key] = -1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _ranked(keys, weights, nxt, n_experts, shared, limit, kind, growth, split):
     T, L, K = keys.shape
     n_keys = L * n_experts
@@ -206,7 +206,7 @@ def _oldest(members, n, stamp, segment, which, pin, skip) -> int:
     return best
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _slru(keys, n_experts, shared, limit, share, split):
     T, L, K = keys.shape
     n_keys = L * n_experts
@@ -321,7 +321,7 @@ def _slru(keys, n_experts, shared, limit, share, split):
 # -- predict (PredictedUse), transcribed -----------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # no zero-division branch: loops vectorise
 def _forecast(out, follows, seen, decayed, total, basis, n_basis, mix) -> None:
     """``_LayerModel.predict``: numpy's row sum (in ``basis`` order), then the mix. A row
     of ``chance`` is ``follows / seen`` whenever either changes, so it is divided here."""
@@ -380,7 +380,7 @@ def _finish(layer, follows, seen, current, n_current, previous, n_previous, vali
     return True
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _predict(keys, weights, tuple_hash, n_experts, shared, limit, mix, growth, own, split):
     T, L, K = keys.shape
     E = n_experts
