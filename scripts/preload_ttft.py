@@ -28,7 +28,13 @@ CONTEXT = 4096
 
 
 def measure(
-    path: Path, fraction: float, repeats: int, decode_tokens: int, limit: int, typing: list
+    path: Path,
+    fraction: float,
+    repeats: int,
+    decode_tokens: int,
+    limit: int,
+    typing: list,
+    train_limit: int = 0,
 ) -> list[dict]:
     from mlx_pager.assets import asset_path
 
@@ -43,6 +49,8 @@ def measure(
     try:
         pairs = read_prompts(asset_path("prompts", "calibration.jsonl"), engine.classify)
         train, held = split_held_out(pairs)
+        if train_limit:  # a smaller profile, every task in it, where compute is slow
+            train = interleave(train)[:train_limit]
         run_prompts(engine, train, 16)
         held = interleave(held)[:limit] if limit else held  # the task changes every prompt
         rows = []
@@ -96,6 +104,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes per arm, alternating")
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--limit", type=int, default=0, help="held-out prompts (0: all)")
+    parser.add_argument("--train-limit", type=int, default=0,
+                        help="calibration prompts the profile learns from (0: all)")  # fmt: skip
     parser.add_argument("--typing", type=float, nargs="+", default=[TYPING_SECONDS],
                         help="seconds idle before each reply, preload or not")  # fmt: skip
     parser.add_argument("--save", action="store_true", help="keep the verdicts in the profile")
@@ -118,7 +128,7 @@ def main() -> None:
     rows = []
     for path in models:
         rows += measure(Path(path), args.fraction, args.repeats, args.decode_tokens,
-                        args.limit, args.typing)  # fmt: skip
+                        args.limit, args.typing, args.train_limit)  # fmt: skip
         print(rows[-1], file=sys.stderr, flush=True)
     print(f"{args.fraction:.0%} of the experts, {args.repeats} passes per arm; first token: "
           "from sending the prompt, medians over the held-out prompts\n")  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from mlx_pager.cli import main
 from mlx_pager.sim.synthetic import make_checkpoint
@@ -49,6 +50,8 @@ def test_bench_reports_every_section(tmp_path, capsys):
     for key in ("pread_1", "pread_8", "direct_8"):
         row = layer_reads[key]
         assert row["miss_mb_s"] > 0 and row["sequential_mb_s"] > 0 and row["ratio"] > 0
+        if shutil.which("fio"):  # the disk's own random reads of the pieces' size
+            assert row["fio_mb_s"] > 0 and row["fio_piece_bytes"] >= 4096
     prefill = report["prefill"]  # the next layer read ahead during prefill, and not
     assert prefill["plain_ttft"] > 0 and prefill["ahead_ttft"] > 0
     assert 0 <= prefill["ahead_stall_share"] <= 1 and 0 < prefill["ahead_used_share"] <= 1

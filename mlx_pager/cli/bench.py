@@ -391,13 +391,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"faster cold read path here: {default}")
     print(
         f"a layer's misses ({layer_reads['experts_per_read']} experts) read through the cache, "
-        "cold, against a cold sequential read of the same file (MB/s, ratio):"
+        "cold, against a cold sequential read of the same file and, with fio, random reads "
+        "of the pieces' size from as many threads (MB/s, ratio):"
     )
     for key, row in layer_reads.items():
         if isinstance(row, dict):
+            fio = (
+                f"; fio {row['fio_piece_bytes'] // 1024} KiB random {row['fio_mb_s']:.0f} "
+                f"({row['fio_ratio']:.2f}x)"
+                if "fio_mb_s" in row
+                else ""
+            )
             print(
-                f"  {key:>10}: {row['miss_mb_s']:.0f} vs {row['sequential_mb_s']:.0f} "
-                f"({row['ratio']:.2f}x)"
+                f"  {key:>10}: {row['miss_mb_s']:.0f} vs sequential {row['sequential_mb_s']:.0f} "
+                f"({row['ratio']:.2f}x){fio}"
             )
     print(
         f"prefill at {prefill['fraction']:.0%} of experts, from an empty cache, next layer "

@@ -282,12 +282,49 @@ def bench_layer_reads(
                 plain.append(_sequential_read(expert_map.expert_pieces(layer, 0), nbytes))
         finally:
             paged.close()
-        out[f"{read_path}_{count}"] = {
+        row = out[f"{read_path}_{count}"] = {
             "miss_mb_s": statistics.median(misses) / 1e6,
             "sequential_mb_s": statistics.median(plain) / 1e6,
             "ratio": statistics.median(m / q for m, q in zip(misses, plain, strict=True)),
         }
+        pieces = sorted(expert_map.expert_pieces(0, 0).values(), key=lambda pc: pc.nbytes)
+        half = sum(pc.nbytes for pc in pieces) / 2  # the size of the piece most bytes are in
+        piece = next(pc.nbytes for i, pc in enumerate(pieces)
+                     if sum(q.nbytes for q in pieces[: i + 1]) >= half)  # fmt: skip
+        block = max(4096, piece - piece % 4096)  # O_DIRECT wants whole blocks
+        fio = fio_random_read(pieces[0].path, block, count, read_path == "direct")
+        if fio is not None:  # the disk's own rate for reads of the pieces' size
+            row["fio_piece_bytes"] = block
+            row["fio_mb_s"] = fio / 1e6
+            row["fio_ratio"] = row["miss_mb_s"] / row["fio_mb_s"]
     return out
+
+
+def fio_random_read(path: Path, block: int, depth: int, direct: bool, limit: int = 256 << 20):
+    """Bytes/s of ``fio`` reading ``block``-byte pieces (whole 4 KiB blocks) of ``path`` at
+    random offsets, each once, ``depth`` reads in flight (io_uring), cold (its pages
+    dropped first), buffered or O_DIRECT, over at most ``limit`` bytes: what the disk gives
+    reads of that size with no Python in the way. None without fio (or its io_uring)."""
+    import json
+    import shutil
+    import subprocess
+
+    fio = shutil.which("fio")
+    if fio is None:
+        return None
+    size = os.path.getsize(path) // block * block
+    command = [
+        fio, "--name=pieces", f"--filename={path}", "--readonly", "--rw=randread",
+        f"--bs={block}", f"--size={size}", f"--io_size={min(size, limit)}",
+        "--ioengine=io_uring", f"--iodepth={depth}", f"--direct={int(direct)}",
+        "--invalidate=1", "--fadvise_hint=random", "--output-format=json",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        job = json.loads(done.stdout)["jobs"][0]["read"]
+    except (subprocess.SubprocessError, ValueError, KeyError, IndexError):
+        return None
+    return float(job["bw_bytes"]) or None
 
 
 def _sequential_read(pieces: dict, nbytes: int) -> float:
