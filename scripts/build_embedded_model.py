@@ -1363,9 +1363,10 @@ def main():
                         prm.copy_(torch.from_numpy(st[name]))
                 candidate(k, refitted, "refit_")
                 del refitted
-            candidate(k, net)
-            continue
-        if args.reuse and path.exists():
+            if args.distil_minutes <= 0:
+                candidate(k, net)
+                continue
+        elif args.reuse and path.exists():
             st = np.load(path)
             with torch.no_grad():
                 for name, prm in net.named_parameters():
@@ -1378,12 +1379,15 @@ def main():
             stats["refit_min"] = (time.time() - t1) / 60
             np.savez(path, **{n: prm.detach().numpy() for n, prm in net.named_parameters()})
             stats_path.write_text(json.dumps(stats))
-        net.eval()
-        curve.setdefault(k, {})["refit"] = cached_ppl(f"refit{k}", net)
-        curve[k]["refit_min"] = stats["refit_min"]
-        print(f"k={k} refit:", {d: round(v, 2) for d, v in curve[k]["refit"].items()}, flush=True)
+        if args.refit:
+            net.eval()
+            curve.setdefault(k, {})["refit"] = cached_ppl(f"refit{k}", net)
+            curve[k]["refit_min"] = stats["refit_min"]
+            print(f"k={k} refit:", {d: round(v, 2) for d, v in curve[k]["refit"].items()})
         if args.distil_minutes > 0:
-            dpath = work / f"moe-e{args.experts}-k{k}-distil.npz"
+            # Distilled from the refit, or (--no-refit) straight from the trained routers.
+            start = "" if args.refit else "-routers"
+            dpath = work / f"moe-e{args.experts}-k{k}{start}-distil.npz"
             if args.reuse and dpath.exists():
                 st = np.load(dpath)
                 with torch.no_grad():
@@ -1396,7 +1400,7 @@ def main():
                 np.savez(dpath, **{n: prm.detach().numpy() for n, prm in net.named_parameters()})
                 dpath.with_suffix(".json").write_text(json.dumps(dstats))
             net.eval()
-            curve[k]["distilled"] = cached_ppl(f"distilled{k}", net)
+            curve[k]["distilled"] = cached_ppl(f"distilled{k}{start}", net)
             curve[k]["distil"] = dstats
             print(
                 f"k={k} distilled:",
