@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import itertools
 import mmap
 import os
 import struct
@@ -102,6 +103,12 @@ def return_freed_buffers() -> None:
         pass
 
 
+# How far ahead of the piece being read a group is announced to the kernel: enough for
+# every reader thread to find its next pieces in flight, little enough that a tight
+# memory cap does not reclaim announced pages before they are read.
+ANNOUNCE_BYTES = 32 << 20
+
+
 class Reader:
     """Common part: one descriptor per file, a small thread pool, a byte counter."""
 
@@ -174,21 +181,30 @@ class Reader:
         """Read pieces in parallel, each into its ``outs`` entry (None: a fresh buffer);
         the result keeps their order."""
         outs = outs if outs is not None else [None] * len(pieces)
-        if len(pieces) > 1:
-            self.announce(pieces)
         result: list = [None] * len(pieces)
         order = iter(range(len(pieces)))
         lock = threading.Lock()
+        ends = list(itertools.accumulate(p.nbytes for p in pieces))
+        ahead = [0]  # pieces announced so far
 
         def lane() -> None:
             """Read pieces until none is left: a few lanes pull from one queue, so a
-            layer's dozens of pieces cost a few thread hand-offs, not one each."""
+            layer's dozens of pieces cost a few thread hand-offs, not one each. The
+            pieces within ``ANNOUNCE_BYTES`` of the one taken are announced first."""
             while True:
                 with lock:
                     j = next(order, None)
-                if j is None:
-                    return
+                    if j is None:
+                        return
+                    start, stop = ahead[0], ahead[0]
+                    while stop < len(pieces) and ends[stop] - ends[j] < ANNOUNCE_BYTES:
+                        stop += 1
+                    ahead[0] = max(stop, j + 1)
+                if stop > start and len(pieces) > 1:
+                    self.announce(pieces[start:stop])
                 result[j] = self.read_piece(pieces[j], outs[j], drop=False)
+                if self.drop_cache:  # its own pages now, those it shares with neighbours last
+                    self._drop_inside(pieces[j])
 
         lanes = [self.pool.submit(lane) for _ in range(min(self.threads, len(pieces)) - 1)]
         try:
@@ -203,6 +219,14 @@ class Reader:
             raise errors[0]
         self.count(sum(p.nbytes for p in pieces))
         return result
+
+    def _drop_inside(self, piece: Piece) -> None:
+        """Forget the cached pages that lie wholly inside ``piece``."""
+        start = -(-piece.offset // PAGE) * PAGE
+        end = (piece.offset + piece.nbytes) // PAGE * PAGE
+        if end > start:
+            with contextlib.suppress(OSError):
+                drop_page_cache(self.fds[piece.path], start, end - start)
 
     def announce(self, pieces: list[Piece]) -> None:
         """Tell the kernel every piece of a group before the first is read, so it has them
