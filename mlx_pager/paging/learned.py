@@ -148,29 +148,40 @@ class LayerState:
         k_mean = max(self.requests / max(self.services, 1), 1.0)
         seen = max(int(np.count_nonzero(self.pop)), 1)
         inv_total = 1.0 / np.maximum(self.total, 1e-300)
+        # Every lift at once (one gather), then each set's products of up to CHUNK rows,
+        # row after row as the replay multiplies them, and one ``ln`` for all of it.
+        sets = (now, self.latest, _NONE if above is None else above)  # FOLLOWS, FOLLOWS2, BELOW
+        sizes = [len(x) for x in sets]
+        kinds = np.repeat([FOLLOWS, FOLLOWS2, BELOW], sizes)
+        rows = np.concatenate(sets)
+        inv_seen = 1.0 / (self.trans_seen[kinds, rows] + 1.0)
+        lift = (self.trans[kinds[:, None], rows[:, None], cols] + base) * inv_seen[:, None]
+        lift = lift * inv_base
+        chunks, owner, start = [], [], 0
+        for index, n in enumerate(sizes):
+            for first in range(start, start + n, CHUNK):
+                last = min(first + CHUNK, start + n)
+                chunks.append(np.multiply.accumulate(lift[first:last], axis=0)[-1])
+                owner.append(index)
+            start += n
+        rates = self.decayed[:, cols] * inv_total[:, None] * inv_base + 0.01
+        popularity = base * (seen / k_mean)
+        logs = ln(np.concatenate([rates, popularity[None], *[c[None] for c in chunks]]))
         # The sum, in this order (the compiled replay adds in the same one): recency, each
         # rate's log, popularity's, each set's summed log lift times its weight over the
         # set's size, the summed lift of the current set the same way, then the bias.
         s = params.recency[np.searchsorted(RECENCY_EDGES, r, side="right")]
-        rates = ln(self.decayed[:, cols] * inv_total[:, None] * inv_base + 0.01)
         for h in range(len(HALF_LIVES)):
-            s = s + w[9 + h] * rates[h]
-        s = s + w[14] * ln(base * (seen / k_mean))
-        lifts = 0.0
-        for feature, kind, rows in ((15, FOLLOWS, now), (17, FOLLOWS2, self.latest),
-                                    (18, BELOW, _NONE if above is None else above)):  # fmt: skip
-            if not len(rows):
-                continue
-            inv_seen = 1.0 / (self.trans_seen[kind, rows] + 1.0)
-            logs, product = 0.0, 1.0
-            for j, a in enumerate(rows):
-                lift = (self.trans[kind, a, cols] + base) * inv_seen[j] * inv_base
-                if kind == FOLLOWS:
-                    lifts = lifts + lift
-                product = product * lift
-                if j % CHUNK == CHUNK - 1 or j == len(rows) - 1:
-                    logs, product = logs + ln(product), 1.0
-            s = s + (w[feature] / len(rows)) * logs
+            s = s + w[9 + h] * logs[h]
+        s = s + w[14] * logs[len(HALF_LIVES)]
+        chunk_logs = logs[len(HALF_LIVES) + 1 :]
+        for index, feature in enumerate((15, 17, 18)):
+            if sizes[index]:
+                total = 0.0
+                for j in (j for j, o in enumerate(owner) if o == index):
+                    total = total + chunk_logs[j]
+                s = s + (w[feature] / sizes[index]) * total
+        lifts = np.add.accumulate(lift[: sizes[0]], axis=0)[-1]  # row after row, as replayed
         s = s + (w[16] / len(now)) * lifts
         return s + w[20]
 
