@@ -136,7 +136,7 @@ def _score_layer(out, w, layer, in_now, now, n_now, prev, n_prev, above, n_above
 
 
 @njit(cache=True, inline="always")
-def _set_logs(x, f, slot, base, inv_base, rows, n, inv_seen, trans, layer, e, mean):
+def _set_logs(x, slot, base, inv_base, rows, n, inv_seen, trans, layer, e, mean):
     """A set's summed log lift (``LayerState.score``: products of up to ``CHUNK`` lifts,
     one log each) into ``x[slot]`` as its mean; with ``mean``, its summed lift into
     ``x[16]`` too."""
@@ -183,14 +183,14 @@ def _score(x, w, e, layer, in_now, now, n_now, prev, n_prev, above, n_above, inv
     v = ln(base * popular)
     x[14] = v
     s = s + w[14] * v
-    logs, lifts = _set_logs(x, w, 15, base, inv_base, now, n_now, inv[0], follows, layer, e, True)
+    logs, lifts = _set_logs(x, 15, base, inv_base, now, n_now, inv[0], follows, layer, e, True)
     s = s + (w[15] / n_now) * logs
     if n_prev:
-        logs, _ = _set_logs(x, w, 17, base, inv_base, prev, n_prev, inv[1], follows2, layer, e,
+        logs, _ = _set_logs(x, 17, base, inv_base, prev, n_prev, inv[1], follows2, layer, e,
                             False)  # fmt: skip
         s = s + (w[17] / n_prev) * logs
     if n_above:
-        logs, _ = _set_logs(x, w, 18, base, inv_base, above, n_above, inv[2], below, layer, e,
+        logs, _ = _set_logs(x, 18, base, inv_base, above, n_above, inv[2], below, layer, e,
                             False)  # fmt: skip
         s = s + (w[18] / n_above) * logs
     s = s + (w[16] / n_now) * lifts
