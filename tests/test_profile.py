@@ -117,15 +117,15 @@ def test_preloading_pays_in_time_to_first_token(tmp_path):
     engine = Engine(open_paged(path, 8), "m", 256)
     try:
         for hit, ratio, reads_with, verdict in (
-            (0.0, 0.90, 70, "on: first token +10% sooner after a task switch (1.00 -> 0.90 s, "
+            (0.0, 0.90, 70, "on: first token 10% sooner after a task switch (1.00 -> 0.90 s, "
                             "30% fewer reads before it), decode +0.0 hit-rate points"),
-            (-0.0001, 0.97, 70, "off: measured first token +3% sooner after a task switch "
+            (-0.0001, 0.97, 70, "off: measured first token 3% sooner after a task switch "
                                 "(1.00 -> 0.90 s, 30% fewer reads before it), decode +0.0 "
                                 "hit-rate points; it must gain 5%"),
-            (0.0, 0.90, 101, "off: measured first token +10% sooner"),  # no fewer reads: noise
-            (0.02, 1.00, 100, "on: first token +0% sooner"),
-            (0.02, 1.10, 100, "off: measured first token -10% sooner"),  # a slower start
-            (-0.02, 0.80, 50, "off: measured first token +20% sooner"),
+            (0.0, 0.90, 101, "off: measured first token 10% sooner"),  # no fewer reads: noise
+            (0.02, 1.00, 100, "on: first token 0% sooner"),
+            (0.02, 1.10, 100, "off: measured first token 10% later"),  # a slower start
+            (-0.02, 0.80, 50, "off: measured first token 20% sooner"),
         ):  # fmt: skip
             engine.profiles.preload_hit = {"without": 0.5, "with": 0.5 + hit}
             engine.profiles.preload_ttft = {

@@ -118,8 +118,10 @@ class TaskProfiles:
             return True, f"{hit_words} after a task switch"
         t, saved = self.preload_ttft, self.reads_saved
         reads = "" if saved is None else f", {round(saved * 100) + 0}% fewer reads before it"
+        percent = round(ttft * 100) + 0
+        change = f"{percent}% sooner" if percent >= 0 else f"{-percent}% later"
         measured = (
-            f"first token {round(ttft * 100) + 0:+d}% sooner after a task switch "
+            f"first token {change} after a task switch "
             f"({t['ttft_without']:.2f} -> {t['ttft_with']:.2f} s{reads}), decode {hit_words}"
         )
         sooner = round(ttft, 9) >= MIN_TTFT_GAIN and (saved is None or saved > 0)
