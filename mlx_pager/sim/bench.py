@@ -7,6 +7,7 @@ mmap, cold (dropped from the page cache) and warm. Ratios are taken within the r
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -266,6 +267,13 @@ def bench_layer_reads(
     budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
     out: dict = {"expert_bytes": expert_map.expert_disk_bytes(), "experts_per_read": per_layer}
     rng = np.random.default_rng(seed)
+    # fio's baseline reads blocks of the size of the piece most of an expert's bytes are
+    # in (a 4-bit expert: its weights, not its scales), whole 4 KiB blocks for O_DIRECT.
+    pieces = sorted(expert_map.expert_pieces(0, 0).values(), key=lambda pc: pc.nbytes)
+    half = sum(pc.nbytes for pc in pieces) / 2
+    piece = next(pc.nbytes for pc, upto in zip(pieces, itertools.accumulate(
+        pc.nbytes for pc in pieces), strict=True) if upto >= half)  # fmt: skip
+    block = max(4096, piece - piece % 4096)
     for read_path, count in ((r, t) for r in read_paths for t in threads):
         paged = load_paged(path, budget, read_path=read_path, read_threads=count)
         cache, misses, plain = paged.cache, [], []
@@ -287,11 +295,6 @@ def bench_layer_reads(
             "sequential_mb_s": statistics.median(plain) / 1e6,
             "ratio": statistics.median(m / q for m, q in zip(misses, plain, strict=True)),
         }
-        pieces = sorted(expert_map.expert_pieces(0, 0).values(), key=lambda pc: pc.nbytes)
-        half = sum(pc.nbytes for pc in pieces) / 2  # the size of the piece most bytes are in
-        piece = next(pc.nbytes for i, pc in enumerate(pieces)
-                     if sum(q.nbytes for q in pieces[: i + 1]) >= half)  # fmt: skip
-        block = max(4096, piece - piece % 4096)  # O_DIRECT wants whole blocks
         fio = fio_random_read(pieces[0].path, block, count, read_path == "direct")
         if fio is not None:  # the disk's own rate for reads of the pieces' size
             row["fio_piece_bytes"] = block
