@@ -19,8 +19,16 @@ def test_prefetch_accounting(tmp_path):
     reader = paged.cache.reader
     hints, read = [], []
     announce, read_piece = reader.announce, reader.read_piece
-    reader.announce = lambda pieces: (hints.extend(pieces), announce(pieces))
-    reader.read_piece = lambda piece, *a, **k: (read.append(piece), read_piece(piece, *a, **k))[1]
+
+    def announcing(pieces):
+        hints.extend(pieces)
+        announce(pieces)
+
+    def reading(piece, *args, **kwargs):
+        read.append(piece)
+        return read_piece(piece, *args, **kwargs)
+
+    reader.announce, reader.read_piece = announcing, reading
     engine = Engine(paged, "m", 256)
     for _ in engine.generate("Experts are paged from disk.", max_tokens=24, chat_template=False):
         pass

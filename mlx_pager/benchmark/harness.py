@@ -25,7 +25,7 @@ PROCESS_BASELINE_BYTES = 256 * MiB
 # A fully resident run is skipped when the model is larger than this share of the memory
 # available when it starts: past it the kernel's OOM killer would pick the largest process,
 # the run itself or someone else's work, and that measures nothing.
-RESIDENT_SHARE_OF_RAM = 0.8
+RESIDENT_SHARE_OF_AVAILABLE = 0.8
 ALL_ARMS = frozenset({"stock", "mlx-pager", "nunspark", "llama"})
 AGREEMENT_TOKENS = 8  # the first prompt tokens whose routing llama.cpp and MLX compare
 # mlx-pager once more under the cap: (share of the cap's budget, arm options). "keep":
@@ -46,11 +46,12 @@ def too_big_to_hold(needed_bytes: int) -> str | None:
     import psutil
 
     available = psutil.virtual_memory().available
-    if needed_bytes <= RESIDENT_SHARE_OF_RAM * available:
+    if needed_bytes <= RESIDENT_SHARE_OF_AVAILABLE * available:
         return None
     return (
-        f"holding it all takes {needed_bytes / 1e9:.1f} GB, over {RESIDENT_SHARE_OF_RAM:.0%} of "
-        f"the memory available now ({available / 1e9:.1f} GB of {machine_ram_bytes() / 1e9:.1f})"
+        f"holding it all takes {needed_bytes / 1e9:.1f} GB, over "
+        f"{RESIDENT_SHARE_OF_AVAILABLE:.0%} of the memory available now "
+        f"({available / 1e9:.1f} GB of {machine_ram_bytes() / 1e9:.1f})"
     )
 
 

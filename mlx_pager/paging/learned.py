@@ -48,7 +48,9 @@ FEATURES = (
 NEVER = -(2**40)
 LN2 = 0.6931471805599453
 RESCALE = 1e100  # decay units are divided out past this
-CHUNK = 8  # lifts multiplied before one log: 8 within float64's range whatever the counts
+# Lifts multiplied before one log: a lift lies between 1 / (uses + 1) and 2 x (services + 1),
+# so 8 of them stay inside float64's range for any run shorter than 10^30 services.
+CHUNK = 8
 FOLLOWS, FOLLOWS2, BELOW = 0, 1, 2  # kinds of transition counts
 _NONE = np.zeros(0, np.int64)
 
@@ -59,7 +61,7 @@ def ln(x: np.ndarray) -> np.ndarray:
     series. Only exact IEEE operations in a fixed order, so compiled code gets the same
     bits (numpy's SIMD log and the C library's differ in the last place)."""
     bits = x.view(np.int64)
-    mantissa = ((bits & _MANTISSA) | _ONE).view(np.float64)  # in [1, 2): 2 x frexp's
+    mantissa = ((bits & MANTISSA) | ONE).view(np.float64)  # in [1, 2): 2 x frexp's
     z = mantissa - 1.0
     s = z / (z + 2.0)
     s2 = s * s
@@ -67,8 +69,8 @@ def ln(x: np.ndarray) -> np.ndarray:
     return ((bits >> 52) - 1023).astype(np.float64) * LN2 + 2.0 * s * p
 
 
-_MANTISSA = np.int64((1 << 52) - 1)
-_ONE = np.int64(1023 << 52)
+MANTISSA = np.int64((1 << 52) - 1)
+ONE = np.int64(1023 << 52)
 
 
 @dataclass(frozen=True)

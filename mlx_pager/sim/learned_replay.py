@@ -23,7 +23,9 @@ from ..paging.learned import (
     FEATURES,
     HALF_LIVES,
     LN2,
+    MANTISSA,
     NEVER,
+    ONE,
     RECENCY_EDGES,
     RESCALE,
     LayerState,
@@ -32,8 +34,6 @@ from .fast import _missed
 
 NF = len(FEATURES)
 H = len(HALF_LIVES)
-MANTISSA = (1 << 52) - 1
-ONE = 1023 << 52
 GROWTH = LayerState(1).growth  # numpy's powers, passed in (the compiled pow may round apart)
 
 

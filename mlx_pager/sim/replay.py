@@ -280,7 +280,7 @@ def simulate(
         done = dict(zip(jobs, counted, strict=True))
     out = {}
     for mode in modes:
-        results = [replace(done[mode, name], policy=name) for name in policies]
+        results = [done[mode, name] for name in policies]
         best = done[mode, "belady"]
         out[mode] = {
             "belady": best.hit_rate,
