@@ -28,6 +28,9 @@ from .tasks.classifier import TaskClassifier
 from .tasks.profiles import TaskProfiles
 
 DEFAULT_MODEL = embedded_model()
+# Seconds between reads of the process's peak memory while a reply streams: each read
+# opens /proc, too dear for every token of a small model.
+MEMORY_EVERY_S = 0.25
 
 Messages = list[dict[str, str]]
 
@@ -284,6 +287,7 @@ class Engine:
         waited = start - asked
         sampler = make_sampler(temp=temp, top_p=top_p)
         generated: list[int] = []
+        measured = 0.0  # when the peak memory was last read
         for response in stream_generate(
             self.paged.model,
             self.tokenizer,
@@ -309,11 +313,16 @@ class Engine:
                 stats.prompt_tps = response.prompt_tps
                 stats.generation_tokens = response.generation_tokens
                 stats.decode_tps = response.generation_tps
-                stats.peak_rss_bytes = max(peak_rss(), current_rss())
-                stats.peak_mlx_bytes = mx.get_peak_memory()
             finish = response.finish_reason
             if self._stop.is_set() and finish is None:
                 finish = "cancelled"
+            now = time.perf_counter()
+            if finish is not None or now - measured >= MEMORY_EVERY_S:
+                # The kernel keeps the peak (VmHWM): reading it now and then misses nothing.
+                measured = now
+                with stats.lock:
+                    stats.peak_rss_bytes = max(peak_rss(), current_rss())
+                    stats.peak_mlx_bytes = mx.get_peak_memory()
             try:
                 yield Chunk(response.text, int(response.token), finish)
             except GeneratorExit:  # the caller stopped reading: what was fed is known

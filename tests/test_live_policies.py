@@ -10,6 +10,7 @@ import pytest
 from checkpoints import open_paged
 
 from mlx_pager.engine import Engine
+from mlx_pager.paging import expert_cache
 from mlx_pager.paging.policies import LFU, POLICIES
 from mlx_pager.sim import replay as simulate
 from mlx_pager.sim.replay import replay, replay_reference
@@ -32,8 +33,15 @@ def whole_run(recorder) -> Trace:
     return replace(decode, expert_ids=ids, offsets=np.array([0, tokens]), text=None)
 
 
+@pytest.mark.parametrize(
+    "queue_limit", [0, 5, None], ids=["told-at-once", "short-queue", "default"]
+)
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_live_hits_equal_simulated_hits(model, policy):
+def test_live_hits_equal_simulated_hits(model, policy, queue_limit, monkeypatch):
+    """Also whether the cache tells the policy each request at once or queues them until
+    a decision needs them: the same hits."""
+    if queue_limit is not None:
+        monkeypatch.setattr(expert_cache, "QUEUE_LIMIT", queue_limit)
     per_layer = 4
     paged = open_paged(model, per_layer * 3, policy=policy)  # one shared cache, 3 layers
     engine = Engine(paged, "m", 256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from checkpoints import open_paged
 
@@ -35,5 +36,26 @@ def test_a_failed_read_leaves_no_slot_in_the_table(tmp_path, monkeypatch, direct
         monkeypatch.undo()
         lut = cache.fetch(0, [1, 2])
         assert cache.resident(0, 1) and cache.resident(0, 2) and lut[1] != lut[2]
+    finally:
+        paged.close()
+
+
+def test_a_lazy_output_is_computed_before_its_slots_are_overwritten(tmp_path):
+    """The last layer's output may stay lazy after its pass (``hold``): when a later miss
+    evicts a slot it reads, it is computed first, with the bytes it was built on."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe")
+    paged = open_paged(path, 3)
+    try:
+        cache = paged.cache
+        assert cache.views is not None, "this machine's MLX buffers are host-writable"
+        param = next(iter(cache.pools))
+        slot = int(cache.fetch(0, [1])[1])
+        expected = np.array(cache.views[param][slot]).copy()
+        lazy = cache.pools[param][slot] + 0  # reads the slot when it is computed
+        cache.hold(lazy)
+        cache.fetch(1, [0, 1, 2])  # three misses: every slot changes hands
+        assert cache.slot_table[1, 0] >= 0 and not cache.resident(0, 1)
+        assert not np.array_equal(np.array(cache.views[param][slot]), expected)
+        assert np.array_equal(np.array(lazy), expected)
     finally:
         paged.close()

@@ -155,7 +155,7 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         recorder = TraceRecorder(engine.info.experts_per_layer, str(args.model), phase="decode")
         paged.run.on_tokens = lambda layer, ids: recorder.record(layer, ids)
     runs, hits, misses, dhits, dmisses, prefill_reads = [], 0, 0, 0, 0, []
-    read_s = decode_read_s = bytes_read = host_s = host_layers = 0
+    read_s = decode_read_s = bytes_read = host_s = host_ahead_s = host_layers = 0
     try:
         for prompt in prompts:
             engine.begin_run(len(prompt))
@@ -174,6 +174,7 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
             decode_read_s += s.read_seconds - prefill_read
             bytes_read += s.bytes_read
             host_s += run.host_seconds
+            host_ahead_s += run.host_ahead_seconds
             host_layers += run.host_layers
             if recorder is not None:
                 recorder.end_sequence()
@@ -192,6 +193,7 @@ def run_mlx_pager(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
             ttft_read_s_per_prompt=prefill_reads,
             engine_bytes_read=bytes_read,
             host_us_per_moe_layer=1e6 * host_s / host_layers if host_layers else None,
+            host_ahead_us_per_moe_layer=1e6 * host_ahead_s / host_layers if host_layers else None,
             **_projection_counts(args, paged, decode_read_s / decoded if decoded else None),
         )
         result["host_us_per_layer"] = result["host_us_per_moe_layer"]

@@ -352,7 +352,9 @@ def run(args: argparse.Namespace) -> int:
         f"every expert resident, {resident['repeats']} interleaved rounds: stock "
         f"{resident['stock_tps']:.1f}, paged {resident['paged_tps']:.1f} decode tok/s, "
         f"{resident['ratio']:.2f}x stock; pager host time {resident['host_us_per_layer']:.0f} us "
-        "per MoE layer and token (outside its sync, its reads and mlx-lm's computation)"
+        "per MoE layer and token (outside its sync, its reads and mlx-lm's computation), "
+        f"{resident['host_ahead_us_per_layer']:.0f} us of it before the experts' computation "
+        "starts (the rest runs beside it)"
     )
     base = next(p for p in paged if p["fraction"] == prefetch["fraction"])
     print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with):")

@@ -129,6 +129,11 @@ class StoredFormat:
             pool[slot] = piece_to_mx(buf, pieces[param], self.shapes[param], pool.dtype)
 
 
+# Requests queued for the policy before it is told them anyway: a few hundred layer
+# calls, one batch every few dozen tokens.
+QUEUE_LIMIT = 512
+
+
 class ExpertCache:
     """Slots and eviction. What a fetch found (hits, misses, time waited on reads) goes to
     ``on_fetch``; replies, phases and traces are the ``PagingRun``'s business. The slot
@@ -150,7 +155,10 @@ class ExpertCache:
         self.map = expert_map
         self.reader = reader
         self.slots = slots
-        self.policy = policy
+        self._policy = policy
+        # Requests (layer, experts, requests) and token ends (an int) the policy has not
+        # been told yet: told in order when a decision needs them (``policy``)
+        self._queued: list = []
         self.format = slot_format
         self.projections = slot_format.projections
         self.staging_bytes = staging_bytes  # read buffers in flight, part of the headroom
@@ -181,6 +189,32 @@ class ExpertCache:
         self.ahead_issued = self.ahead_used = 0
         self.reads_ahead = True  # benchmarks turn it off to measure what it buys
         self._ahead_pool: ThreadPoolExecutor | None = None
+        # The last fetch, until the policy and on_fetch are told (fetch(record=False))
+        self._unrecorded: tuple | None = None
+        # A computation that reads slots and may not have run yet (``hold``)
+        self._pending: mx.array | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """The eviction policy, told every request so far. A hit tells it nothing at once:
+        requests wait in a queue and are told in order when a decision needs them (an
+        eviction, an admission) or the queue is long. The same decisions; on the hit path
+        the policy's code runs in batches instead of once per layer, cold each time."""
+        self._tell()
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self._policy, self._queued = policy, []
+
+    def _tell(self) -> None:
+        queued, self._queued = self._queued, []
+        for item in queued:
+            if isinstance(item, int):  # tokens that went through every layer
+                for _ in range(item):
+                    self._policy.next_token()
+            else:
+                self._policy.access_layer(*item)
 
     @property
     def slot_bytes(self) -> int:
@@ -201,39 +235,59 @@ class ExpertCache:
         return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
     def fetch(
-        self, layer: int, experts: np.ndarray, requests: np.ndarray | None = None
+        self,
+        layer: int,
+        experts: np.ndarray,
+        requests: np.ndarray | None = None,
+        record: bool = True,
     ) -> np.ndarray:
         """Make these (distinct) experts resident; returns the layer's lookup table expert -> slot
         (valid until the next fetch).
 
         ``requests``: how many requests each expert serves here (tokens routed to it), so
         the policy counts a prefill chunk as the simulator counts its tokens' requests;
-        None: one each (a decode step).
+        None: one each (a decode step). ``record=False`` leaves telling the policy and the
+        counters to ``record()``, once the computation is under way: the bookkeeping then
+        runs beside it instead of before it. The next fetch records first if nobody did.
         """
         experts = np.asarray(experts)
         if len(experts) > self.slots:
             raise ValueError(f"{len(experts)} experts requested, {self.slots} slots")
         with self.lock:
-            return self._fetch(layer, experts, requests)
+            self._record()
+            table, misses, waited = self._make_resident(layer, experts)
+            self._unrecorded = (layer, experts, requests, misses, waited)
+            if record:
+                self._record()
+            return table
+
+    def record(self) -> None:
+        """Tell the policy and ``on_fetch`` what the last ``fetch(record=False)`` did."""
+        with self.lock:
+            self._record()
 
     def next_tokens(self, n: int) -> None:
         """``n`` tokens went through every layer: age the policies that count tokens."""
         with self.lock:
-            for _ in range(n):
-                self.policy.next_token()
+            self._record()
+            self._queued.append(n)
 
-    def _fetch(self, layer: int, experts: np.ndarray, requests) -> np.ndarray:
+    def _make_resident(self, layer: int, experts: np.ndarray) -> tuple[np.ndarray, int, float]:
+        """Read what is missing into slots: (the layer's table, misses, seconds waited)."""
         table = self.slot_table[layer]
         if self.ahead or self.fresh:
             self._reap()
-        missing = experts[table[experts] < 0]
+        found = table[experts]
+        if not self.fresh and (found.size == 0 or found.min() >= 0):  # all hits: one gather
+            return table, 0, 0.0
+        missing = experts[found < 0]
         waited, already_read = 0.0, 0
         if self.fresh:  # read ahead for this need, done before it: misses all the same
             done = [(layer, e) for e in experts.tolist() if (layer, e) in self.fresh]
             self.fresh.difference_update(done)
             already_read = len(done)
             self.ahead_used += already_read
-        if missing.size:  # a hit touches nothing but the table and the policy
+        if missing.size:  # a hit touches nothing but the table
             pinned = {(layer, int(e)) for e in experts}
             keys = [(layer, int(e)) for e in missing]
             coming = [k for k in keys if k in self.ahead]
@@ -244,11 +298,19 @@ class ExpertCache:
             self._collect(coming, pinned)
             waited = time.perf_counter() - start
             self.ahead_used += len(coming)
-        self.policy.access_layer(layer, experts, requests)
+        return table, missing.size + already_read, waited
+
+    def _record(self) -> None:
+        """The policy learns the last fetch's requests; ``on_fetch`` counts it."""
+        if self._unrecorded is None:
+            return
+        layer, experts, requests, misses, waited = self._unrecorded
+        self._unrecorded = None
+        self._queued.append((layer, experts, requests))
+        if len(self._queued) > QUEUE_LIMIT:
+            self._tell()
         if self.on_fetch is not None:
-            misses = missing.size + already_read
             self.on_fetch(len(experts) - misses, misses, waited)
-        return table
 
     # -- reading ahead into slots (prefill) --------------------------------------------------
 
@@ -261,6 +323,7 @@ class ExpertCache:
         if self.views is None or not self.reads_ahead:
             return 0
         with self.lock:
+            self._record()
             self._reap()
             room = min(self.slots // 2 - len(self.ahead), self.slots - len(keep) - len(self.ahead))
             table = self.slot_table[layer]
@@ -349,6 +412,7 @@ class ExpertCache:
             if cancel is not None and cancel.is_set():
                 break
             with self.lock:
+                self._record()
                 group = [k for k in keys[start : start + 8] if k not in self.slot_of]
                 if group:
                     self._load(group, [self._claim(pinned) for _ in group])
@@ -360,6 +424,8 @@ class ExpertCache:
     def clear(self) -> None:
         """Evict everything (benchmarks that need a cold cache)."""
         with self.lock:
+            self._record()
+            self._settle_pending()
             self._drop_ahead()
             for key in list(self.slot_of):
                 self.policy.remove(key)
@@ -374,9 +440,23 @@ class ExpertCache:
         with self.lock:
             self.policy = type(self.policy)()
 
+    def hold(self, output: mx.array) -> None:
+        """``output`` reads slots and may still be lazy when this returns (the last
+        layer's, which a caller may hold across passes): it is computed before any slot
+        is overwritten from the host, behind MLX's back. The layers before it are forced
+        by the syncs of the layers after them."""
+        if self.views is not None:
+            self._pending = output
+
+    def _settle_pending(self) -> None:
+        if self._pending is not None:
+            mx.eval(self._pending)
+            self._pending = None
+
     def _claim(self, pinned: set[tuple[int, int]]) -> int:
         if self.free:
             return self.free.pop()
+        self._settle_pending()  # the victim's slot may still be read
         victim = self.policy.victim(pinned)
         self.policy.remove(victim)
         self.fresh.discard(victim)
@@ -497,6 +577,7 @@ class ExpertCache:
         if self.prefetcher is not None:
             self.prefetcher.close()
         with self.lock:
+            self._record()
             self._drop_ahead()
         if self._ahead_pool is not None:
             self._ahead_pool.shutdown(wait=True)

@@ -157,7 +157,8 @@ class PagedSwitch(nn.Module):
         decode = run.phase == "decode"
         # One host sync for this layer's choices, the next layer's guess and the weights:
         # the pager must know the experts before it computes them.
-        wanted = {"indices": indices}
+        # As numpy's own index type: the host's gathers take their short path.
+        wanted = {"indices": indices.astype(mx.int64)}
         if prefetcher is not None and self.next_router is not None:
             wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
         if cold is not None and self.router is not None:
@@ -170,12 +171,11 @@ class PagedSwitch(nn.Module):
         before = time.thread_time()
         mx.eval(wanted)
         in_mlx = time.thread_time() - before
-        routed = np.array(indices)
+        routed = np.array(wanted["indices"])
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
         if flat.size == routed.shape[-1]:  # one token (decode): its top-k are distinct
-            experts, requests = flat, None  # one request each
-            run.routed(self.layer, routed, experts, 1)
+            experts, requests, counts = flat, None, 1  # one request each
         else:
             experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
             requests = np.zeros(int(experts[-1]) + 1)  # tokens routed to each expert
@@ -191,13 +191,20 @@ class PagedSwitch(nn.Module):
             plan += [(cold, r) for r in cold.plan_rounds(self.layer, low)]
         if len(plan) == 1:
             group = plan[0][1]
-            lut = cache.fetch(self.layer, group, None if requests is None else requests[group])
+            reqs = None if requests is None else requests[group]
+            lut = cache.fetch(self.layer, group, reqs, record=False)
             slots = mx.array(lut[routed])
             before = time.thread_time()
             y = self._compute(x, slots, cache)
+            mx.async_eval(y)  # the experts compute while the pager keeps its books
             in_mlx += time.thread_time() - before  # mlx-lm's own computation, not the pager's
+            ahead = time.thread_time() - start - in_mlx
+            cache.record()
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
+            ahead = None
+        if requests is None:
+            run.routed(self.layer, routed, experts, counts)
         if "ahead" in wanted:
             cache.read_ahead(
                 self.layer + 1,
@@ -205,14 +212,11 @@ class PagedSwitch(nn.Module):
                 {(self.layer, int(e)) for e in experts},
             )
         if self.last:
-            if cache.views is not None:
-                # Slots are overwritten from the host, behind MLX's back: no computation
-                # that reads them may still be pending when the next pass reads misses.
-                # Each layer's output is forced by the next layer's sync; the last one's
-                # is forced here (a caller may hold it lazily across passes).
-                before = time.thread_time()
-                mx.eval(y)
-                in_mlx += time.thread_time() - before
+            # Forced before a slot it reads is overwritten; in decode the next token's
+            # first sync computes it anyway, so nothing waits for it here.
+            cache.hold(y)
+            if cold is not None:
+                cold.hold(y)
             n = flat.size // routed.shape[-1]
             cache.next_tokens(n)
             if cold is not None:
@@ -223,7 +227,8 @@ class PagedSwitch(nn.Module):
             if guess is not None:  # read while this layer computes
                 prefetcher.issue(self.layer + 1, guess, cache.resident)
             run.sync()
-        run.timed(decode, time.thread_time() - start - in_mlx)
+        total = time.thread_time() - start - in_mlx
+        run.timed(decode, total if ahead is None else ahead, total)
         return y
 
     def _unimportant_misses(

@@ -31,8 +31,10 @@ class PagingRun:
         self.prefill_counts: tuple[int, int] | None = (0, 0)  # (hits, misses) after it
         self.prefill_read_seconds = 0.0  # the read stall by then
         self._bytes_at_start = 0
-        # Decode layers that read nothing: the pager's CPU time outside MLX (the bench's).
+        # Decode layers that read nothing: the pager's CPU time outside MLX (the bench's),
+        # all of it and the part before the experts' computation is dispatched.
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
+        self.host_ahead_seconds = 0.0
         stats.expert_counts = np.zeros((layers, experts), np.int64)
 
     def start(self, prompt_tokens: int = 0) -> None:
@@ -43,6 +45,7 @@ class PagingRun:
         self.prefill_counts = None if prompt_tokens else (0, 0)
         self.prefill_read_seconds = 0.0
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
+        self.host_ahead_seconds = 0.0
         if self.prefetcher is not None:
             self.prefetcher.reset_counts()
         if self.cache is not None:
@@ -84,13 +87,16 @@ class PagingRun:
             self.stats.read_seconds += waited
         self._waited += waited
 
-    def timed(self, decode: bool, host_seconds: float) -> None:
+    def timed(self, decode: bool, ahead_seconds: float, host_seconds: float) -> None:
         """A layer call spent ``host_seconds`` of its thread's CPU time outside MLX: the
-        pager's own work. Counted for decode calls that read nothing, the hit path every
-        token pays (a miss's cost is its read, counted apart)."""
+        pager's own work, ``ahead_seconds`` of it before the experts' computation was
+        dispatched (the rest runs beside the computation). Counted for decode calls that
+        read nothing, the hit path every token pays (a miss's cost is its read, counted
+        apart)."""
         if decode and not self._waited:
             self.host_layers += 1
             self.host_seconds += host_seconds
+            self.host_ahead_seconds += ahead_seconds
         self._waited = 0.0
 
     def passed(self, n: int) -> None:

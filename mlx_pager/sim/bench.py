@@ -67,7 +67,7 @@ def bench_resident(path: Path, max_tokens: int, repeats: int = 5) -> dict:
     no_eos = [ban_tokens(tokenizer.eos_token_ids)]
     engine = _open_at(path, 1.0)
     engine.keep_prompt_cache = False
-    stock, paged, host = [], [], []
+    stock, paged, host, ahead = [], [], [], []
     try:
         for _ in engine.generate(WARMUP, max_tokens, chat_template=False, ignore_eos=True):
             pass
@@ -81,6 +81,7 @@ def bench_resident(path: Path, max_tokens: int, repeats: int = 5) -> dict:
             paged.append(engine.stats.decode_tps)
             run = engine.paged.run
             host.append(run.host_seconds / max(1, run.host_layers))
+            ahead.append(run.host_ahead_seconds / max(1, run.host_layers))
     finally:
         engine.close()
     return {
@@ -88,6 +89,7 @@ def bench_resident(path: Path, max_tokens: int, repeats: int = 5) -> dict:
         "paged_tps": statistics.median(paged),
         "ratio": statistics.median(p / s for p, s in zip(paged, stock, strict=True)),
         "host_us_per_layer": 1e6 * statistics.median(host),
+        "host_ahead_us_per_layer": 1e6 * statistics.median(ahead),
         "repeats": repeats,
     }
 
