@@ -7,6 +7,7 @@ import json
 import pytest
 from checkpoints import compare_with_mlx_lm, open_paged
 
+from mlx_pager.paging.expert_cache import ExpertCache
 from mlx_pager.paging.loader import TESTED_ARCHITECTURES, default_compute_dtype
 from mlx_pager.paging.paged_switch import PagedSwitch
 from mlx_pager.sim.synthetic import PER_EXPERT_ARCHS, make_checkpoint
@@ -132,3 +133,18 @@ def test_per_module_quantisation_as_the_embedded_model_ships(tmp_path, cast):
 def test_prefetch_leaves_output_unchanged(tmp_path, arch):
     """Three router kinds: Linear, DeepSeek's MoEGate, gpt-oss's biased router."""
     _check(make_checkpoint(tmp_path / arch, arch, quantize_bits=4), prefetch=True)
+
+
+def test_speculated_steps_are_kept_on_hits_and_thrown_away_on_misses(tmp_path, monkeypatch):
+    """A decode step's computation starts before the host knows its experts; it is kept
+    only when they were all resident. Under a budget that evicts, both happen, exactly."""
+    outcomes = []
+    original = ExpertCache.all_resident
+
+    def recording(self, layer, experts):
+        outcomes.append(original(self, layer, experts))
+        return outcomes[-1]
+
+    monkeypatch.setattr(ExpertCache, "all_resident", recording)
+    _check(make_checkpoint(tmp_path / "m", "qwen3_moe", quantize_bits=4), slots=6)
+    assert True in outcomes and False in outcomes

@@ -179,6 +179,7 @@ class ExpertCache:
         self.slot_table = np.full(
             (len(expert_map.layer_paths), expert_map.num_experts), -1, np.int32
         )
+        self._device_rows: dict[int, mx.array] = {}  # layer -> its row for MLX, when asked
         self.free = list(range(slots - 1, -1, -1))
         self.prefetcher = None  # optional Prefetcher: guessed experts read ahead
         self.lock = threading.Lock()  # fetches and background preloads take turns
@@ -219,6 +220,18 @@ class ExpertCache:
     @property
     def slot_bytes(self) -> int:
         return sum(int(a.nbytes) // self.slots for a in self.pools.values())
+
+    def device_slots(self, layer: int, experts: mx.array) -> mx.array:
+        """The slots of ``experts`` computed by MLX from the slot table as it is now, so a
+        computation can be built on them before the host knows the experts. An expert not
+        resident gets slot 0: such a result is wrong, and thrown away (``all_resident``)."""
+        row = self._device_rows.get(layer)
+        if row is None:
+            row = self._device_rows[layer] = mx.array(np.maximum(self.slot_table[layer], 0))
+        return row[experts]
+
+    def all_resident(self, layer: int, experts: np.ndarray) -> bool:
+        return bool(self.slot_table[layer][experts].min() >= 0)
 
     def resident(self, layer: int, expert: int) -> bool:
         return bool(self.slot_table[layer, expert] >= 0)
@@ -431,6 +444,7 @@ class ExpertCache:
                 self.policy.remove(key)
             self.slot_of.clear()
             self.slot_table.fill(-1)
+            self._device_rows.clear()
             self.key_in = [None] * self.slots
             self.free = list(range(self.slots - 1, -1, -1))
 
@@ -462,6 +476,7 @@ class ExpertCache:
         self.fresh.discard(victim)
         slot = self.slot_of.pop(victim)
         self.slot_table[victim] = -1
+        self._device_rows.pop(victim[0], None)
         self.key_in[slot] = None
         return slot
 
@@ -475,6 +490,7 @@ class ExpertCache:
                 if self.key_in[slot] == key:
                     del self.slot_of[key]
                     self.slot_table[key] = -1
+                    self._device_rows.pop(key[0], None)
                 self.key_in[slot] = None
                 self.free.append(slot)
             raise
@@ -570,6 +586,7 @@ class ExpertCache:
     def _mark(self, key: tuple[int, int], slot: int) -> None:
         self.slot_of[key] = slot
         self.slot_table[key] = slot
+        self._device_rows.pop(key[0], None)
         self.key_in[slot] = key
 
     def close(self) -> None:

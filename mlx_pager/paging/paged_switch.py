@@ -102,6 +102,7 @@ class PagedSwitch(nn.Module):
         object.__setattr__(self, "router", router)  # this layer's: router weights
         object.__setattr__(self, "next_router", next_router)  # the next layer's: guesses
         object.__setattr__(self, "last", next_router is None)  # ends a pass: tokens done
+        object.__setattr__(self, "resident_last_step", True)  # all its experts were
 
     def _linear(
         self, pool: ExpertCache, name: str, x: mx.array, idx: mx.array, sorted_indices: bool
@@ -157,8 +158,7 @@ class PagedSwitch(nn.Module):
         decode = run.phase == "decode"
         # One host sync for this layer's choices, the next layer's guess and the weights:
         # the pager must know the experts before it computes them.
-        # As numpy's own index type: the host's gathers take their short path.
-        wanted = {"indices": indices.astype(mx.int64)}
+        wanted = {"indices": indices}
         if prefetcher is not None and self.next_router is not None:
             wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
         if cold is not None and self.router is not None:
@@ -168,10 +168,28 @@ class PagedSwitch(nn.Module):
             # The next layer's router on this layer's input: its likely experts, read
             # into slots while this layer computes.
             wanted["ahead"] = router_scores(self.next_router, x).astype(mx.float32)
+        in_mlx, speculative, y, ahead = 0.0, None, None, None
+        if cold is None and not several and self.resident_last_step:
+            # This step's computation as it is if every expert is resident, started with
+            # the routing: MLX goes on to the experts without waiting for the host, which
+            # keeps the result if they were all resident. If not it is thrown away (it read
+            # slot 0 for the missing ones, and may still be reading while misses land).
+            # Tried where the layer's last step hit: at small budgets it would mostly miss.
+            before = time.thread_time()
+            speculative = self._compute(x, cache.device_slots(self.layer, indices), cache)
+            mx.async_eval(wanted)
+            mx.async_eval(speculative)  # queued after the routing the host waits for
+            in_mlx += time.thread_time() - before
         before = time.thread_time()
         mx.eval(wanted)
-        in_mlx = time.thread_time() - before
-        routed = np.array(wanted["indices"])
+        in_mlx += time.thread_time() - before
+        # numpy's own index type: the host's gathers take their short path
+        routed = np.array(indices).astype(np.intp)
+        if cold is None and not several:
+            hit = cache.all_resident(self.layer, routed.reshape(-1))
+            object.__setattr__(self, "resident_last_step", hit)
+            if hit and speculative is not None:
+                y, ahead = speculative, 0.0  # computing since the routing: nothing waited
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
         if flat.size == routed.shape[-1]:  # one token (decode): its top-k are distinct
@@ -189,7 +207,9 @@ class PagedSwitch(nn.Module):
         plan = [(cache, r) for r in cache.plan_rounds(self.layer, experts)]
         if low.size:
             plan += [(cold, r) for r in cold.plan_rounds(self.layer, low)]
-        if len(plan) == 1:
+        if y is not None:  # every expert resident: the policy's books only
+            cache.fetch(self.layer, experts)
+        elif len(plan) == 1:
             group = plan[0][1]
             reqs = None if requests is None else requests[group]
             lut = cache.fetch(self.layer, group, reqs, record=False)
@@ -202,7 +222,6 @@ class PagedSwitch(nn.Module):
             cache.record()
         else:
             y = self._compute_in_rounds(x, routed, plan, requests)
-            ahead = None
         if requests is None:
             run.routed(self.layer, routed, experts, counts)
         if "ahead" in wanted:
