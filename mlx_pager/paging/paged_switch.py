@@ -175,11 +175,13 @@ class PagedSwitch(nn.Module):
             # keeps the result if they were all resident. If not it is thrown away (it read
             # slot 0 for the missing ones, and may still be reading while misses land).
             # Tried where the layer's last step hit: at small budgets it would mostly miss.
+            slots = cache.device_slots(self.layer, indices)
             before = time.thread_time()
-            speculative = self._compute(x, cache.device_slots(self.layer, indices), cache)
+            speculative = self._compute(x, slots, cache)
             mx.async_eval(wanted)
             mx.async_eval(speculative)  # queued after the routing the host waits for
             in_mlx += time.thread_time() - before
+            ahead = time.thread_time() - start - in_mlx  # the pager's part before it
         before = time.thread_time()
         mx.eval(wanted)
         in_mlx += time.thread_time() - before
@@ -189,7 +191,7 @@ class PagedSwitch(nn.Module):
             hit = cache.all_resident(self.layer, routed.reshape(-1))
             object.__setattr__(self, "resident_last_step", hit)
             if hit and speculative is not None:
-                y, ahead = speculative, 0.0  # computing since the routing: nothing waited
+                y = speculative  # computing since the routing: nothing waited for the host
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         flat = routed.reshape(-1)
         if flat.size == routed.shape[-1]:  # one token (decode): its top-k are distinct
@@ -221,7 +223,7 @@ class PagedSwitch(nn.Module):
             ahead = time.thread_time() - start - in_mlx
             cache.record()
         else:
-            y = self._compute_in_rounds(x, routed, plan, requests)
+            y, ahead = self._compute_in_rounds(x, routed, plan, requests), None
         if requests is None:
             run.routed(self.layer, routed, experts, counts)
         if "ahead" in wanted:
