@@ -29,6 +29,13 @@ from .router import router_scores
 from .run import PagingRun
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
+# A decode step's computation starts before the host knows its experts where at least
+# this share of the layer's recent steps (a moving average over about SPECULATE_OVER
+# steps) had every expert resident. Measured on the embedded model, paired runs on this
+# noisy 2-core VM: +5% decode speed with every expert resident; guessing after every hit
+# lost 2-3% at 50% and 25% of experts, this gate -2% to +6% (within the noise).
+SPECULATE_FROM = 0.9
+SPECULATE_OVER = 8
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ class PagedSwitch(nn.Module):
         object.__setattr__(self, "router", router)  # this layer's: router weights
         object.__setattr__(self, "next_router", next_router)  # the next layer's: guesses
         object.__setattr__(self, "last", next_router is None)  # ends a pass: tokens done
-        object.__setattr__(self, "resident_last_step", True)  # all its experts were
+        # Of its recent steps, the share whose experts were all resident
+        object.__setattr__(self, "all_resident_share", 1.0)
 
     def _linear(
         self, pool: ExpertCache, name: str, x: mx.array, idx: mx.array, sorted_indices: bool
@@ -169,12 +177,13 @@ class PagedSwitch(nn.Module):
             # into slots while this layer computes.
             wanted["ahead"] = router_scores(self.next_router, x).astype(mx.float32)
         in_mlx, speculative, y, ahead = 0.0, None, None, None
-        if cold is None and not several and self.resident_last_step:
+        if cold is None and not several and self.all_resident_share >= SPECULATE_FROM:
             # This step's computation as it is if every expert is resident, started with
             # the routing: MLX goes on to the experts without waiting for the host, which
             # keeps the result if they were all resident. If not it is thrown away (it read
             # slot 0 for the missing ones, and may still be reading while misses land).
-            # Tried where the layer's last step hit: at small budgets it would mostly miss.
+            # Tried where the layer's recent steps mostly hit: a wrong guess costs a
+            # layer's computation, worth it only where guesses are rarely wrong.
             slots = cache.device_slots(self.layer, indices)
             before = time.thread_time()
             speculative = self._compute(x, slots, cache)
@@ -189,7 +198,8 @@ class PagedSwitch(nn.Module):
         routed = np.array(indices).astype(np.intp)
         if cold is None and not several:
             hit = cache.all_resident(self.layer, routed.reshape(-1))
-            object.__setattr__(self, "resident_last_step", hit)
+            share = self.all_resident_share + (hit - self.all_resident_share) / SPECULATE_OVER
+            object.__setattr__(self, "all_resident_share", share)
             if hit and speculative is not None:
                 y = speculative  # computing since the routing: nothing waited for the host
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
