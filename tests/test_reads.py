@@ -161,3 +161,33 @@ def test_page_cache_dropped_or_kept(snapshot, page_cache):
         assert storage < 0.1 * again, (storage, again)
     else:
         assert storage > 0.9 * again, (storage, again)
+
+
+def test_a_small_group_is_read_by_the_caller_alone(tmp_path):
+    """Waking a thread costs more than reading a few small pieces: a group gets one lane
+    per LANE_BYTES, the caller's own first; a large group still reads on several."""
+    from mlx_pager.storage.expert_map import Piece
+    from mlx_pager.storage.readers import LANE_BYTES, READERS
+
+    path = tmp_path / "blob"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 8 * LANE_BYTES, np.uint8))
+    reader = READERS["pread"]([path], threads=4)
+    helpers = []  # lanes handed to the reader's threads
+    submit = reader.pool.submit
+
+    def submitting(fn, *args):
+        helpers.append(fn)
+        return submit(fn, *args)
+
+    reader.pool.submit = submitting
+    try:
+        small = [Piece(path, i * 32768, 32768, "U8", (32768,)) for i in range(12)]
+        got = reader.read(small)
+        assert helpers == []  # 384 KiB: the caller's lane only
+        assert b"".join(g.tobytes() for g in got) == path.read_bytes()[: 12 * 32768]
+        large = [Piece(path, i * LANE_BYTES, LANE_BYTES, "U8", (LANE_BYTES,)) for i in range(8)]
+        got = reader.read(large)
+        assert len(helpers) == 3  # 8 MiB: every one of the 4 threads' worth
+        assert b"".join(g.tobytes() for g in got) == path.read_bytes()
+    finally:
+        reader.close()
