@@ -4,7 +4,10 @@ The model files stay untouched: ``__call__(x, indices)`` reads the routed expert
 host (one sync per MoE layer), asks the cache for their slots, then runs mlx-lm's own
 computation with the indices remapped to slots. When a layer needs more experts than the
 cache holds (a long prompt at a small budget) it computes in rounds of experts, each
-(token, expert) pair exactly once, so the result is unchanged.
+(token, expert) pair exactly once, so the result is unchanged. A decode step whose
+layer has mostly hit lately is computed speculatively, queued with its routing on slots
+MLX looks up itself, and kept only when every expert was resident: on the hit path MLX
+never waits for Python, and the pager's bookkeeping runs beside the computation.
 """
 
 from __future__ import annotations
