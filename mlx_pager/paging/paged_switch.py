@@ -184,7 +184,7 @@ class PagedSwitch(nn.Module):
             # This step's computation as it is if every expert is resident, started with
             # the routing: MLX goes on to the experts without waiting for the host, which
             # keeps the result if they were all resident. If not it is thrown away (it read
-            # slot 0 for the missing ones, and may still be reading while misses land).
+            # slot 0 for the missing ones; misses land in slots only once it is done).
             # Tried where the layer's recent steps mostly hit: a wrong guess costs a
             # layer's computation, worth it only where guesses are rarely wrong.
             slots = cache.device_slots(self.layer, indices)
