@@ -67,9 +67,12 @@ def test_cold_pool_serves_the_misses_of_rarely_used_experts(model_path):
         assert cold.stats.cold_misses == 0
 
         cold.cold.format.set_profile(_rare_half(2, 16))
+        counted = cold.stats.expert_counts.sum()
         got = _decode(cold.model, tokens)
         stats = cold.stats
         assert stats.cold_misses > 0 and stats.misses > 0
+        # The access profiler counts every routed choice, cold-served ones too.
+        assert stats.expert_counts.sum() - counted == (16 + 24) * 2 * 4
         assert all(expert % 2 == 1 for _, expert in cold.cold.slot_of)  # only rare ones
         error = (mx.abs(got - want).max() / mx.abs(want).max()).item()
         agree = (mx.argmax(got, -1) == mx.argmax(want, -1)).mean().item()

@@ -198,22 +198,23 @@ class PagedSwitch(nn.Module):
         mx.eval(wanted)
         in_mlx += time.thread_time() - before
         # numpy's own index type: the host's gathers take their short path
-        routed = np.array(indices).astype(np.intp)
+        routed = np.array(indices, np.intp)
+        flat = routed.reshape(-1)
         if cold is None and not several:
-            hit = cache.all_resident(self.layer, routed.reshape(-1))
+            hit = cache.all_resident(self.layer, flat)
             share = self.all_resident_share + (hit - self.all_resident_share) / SPECULATE_OVER
             object.__setattr__(self, "all_resident_share", share)
             if hit and speculative is not None:
                 y = speculative  # computing since the routing: nothing waited for the host
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
-        flat = routed.reshape(-1)
         if flat.size == routed.shape[-1]:  # one token (decode): its top-k are distinct
             experts, requests, counts = flat, None, 1  # one request each
+            counted = flat
         else:
             experts, first, counts = np.unique(flat, return_index=True, return_counts=True)
             requests = np.zeros(int(experts[-1]) + 1)  # tokens routed to each expert
             requests[experts] = counts
-            run.routed(self.layer, routed, experts, counts)
+            counted = experts  # the profiler counts by expert id, the policy in order
             experts = flat[np.sort(first)]  # routing order: recency policies see what happened
         low = np.zeros(0, experts.dtype)
         if "probs" in wanted:
@@ -237,8 +238,7 @@ class PagedSwitch(nn.Module):
             cache.record()
         else:
             y, ahead = self._compute_in_rounds(x, routed, plan, requests), None
-        if requests is None:
-            run.routed(self.layer, routed, experts, counts)
+        run.routed(self.layer, routed, counted, counts)  # beside the computation
         if "ahead" in wanted:
             cache.read_ahead(
                 self.layer + 1,
