@@ -88,8 +88,8 @@ def test_demand_reads_do_not_wait_for_a_guess_under_way(tmp_path):
     demand_read = cache.reader.read
     speculative_reading = []
 
-    def read(pieces, outs=None):  # demand reads, on the calling thread
-        out = demand_read(pieces, outs)
+    def read(pieces, outs=None, done=None):  # demand reads, on the calling thread
+        out = demand_read(pieces, outs, done)
         speculative_reading.append(not release.is_set())
         demand_done.set()
         return out

@@ -191,3 +191,70 @@ def test_a_small_group_is_read_by_the_caller_alone(tmp_path):
         assert b"".join(g.tobytes() for g in got) == path.read_bytes()
     finally:
         reader.close()
+
+
+def test_storage_starts_before_the_victims_are_chosen(snapshot):
+    """A fetch's misses are announced to the kernel before the policy picks their slots
+    (its work overlaps the disk's), and read() does not announce them a second time."""
+    paged = load_paged(snapshot, budget_for_slots(snapshot, 3), 256)
+    cache, events = paged.cache, []
+    start, announce, victim = cache.reader.start, cache.reader.announce, cache.policy.victim
+
+    def starting(pieces):
+        events.append(("start", len(pieces)))
+        start(pieces)
+
+    def announcing(pieces):
+        events.append(("announce", len(pieces)))
+        announce(pieces)
+
+    def choosing(pinned):
+        events.append(("victim", 0))
+        return victim(pinned)
+
+    cache.reader.start, cache.reader.announce = starting, announcing
+    cache.policy.victim = choosing
+    try:
+        cache.fetch(0, np.array([0, 1, 2]))  # three free slots: no victim yet
+        events.clear()
+        cache.fetch(0, np.array([3, 4]))  # both evict
+    finally:
+        paged.close()
+    per_expert = len(paged.cache.map.params)
+    assert events[:2] == [("start", 2 * per_expert), ("announce", 2 * per_expert)]
+    assert [e for e, _ in events[2:]] == ["victim", "victim"]  # nothing announced again
+
+
+def test_pages_dropped_once_the_computation_is_under_way(tmp_path, monkeypatch):
+    """A group's first ANNOUNCE_BYTES keep their pages until ``forget`` (the cache calls
+    it beside the computation); pieces past that are dropped as they are read, so a large
+    group never piles up pages. ``done`` sees each piece as it arrives."""
+    from mlx_pager.storage import readers
+    from mlx_pager.storage.expert_map import Piece
+
+    size = 64 * 1024
+    monkeypatch.setattr(readers, "ANNOUNCE_BYTES", 4 * size)
+    dropped = []
+    monkeypatch.setattr(
+        readers, "drop_page_cache", lambda fd, offset=0, nbytes=0: dropped.append(offset)
+    )
+    path = tmp_path / "blob"
+    data = np.random.default_rng(1).integers(0, 256, 12 * size, np.uint8)
+    path.write_bytes(data)
+    reader = readers.READERS["pread"]([path], threads=1)
+    arrived = {}
+    try:
+        small = [Piece(path, i * size, size, "U8", (size,)) for i in range(3)]
+        reader.read(small, done=lambda j, buf: arrived.setdefault(j, buf.tobytes()))
+        assert dropped == []  # kept until the cache says
+        assert arrived == {j: data[j * size : (j + 1) * size].tobytes() for j in range(3)}
+        reader.forget()
+        assert sorted(dropped) == [0, size, 2 * size]
+        dropped.clear()
+        large = [Piece(path, i * size, size, "U8", (size,)) for i in range(12)]
+        reader.read(large)
+        assert sorted(dropped) == [i * size for i in range(4, 12)]  # past the first window
+        reader.forget()
+        assert sorted(set(dropped)) == [i * size for i in range(12)]
+    finally:
+        reader.close()

@@ -24,9 +24,9 @@ def test_a_failed_read_leaves_no_slot_in_the_table(tmp_path, monkeypatch, direct
         read = cache.reader.read
         per_expert = len(cache.map.params)
 
-        def failing(pieces, outs=None):
+        def failing(pieces, outs=None, done=None):
             # The first expert's bytes land (in its slot when direct), then the read fails.
-            read(pieces[:per_expert], outs[:per_expert] if outs else None)
+            read(pieces[:per_expert], outs[:per_expert] if outs else None, done)
             raise OSError("short read")
 
         monkeypatch.setattr(cache.reader, "read", failing)

@@ -22,6 +22,7 @@ import os
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -125,12 +126,17 @@ class Reader:
             raise ValueError("A reader needs at least one thread.")
         return_freed_buffers()
         self.drop_cache = drop_cache
-        self.fds = {Path(f): self._open(Path(f)) for f in files}
+        # Keyed by the caller's own Path objects: the pieces carry the same ones, and a
+        # lookup that finds its key by identity skips Path's slow equality (90 µs a group).
+        paths = [f if isinstance(f, Path) else Path(f) for f in files]
+        self.fds = {p: self._open(p) for p in paths}
         self.opened = {p: (_identity(fd), _header_digest(fd)) for p, fd in self.fds.items()}
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"{self.name}-read")
         self.bytes_read = 0
         self._lock = threading.Lock()
+        self._started: set[Piece] = set()  # announced by ``start``, not read yet
+        self._unforgotten: list[Piece] = []  # read, their pages cached until ``forget``
 
     def _open(self, path: Path) -> int:
         fd = os.open(path, os.O_RDONLY)
@@ -181,17 +187,43 @@ class Reader:
         its cached pages now (``drop_cache``), else the caller does."""
         raise NotImplementedError
 
+    def start(self, pieces: list[Piece]) -> None:
+        """Announce the pieces about to be ``read`` (up to ``ANNOUNCE_BYTES``) now, so the
+        storage works while the caller gets their slots ready (the policy's choice of
+        victims, the wait for computations reading those slots)."""
+        first, total = [], 0
+        for piece in pieces:
+            if total >= ANNOUNCE_BYTES:
+                break
+            first.append(piece)
+            total += piece.nbytes
+        self.announce(first)
+        self._started.update(first)
+
     def read(
-        self, pieces: list[Piece], outs: list[np.ndarray | None] | None = None
+        self,
+        pieces: list[Piece],
+        outs: list[np.ndarray | None] | None = None,
+        done: Callable[[int, np.ndarray], None] | None = None,
     ) -> list[np.ndarray]:
         """Read pieces in parallel, each into its ``outs`` entry (None: a fresh buffer);
-        the result keeps their order."""
+        the result keeps their order. ``done(j, array)`` runs on the lane that read piece
+        ``j`` as soon as it is read (a conversion into its slot), while later pieces are
+        still on their way from storage.
+
+        The pages of the group's first ``ANNOUNCE_BYTES`` (a decode step's whole group)
+        stay in the page cache until ``forget``: dropping them costs a syscall a piece
+        (measured: 3-5 µs on the embedded model's 32 KiB pieces, 60 µs on 768 KiB ones),
+        which the cache makes once the computation is under way. Pieces past that are
+        dropped as they are read, so a prefill's large group never piles up pages."""
+        self.forget()  # a previous group's, if its reader's owner did not
         outs = outs if outs is not None else [None] * len(pieces)
         result: list = [None] * len(pieces)
         order = iter(range(len(pieces)))
         lock = threading.Lock()
         ends = list(itertools.accumulate(p.nbytes for p in pieces))
         ahead = [0]  # pieces announced so far
+        started = self._started
 
         def lane() -> None:
             """Read pieces until none is left: a few lanes pull from one queue, so a
@@ -207,10 +239,14 @@ class Reader:
                         stop += 1
                     ahead[0] = max(stop, j + 1)
                 if stop > start and len(pieces) > 1:
-                    self.announce(pieces[start:stop])
+                    fresh = [p for p in pieces[start:stop] if p not in started]
+                    if fresh:
+                        self.announce(fresh)
                 result[j] = self.read_piece(pieces[j], outs[j], drop=False)
-                if self.drop_cache:  # its own pages now, those it shares with neighbours last
-                    self._drop_inside(pieces[j])
+                if done is not None:
+                    done(j, result[j])
+                if self.drop_cache and ends[j] > ANNOUNCE_BYTES:
+                    self._drop_inside(pieces[j])  # its neighbours' pages with the rest
 
         count = min(self.threads, len(pieces), -(-ends[-1] // LANE_BYTES)) if pieces else 1
         lanes = [self.pool.submit(lane) for _ in range(count - 1)]
@@ -218,14 +254,20 @@ class Reader:
             lane()  # the caller reads too, instead of sleeping until the others are done
         finally:
             errors = [e for e in (f.exception() for f in lanes) if e is not None]
-            if self.drop_cache:  # once all are read: neighbours may share a page
-                with contextlib.suppress(OSError):  # a hint, as the announcement
-                    for piece in pieces:
-                        drop_page_cache(self.fds[piece.path], piece.offset, piece.nbytes)
+            started.clear()
+            if self.drop_cache:
+                self._unforgotten.extend(pieces)
         if errors:
             raise errors[0]
         self.count(sum(p.nbytes for p in pieces))
         return result
+
+    def forget(self) -> None:
+        """Drop the cached pages of the pieces ``read`` left cached (``drop_cache``)."""
+        pieces, self._unforgotten = self._unforgotten, []
+        with contextlib.suppress(OSError):  # a hint, as the announcement
+            for piece in pieces:
+                drop_page_cache(self.fds[piece.path], piece.offset, piece.nbytes)
 
     def _drop_inside(self, piece: Piece) -> None:
         """Forget the cached pages that lie wholly inside ``piece``."""
@@ -252,6 +294,7 @@ class Reader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.forget()
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
