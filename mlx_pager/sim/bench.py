@@ -258,8 +258,14 @@ def bench_layer_reads(
     read_paths: tuple[str, ...] = ("pread", "direct"),
 ) -> dict:
     """A layer's misses read through the expert cache (straight into its slots), cold,
-    against the same number of bytes read sequentially from the same file, cold, in turn:
-    MB/s of each and their ratio (median), per read path and reader thread count."""
+    against the same number of bytes read sequentially from the same file, cold, in turn,
+    and against ``fio`` reading pieces of the same size at as many reads in flight as
+    reader threads, run just before and just after the rounds: MB/s of each and the
+    ratios, per read path and thread count. fio is taken twice and averaged because this
+    machine's disk runs at a different speed from one minute to the next (one fio run a
+    configuration put the same code at 0.73-1.04x); it is not run between rounds, which
+    starts every round with cold CPU caches (the embedded model's 0.4 MB groups then
+    read at 200-340 MB/s instead of about 500)."""
     import numpy as np
 
     layout = inspect_model(path, 4096)
@@ -279,6 +285,7 @@ def bench_layer_reads(
     for read_path, count in ((r, t) for r in read_paths for t in threads):
         paged = load_paged(path, budget, read_path=read_path, read_threads=count)
         cache, misses, plain = paged.cache, [], []
+        fio = [fio_random_read(pieces[0].path, block, count, read_path == "direct")]
         try:
             for _ in range(rounds):
                 layer = int(rng.integers(layout.moe_layers))
@@ -287,29 +294,30 @@ def bench_layer_reads(
                 nbytes = sum(expert_map.expert_disk_bytes(layer, int(e)) for e in experts)
                 cache.reader.drop()
                 start = time.perf_counter()
-                cache.fetch(layer, experts)
+                cache.fetch(layer, experts, record=False)  # as a decode step: what it waits for
                 misses.append(nbytes / (time.perf_counter() - start))
+                cache.record()  # the books and the page-cache drops, beside its computation
                 plain.append(_sequential_read(expert_map.expert_pieces(layer, 0), nbytes))
         finally:
             paged.close()
+        fio.append(fio_random_read(pieces[0].path, block, count, read_path == "direct"))
         row = out[f"{read_path}_{count}"] = {
             "miss_mb_s": statistics.median(misses) / 1e6,
             "sequential_mb_s": statistics.median(plain) / 1e6,
             "ratio": statistics.median(m / q for m, q in zip(misses, plain, strict=True)),
         }
-        fio = fio_random_read(pieces[0].path, block, count, read_path == "direct")
-        if fio is not None:  # the disk's own rate for reads of the pieces' size
+        if None not in fio:  # the disk's own rate for reads of the pieces' size
             row["fio_piece_bytes"] = block
-            row["fio_mb_s"] = fio / 1e6
+            row["fio_mb_s"] = statistics.mean(fio) / 1e6
             row["fio_ratio"] = row["miss_mb_s"] / row["fio_mb_s"]
     return out
 
 
-def fio_random_read(path: Path, block: int, depth: int, direct: bool, limit: int = 256 << 20):
+def fio_random_read(path: Path, block: int, depth: int, direct: bool, limit: int = 64 << 20):
     """Bytes/s of ``fio`` reading ``block``-byte pieces (whole 4 KiB blocks) of ``path`` at
-    random offsets, each once, ``depth`` reads in flight (io_uring), cold (its pages
-    dropped first), buffered or O_DIRECT, over at most ``limit`` bytes: what the disk gives
-    reads of that size with no Python in the way. None without fio (or its io_uring)."""
+    random offsets, each at most once, ``depth`` reads in flight (io_uring), cold (its
+    pages dropped first), buffered or O_DIRECT, over at most ``limit`` bytes: what the disk
+    gives reads of that size with no Python in the way. None without fio (or its io_uring)."""
     import json
     import shutil
     import subprocess
