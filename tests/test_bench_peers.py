@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mlx_pager.benchmark.cap import V1_MEMORY, cgroup_version
+from mlx_pager.benchmark.cap import V1_MEMORY, cgroup2_mount, cgroup_version
 from mlx_pager.benchmark.fixture import make_model
 from mlx_pager.benchmark.harness import _arm, run_benchmark, too_big_to_hold
 from mlx_pager.benchmark.plots import plot_report
@@ -28,7 +28,9 @@ FIGURES = ("load_s", "ttft_s", "prefill_tps", "decode_tps", "disk_bytes_per_toke
 def _groups() -> set[str]:
     """This process's cgroups (a benchmark running beside the suite has its own)."""
     mine = f"mlx-pager-bench-{os.getpid()}-*"
-    return {p.name for p in V1_MEMORY.glob(mine)} if V1_MEMORY.exists() else set()
+    groups = {p.name for p in V1_MEMORY.glob(mine)} if V1_MEMORY.exists() else set()
+    v2 = cgroup2_mount()  # the I/O pressure groups
+    return groups | ({p.name for p in v2.glob(f"mlx-pager-psi-{os.getpid()}-*")} if v2 else set())
 
 
 @pytest.mark.slow
@@ -62,6 +64,9 @@ def test_harness_end_to_end(tmp_path):
         for key in ("load_s", "ttft_s", "decode_tps", "read_bytes", "disk_bytes_per_token"):
             assert r[key] >= 0, (name, key)
         assert r["blkio_delay_s"] is None or r["blkio_delay_s"] >= 0
+        if cgroup2_mount() is not None:  # PSI: wall-clock stalls, full within some
+            assert 0 <= r["io_full_s_per_token"] <= r["io_some_s_per_token"], name
+            assert 0 <= r["io_pressure_s"]["full"] <= r["io_pressure_s"]["some"] <= r["wall_s"]
         assert len(r["tokens"]) == len(PROMPTS) and all(len(t) == 8 for t in r["tokens"])
         if name.endswith("resident"):
             assert r["cap"] is None
@@ -82,7 +87,7 @@ def test_harness_end_to_end(tmp_path):
     assert report["ratios"]["speed_kept"]["mlx-pager"] > 0
     assert _groups() == before  # every cgroup removed
     goals = {g["goal"]: g for g in report["goals"]}
-    assert len(goals) == 4 and all(g["met"] in (True, False, None) for g in goals.values())
+    assert len(goals) == 5 and all(g["met"] in (True, False, None) for g in goals.values())
     projection = report["projection"]
     assert projection["label"] == "projection" and projection["projected_tps"] > 0
     assert projection["self_check"]["measured_tps"] == runs["mlx-pager-capped"]["decode_tps"]

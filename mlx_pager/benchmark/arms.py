@@ -59,7 +59,7 @@ def timed(steps: Iterator[int], max_tokens: int) -> dict:
     start = time.perf_counter()
     tokens: list[int] = []
     first = None
-    at_first = (None, None)
+    at_first = (None, None, None)
     for token in steps:
         tokens.append(int(token))
         if first is None:
@@ -71,12 +71,16 @@ def timed(steps: Iterator[int], max_tokens: int) -> dict:
     at_end = own_counters()
     read = at_end[0] - at_first[0] if None not in (at_end[0], at_first[0]) else None
     stall = at_end[1] - at_first[1] if None not in (at_end[1], at_first[1]) else None
+    pressure = (at_first[2], at_end[2])
     return {
         "tokens": tokens,
         "ttft_s": first - start,
         "decode_s": end - first,
         "decode_read_bytes": read,
         "decode_blkio_s": stall,
+        # wall-clock seconds of the decode with all (full) / some of its threads stalled on I/O
+        "decode_io_full_s": pressure[1]["full"] - pressure[0]["full"] if all(pressure) else None,
+        "decode_io_some_s": pressure[1]["some"] - pressure[0]["some"] if all(pressure) else None,
     }
 
 
@@ -87,9 +91,13 @@ def summarise(runs: list[dict], prompts: list[list[int]], load_s: float) -> dict
     decode_s = sum(r["decode_s"] for r in runs)
     reads = [r.get("decode_read_bytes") for r in runs]
     stalls = [r.get("decode_blkio_s") for r in runs]
+    full = [r.get("decode_io_full_s") for r in runs]
+    some = [r.get("decode_io_some_s") for r in runs]
     return {
         "decode_read_bytes": sum(reads) if None not in reads else None,
         "decode_blkio_s": sum(stalls) if None not in stalls else None,
+        "decode_io_full_s": sum(full) if None not in full else None,
+        "decode_io_some_s": sum(some) if None not in some else None,
         "load_s": load_s,
         "ttft_s": runs[0]["ttft_s"],  # the first prompt: the cold one
         "ttft_per_prompt_s": [r["ttft_s"] for r in runs],

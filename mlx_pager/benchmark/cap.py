@@ -8,6 +8,14 @@ the engines read in worker threads, and a thread's count leaves ``/proc`` with i
 the child has exited but before it is reaped (``waitid(WNOWAIT)``), its ``/proc/PID/io``
 still holds the whole process's ``read_bytes``. Without root or a memory cgroup the child
 runs uncapped and the result says why.
+
+Delay accounting sums threads: eight reader threads waiting on one layer's misses count
+eight times the wait. The child therefore also runs in a cgroup v2 group of its own (the
+memory cgroup on a v2 machine; beside it, in the v2 hierarchy a hybrid machine also
+mounts, on v1) whose ``io.pressure`` (PSI) says how long, in wall-clock time, at least one
+of its threads (``some``) and all of its running threads at once (``full``) were stalled
+on I/O. ``full`` is the time the process could do nothing but wait for the disk, the same
+measure whether an engine reads on one thread or eight.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class ChildResult:
     cap_reason: str | None  # why there is no cap, when there is none
     read_bytes: int | None  # /proc/PID/io, the whole process
     blkio_delay_s: float | None  # summed over threads; None without delay accounting
+    io_pressure_s: dict | None = None  # PSI {"some", "full"} seconds; None without PSI
     threads_seen: int = 0
     delay_accounting: bool = False
     notes: list[str] = field(default_factory=list)
@@ -149,22 +158,87 @@ class MemoryCgroup:
         return None
 
     def remove(self) -> None:
-        """rmdir the cgroup; a lingering process (should be none) is moved out first."""
-        if not self.path.exists():
+        remove_group(self.path)
+
+
+def remove_group(path: Path) -> None:
+    """rmdir a cgroup; a lingering process (should be none) is moved out first."""
+    if not path.exists():
+        return
+    for _ in range(50):
+        try:
+            path.rmdir()
             return
-        parent = self.path.parent / "cgroup.procs"
-        for _ in range(50):
+        except OSError:
             try:
-                self.path.rmdir()
-                return
+                for pid in (path / "cgroup.procs").read_text().split():
+                    _write(path.parent / "cgroup.procs", pid)
             except OSError:
-                try:
-                    for pid in self.procs.read_text().split():
-                        _write(parent, pid)
-                except OSError:
-                    pass
-                time.sleep(0.05)
-        self.path.rmdir()
+                pass
+            time.sleep(0.05)
+    path.rmdir()
+
+
+def cgroup2_mount() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup`` on a v2 machine,
+    ``/sys/fs/cgroup/unified`` beside v1 on a hybrid one), or None."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    return None
+
+
+class PressureGroup:
+    """A cgroup v2 group with no limits, made only for its ``io.pressure``; ``remove`` it."""
+
+    def __init__(self, root: Path, name: str | None = None):
+        self.path = root / (name or f"mlx-pager-psi-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.path.mkdir()
+        if not (self.path / "io.pressure").exists():  # a kernel without PSI
+            self.path.rmdir()
+            raise OSError("no io.pressure: this kernel has no pressure stall information")
+
+    @property
+    def procs(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    def remove(self) -> None:
+        remove_group(self.path)
+
+
+def io_pressure(group: Path) -> dict[str, float] | None:
+    """Seconds the group's tasks were stalled on I/O (PSI totals): ``some`` (at least one
+    task) and ``full`` (every runnable task at once); None where the kernel does not say."""
+    try:
+        lines = (group / "io.pressure").read_text().splitlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        kind, *fields = line.split()
+        values = dict(f.split("=", 1) for f in fields)
+        out[kind] = int(values["total"]) / 1e6
+    return out if {"some", "full"} <= out.keys() else None
+
+
+def own_pressure_group() -> Path | None:
+    """This process's own cgroup v2 group (the harness puts each arm in one), or None when
+    it is in the hierarchy's root: that one's pressure is the whole machine's."""
+    mount = cgroup2_mount()
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            path = line[3:].strip().lstrip("/")
+            return mount / path if mount is not None and path else None
+    return None
 
 
 def _thread_delays(pid: int, into: dict[int, int], first: dict[int, int] | None = None) -> None:
@@ -200,10 +274,11 @@ def blkio_ticks(
     return total, bogus
 
 
-def own_counters() -> tuple[int | None, float | None]:
-    """This process's storage bytes read so far (``/proc/self/io``) and block-I/O delay
-    summed over its live threads, in seconds (None where the kernel does not say): read
-    at two moments, the difference is what happened between them (a decode's reads)."""
+def own_counters() -> tuple[int | None, float | None, dict[str, float] | None]:
+    """This process's storage bytes read so far (``/proc/self/io``), block-I/O delay
+    summed over its live threads in seconds, and its own cgroup's I/O pressure seconds
+    (None where the kernel does not say): read at two moments, the difference is what
+    happened between them (a decode's reads)."""
     ticks: dict[int, int] = {}
     _thread_delays(os.getpid(), ticks)
     clk = os.sysconf("SC_CLK_TCK")
@@ -212,7 +287,9 @@ def own_counters() -> tuple[int | None, float | None]:
     with open("/proc/uptime") as f:
         lived = float(f.read().split()[0]) * clk - started
     total, _ = blkio_ticks(ticks, ticks, lived)  # a garbage count is left out, as outside
-    return _read_bytes(os.getpid()), total / clk if ticks else None
+    group = own_pressure_group()
+    pressure = io_pressure(group) if group is not None else None
+    return _read_bytes(os.getpid()), total / clk if ticks else None, pressure
 
 
 def _read_bytes(pid: int) -> int | None:
@@ -239,6 +316,18 @@ def run_capped(
     notes: list[str] = []
     version, why = cgroup_version() if cap_bytes is not None else (None, "no cap asked")
     group = MemoryCgroup(version, cap_bytes) if version else None
+    pressure, why_no_pressure = None, None
+    if group is not None and group.version == "v2":
+        pressure = group  # the memory cgroup's own io.pressure
+    elif os.geteuid() == 0 and cgroup2_mount() is not None:
+        try:
+            pressure = PressureGroup(cgroup2_mount())
+        except OSError as e:
+            why_no_pressure = str(e)
+    else:
+        why_no_pressure = "no cgroup v2 hierarchy (or not root): no I/O pressure seconds"
+    if why_no_pressure:
+        notes.append(why_no_pressure)
     delayacct = enable_delay_accounting()
     if not delayacct:
         notes.append("delay accounting unavailable: no block-I/O stall seconds")
@@ -246,11 +335,11 @@ def run_capped(
 
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            procs = str(group.procs) if group else None
+            procs = [str(g.procs) for g in dict.fromkeys((group, pressure)) if g is not None]
 
             def join_cgroup() -> None:  # in the child, after fork, before exec
-                if procs:
-                    with open(procs, "w") as f:
+                for path in procs:
+                    with open(path, "w") as f:
                         f.write(str(os.getpid()))
 
             start = time.perf_counter()
@@ -272,6 +361,7 @@ def run_capped(
             # Exited, not reaped: /proc/PID/io holds the whole process's counts.
             _thread_delays(child.pid, delays, first)
             read_bytes = _read_bytes(child.pid)
+            stalled = io_pressure(pressure.path) if pressure is not None else None
             child.wait()
             wall = time.perf_counter() - start
             out.seek(0)
@@ -314,10 +404,13 @@ def run_capped(
             cap_reason=None if group else why,
             read_bytes=read_bytes,
             blkio_delay_s=ticks / clk if delayacct else None,
+            io_pressure_s=stalled,
             threads_seen=len(delays),
             delay_accounting=delayacct,
             notes=notes,
         )
     finally:
+        if pressure is not None and pressure is not group:
+            pressure.remove()
         if group is not None:
             group.remove()

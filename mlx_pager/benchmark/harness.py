@@ -130,6 +130,7 @@ def _arm(
     result["cap_reason"] = child.cap_reason
     result["read_bytes"] = child.read_bytes
     result["blkio_delay_s"] = child.blkio_delay_s
+    result["io_pressure_s"] = child.io_pressure_s
     result["delay_accounting"] = child.delay_accounting
     result["wall_s"] = child.wall_s
     result["notes"] = child.notes
@@ -141,6 +142,9 @@ def _arm(
         result["disk_bytes_per_token"] = result["decode_read_bytes"] / decoded
     if decoded and result.get("decode_blkio_s") is not None:
         result["blkio_stall_s_per_token"] = result["decode_blkio_s"] / decoded
+    for kind in ("full", "some"):  # PSI: wall-clock, whatever the number of threads
+        if decoded and result.get(f"decode_io_{kind}_s") is not None:
+            result[f"io_{kind}_s_per_token"] = result[f"decode_io_{kind}_s"] / decoded
     if arm != "baseline":  # a long run says where it is; stdout carries only the report
         done = "done" if result["exit"]["completed"] else "did not finish"
         print(f"{arm} {' '.join(argv[10:])}: {done} in {child.wall_s:.0f} s", file=sys.stderr)
@@ -419,7 +423,14 @@ def goals(runs: dict[str, dict]) -> list[dict]:
         ("disk bytes per decoded token vs llama.cpp under the cap", "<= 0.5",
          ratio(value(ours, "disk_bytes_per_token"), value(llama, "disk_bytes_per_token")),
          lambda x: x <= 0.5),
-        ("read stall per decoded token vs llama.cpp under the cap", "<= 0.33",
+        # The stall as the whole process felt it: wall-clock time in which every running
+        # thread waited on I/O (PSI full), the same whether an engine reads on 1 thread or 8
+        ("read stall per decoded token vs llama.cpp under the cap (PSI full)", "<= 0.33",
+         ratio(value(ours, "io_full_s_per_token"), value(llama, "io_full_s_per_token")),
+         lambda x: x <= 1 / 3),
+        # Delay accounting's sum over threads: 8 readers waiting on one layer count 8 times
+        ("read stall per decoded token vs llama.cpp under the cap (delay accounting, "
+         "summed over threads)", "<= 0.33",
          ratio(value(ours, "blkio_stall_s_per_token"), value(llama, "blkio_stall_s_per_token")),
          lambda x: x <= 1 / 3),
     ]  # fmt: skip

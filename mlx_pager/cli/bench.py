@@ -153,7 +153,8 @@ def peer_table(report: dict) -> str:
         f"{_num(cap and cap / 2**30, '.2f')} GiB ({report['cap_support']['why']}), "
         f"{report['max_tokens']} tokens x {len(report['prompts'])} prompts",
         f"{'run':<20} {'load s':>7} {'ttft s':>7} {'pre t/s':>8} {'dec t/s':>8} "
-        f"{'disk KB/tok':>11} {'stall ms/tok':>12} {'rss MB':>7} {'cgroup MB':>9} "
+        f"{'disk KB/tok':>11} {'stall ms/tok':>12} {'psi ms/tok':>10} {'rss MB':>7} "
+        f"{'cgroup MB':>9} "
         f"{'hit':>6} {'belady':>6} {'same':>5} exit  (hit: decode's)",
     ]
     same = report["ratios"]["tokens_equal_stock"]
@@ -163,11 +164,13 @@ def peer_table(report: dict) -> str:
                                            ex["signal"] or f"rc {ex['returncode']}")  # fmt: skip
         peak = (r.get("cap") or {}).get("peak_bytes")
         stall = r.get("blkio_stall_s_per_token")
+        full = r.get("io_full_s_per_token")
         disk = r.get("disk_bytes_per_token")
         lines.append(
             f"{name:<20} {_num(r.get('load_s'), '7.2f')} {_num(r.get('ttft_s'), '7.3f')} "
             f"{_num(r.get('prefill_tps'), '8.1f')} {_num(r.get('decode_tps'), '8.1f')} "
             f"{_num(disk and disk / 1e3, '11.1f'):>11} {_num(stall and stall * 1e3, '12.2f'):>12} "
+            f"{_num(full and full * 1e3, '10.2f'):>10} "
             f"{_num(r.get('peak_rss_bytes', 0) / 1e6, '7.0f')} "
             f"{_num(peak and peak / 1e6, '9.0f'):>9} {_num(r.get('decode_hit_rate'), '6.1%')} "
             f"{_num(r.get('belady_decode_hit_rate'), '6.1%')} {str(same.get(name, '-')):>5} {how}"
@@ -187,7 +190,8 @@ def peer_table(report: dict) -> str:
     if waits:
         lines.append(
             "decode's wall time waiting on expert reads, ms/token (the engine's clock; the "
-            f"kernel's stall column sums every thread's, parallel readers each): {', '.join(waits)}"
+            "kernel's stall column sums every thread's, parallel readers each; psi: wall time "
+            f"with every running thread of the process stalled on I/O): {', '.join(waits)}"
         )
     kept = ", ".join(f"{k} {_num(v, '.2f')}" for k, v in report["ratios"]["speed_kept"].items())
     lines.append(f"speed kept under the cap (capped / fully resident decode): {kept}")
