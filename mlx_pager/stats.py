@@ -55,6 +55,8 @@ class Stats:
     prefetch_used: int = 0  # ... that the next layer then needed
     prefetch_recall: float = 0.0  # share of routed experts the guesses contained
     prefetch_precision: float = 0.0  # share of guesses that were routed
+    # decode measured faster with guesses (True), without (False: paused), None: measuring
+    prefetch_pays: bool | None = None
     read_ahead_issued: int = 0  # prefill: the next layer's likely experts read into slots
     read_ahead_used: int = 0  # ... that a layer then asked for
     prompt_tokens: int = 0  # fed through the model this reply

@@ -94,3 +94,17 @@ def test_stats_panel_says_which_lossy_modes_are_on():
     assert str(routing_text(lossy)) == "margin 0.2 · 41 rerouted"
     assert str(cold_text(lossy)) == "3bit · 12 served"
     assert lossy.lossy == ["cache-aware routing, margin 0.2", "cold experts at 3bit"]
+
+
+def test_stats_panel_says_whether_prefetch_pays():
+    from mlx_pager_app.widgets.stats_panel import prefetch_text
+
+    from mlx_pager.stats import Stats
+
+    assert str(prefetch_text(Stats(), on=False)) == "off"
+    measuring = Stats(prefetch_issued=10, prefetch_precision=0.75)
+    assert str(prefetch_text(measuring, on=True)) == "75.0% accurate · measuring"
+    faster = Stats(prefetch_issued=10, prefetch_precision=0.75, prefetch_pays=True)
+    assert str(prefetch_text(faster, on=True)) == "75.0% accurate"
+    slower = Stats(prefetch_issued=10, prefetch_pays=False)
+    assert str(prefetch_text(slower, on=True)) == "paused: decodes faster without"

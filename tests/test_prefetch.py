@@ -118,6 +118,7 @@ def test_prediction_counts_are_per_run(tmp_path):
     results = []
     for prompts in (["A first prompt about disks.", "Then another one."], ["Then another one."]):
         paged = open_paged(path, 6, prefetch=True)
+        paged.cache.prefetcher.gate.always = True  # the gate's own state spans runs
         engine = Engine(paged, "m", 256)
         try:
             for prompt in prompts:
@@ -186,3 +187,58 @@ def test_demand_reads_do_not_wait_for_a_read_ahead(tmp_path):
     finally:
         release.set()
         paged.close()
+
+
+def _decode(gate, tokens: int, guessing_s: float, plain_s: float, start: float = 0.0):
+    """Feed the gate ``tokens`` decode passes, each as long as its way takes; the ways used."""
+    now, ways = start, []
+    for _ in range(tokens):
+        ways.append(gate.on)
+        now += guessing_s if gate.on else plain_s
+        gate.passed(now, decode=True)
+    return ways, now
+
+
+def test_the_gate_guesses_only_where_guessing_decodes_faster():
+    """Both ways tried in turn, then the faster one kept, the other probed one window in
+    PROBE: a change of machine or text turns it round."""
+    from mlx_pager.paging.prefetch import PrefetchGate
+
+    gate, window = PrefetchGate(), PrefetchGate.WINDOW
+    # the first pass starts the clock: a window is WINDOW tokens after it
+    trials, now = _decode(gate, 2 * PrefetchGate.TRIALS * window + 1, 0.02, 0.01)
+    assert sum(trials) == PrefetchGate.TRIALS * window + 1  # half and half while trying
+    assert gate.decided is False
+    ways, now = _decode(gate, 32 * window, 0.02, 0.01, now)
+    assert 0 < sum(ways) <= 32 * window / PrefetchGate.PROBE + window  # probes only
+    ways, now = _decode(gate, 48 * window, 0.005, 0.01, now)  # now guessing pays
+    assert gate.decided is True
+    assert sum(ways[-16 * window :]) >= 16 * window * (1 - 1 / PrefetchGate.PROBE) - window
+
+
+def test_the_gate_times_decode_tokens_only():
+    """A prompt's pass (and the user's pause before it) is no decode token's time."""
+    from mlx_pager.paging.prefetch import PrefetchGate
+
+    gate = PrefetchGate()
+    _, now = _decode(gate, 5, 0.01, 0.01)
+    gate.passed(now + 100.0, decode=False)  # the next reply's prefill
+    _decode(gate, 40, 0.01, 0.01, now + 101.0)
+    assert all(t < 1.0 for way in gate.windows.values() for t in way)
+
+
+def test_a_gate_that_measured_guessing_slower_stops_its_work(tmp_path):
+    """Gated off, no guess is computed, read or scored, and the tokens are the same."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16, num_hidden_layers=4)
+    replies = []
+    for on in (True, False):
+        paged = open_paged(path, 6, prefetch=True)
+        prefetcher = paged.cache.prefetcher
+        prefetcher.gate.always, prefetcher.gate.on = True, on  # held in one way
+        engine = Engine(paged, "m", 256)
+        try:
+            replies.append(list(engine.generate("Experts are paged.", 12, chat_template=False)))
+        finally:
+            engine.close()
+        assert (prefetcher.issued > 0 and prefetcher.predicted > 0) is on
+    assert replies[0] == replies[1]

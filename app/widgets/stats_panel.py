@@ -58,6 +58,17 @@ def cold_text(stats: Stats) -> Text:
     return text
 
 
+def prefetch_text(stats: Stats, on: bool) -> Text:
+    """The guesses' accuracy, or why there are none: off, or paused where the engine
+    measured decode faster without them."""
+    if not on:
+        return Text("off", style="dim")
+    if stats.prefetch_pays is False:
+        return Text("paused: decodes faster without", style="dim")
+    accuracy = percent(stats.prefetch_precision) if stats.prefetch_issued else "—"
+    return Text(f"{accuracy} accurate" + (" · measuring" if stats.prefetch_pays is None else ""))
+
+
 def _section(title: str, right: str = "", colour: str = "#FFBE98") -> Table:
     table = Table.grid(expand=True)
     table.add_column(no_wrap=True)
@@ -102,13 +113,12 @@ def panel_renderable(state: PanelState, width: int, colour: str = "#FFBE98") -> 
     decode = s.decode_hits + s.decode_misses
     decode_hit = percent(s.decode_hits / decode) if decode else "—"
     preload, _, why = state.preload.partition(":")
-    prefetch = percent(s.prefetch_precision) if s.prefetch_issued else "—"
     cache = _rows([
         ("hit rate", hit),
         ("hit rate, decode", decode_hit),
         ("disk / token", megabytes(s.bytes_per_token) if lookups else "—"),
         ("read from disk", size(s.bytes_read) if lookups else "—"),
-        ("prefetch accuracy", prefetch if state.prefetch_on else "off"),
+        ("prefetch", prefetch_text(s, state.prefetch_on)),
         ("detected task", s.task or "—"),
         ("task preload", Text(preload.strip() or "off", style="" if preload == "on" else "dim")),
         ("routing", routing_text(s)),

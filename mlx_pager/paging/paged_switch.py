@@ -167,10 +167,11 @@ class PagedSwitch(nn.Module):
         start = time.thread_time()
         cache, run, cold, prefetcher = self.cache, self.run, self.cold, self.cache.prefetcher
         decode = run.phase == "decode"
+        guessing = prefetcher is not None and prefetcher.gate.on  # where it measures faster
         # One host sync for this layer's choices, the next layer's guess and the weights:
         # the pager must know the experts before it computes them.
         wanted = {"indices": indices}
-        if prefetcher is not None and self.next_router is not None:
+        if guessing and self.next_router is not None:
             wanted["guess"] = router_scores(self.next_router, x).astype(mx.float32)
         if cold is not None and self.router is not None:
             wanted["probs"] = mx.softmax(router_scores(self.router, x).astype(mx.float32), -1)
@@ -256,7 +257,9 @@ class PagedSwitch(nn.Module):
             if cold is not None:
                 cold.next_tokens(n)
             run.passed(n)
-        if prefetcher is not None:
+            if prefetcher is not None:
+                prefetcher.gate.passed(time.perf_counter(), decode)
+        if prefetcher is not None and (guessing or prefetcher.pending):
             prefetcher.finish(self.layer, routed)
             if guess is not None:  # read while this layer computes
                 prefetcher.issue(self.layer + 1, guess, cache.resident)

@@ -9,11 +9,20 @@ demanded expert whose speculative read has not started is cancelled and read on 
 and one already under way is collected only after the demand reads are done. No kernel
 readahead hint (``WILLNEED``) is given: it would start every guess at once, competing
 with demand reads, uncounted, and leave the pages of dropped guesses in the page cache.
+
+Whether guessing pays depends on the machine: where compute leaves the CPU and the disk
+idle (a Mac's GPU computes), reads hide behind it; on a 2-core CPU that computes too, the
+guesses' host work and reads compete with the computation (measured here: 70 -> 56 tok/s
+at 25% of the embedded model's experts). So decoding measures it (``PrefetchGate``): runs
+of tokens with guesses and without alternate, and guessing goes on only while the tokens
+with it are the faster ones.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -24,8 +33,60 @@ from ..storage.readers import Reader
 Key = tuple[int, int]
 
 
+class PrefetchGate:
+    """Guess or not, decided by decode speed measured both ways, side by side in time.
+
+    Decode tokens come in windows of ``WINDOW``; until each way has ``TRIALS`` windows they
+    alternate, then the way whose median window (of its token times' medians) is faster
+    runs, and every ``PROBE``-th window tries the other, so a change in the machine's load
+    or the text is seen. Medians, because a token now and then waits on something else."""
+
+    WINDOW = 8  # decode tokens a window
+    TRIALS = 3  # windows of each way before deciding
+    PROBE = 8  # once decided, one window in this many tries the other way
+    KEEP = 3  # windows remembered per way: two probes turn a decision round
+
+    def __init__(self, always: bool = False) -> None:
+        self.always = always  # guess on every token, unmeasured (tests, benchmarks)
+        self.on = True  # guessing in this window
+        self.windows: dict[bool, deque[float]] = {w: deque(maxlen=self.KEEP) for w in (True, False)}
+        self._times: list[float] = []
+        self._count = 0  # windows so far
+        self._last: float | None = None
+
+    @property
+    def decided(self) -> bool | None:
+        """The faster way so far (True: guessing), None while still trying both."""
+        if min(len(w) for w in self.windows.values()) < self.TRIALS:
+            return None
+        return statistics.median(self.windows[True]) < statistics.median(self.windows[False])
+
+    def passed(self, now: float, decode: bool) -> None:
+        """A forward pass ended at ``now`` (perf_counter); decode passes are timed from the
+        one before, any other pass (a prompt's) breaks the chain."""
+        if self.always:
+            return
+        if not decode:
+            self._last = None
+            return
+        if self._last is not None:
+            self._times.append(now - self._last)
+        self._last = now
+        if len(self._times) < self.WINDOW:
+            return
+        self.windows[self.on].append(statistics.median(self._times))
+        self._times.clear()
+        self._count += 1
+        best = self.decided
+        if best is None:
+            self.on = not self.on
+        else:
+            self.on = (not best) if self._count % self.PROBE == 0 else best
+
+
 class Prefetcher:
     def __init__(self, expert_map: ExpertMap, reader: Reader, max_bytes: int, width: int):
+        self.gate = PrefetchGate()
         self.map = expert_map
         self.reader = reader
         self.max_bytes = max_bytes  # speculative buffers in flight

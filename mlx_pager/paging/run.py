@@ -121,3 +121,4 @@ class PagingRun:
                 self.stats.prefetch_used = p.used
                 self.stats.prefetch_recall = p.recall
                 self.stats.prefetch_precision = p.precision
+                self.stats.prefetch_pays = p.gate.decided
