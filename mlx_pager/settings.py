@@ -99,7 +99,7 @@ class Settings:
     budget: str = "auto"  # bytes as text ("6GB") or "auto": 60% of total memory
     context_length: int = 4096
     policy: str = DEFAULT_POLICY
-    prefetch: bool = False
+    prefetch: bool = True  # the engine measures it and guesses only where that is faster
     cold_precision: str = "full"
     route_margin: float = 0.0  # cache-aware routing (lossy): 0 is exact, up to 1
     read_path: str = "auto"

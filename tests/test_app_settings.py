@@ -78,11 +78,11 @@ async def test_context_length_and_policy_options(make_app, settings_file):
         await wait_for(pilot, lambda: screen._plan is not None and screen._plan.kv_bytes != kv)
         assert screen._plan.kv_bytes == 2 * kv
         screen.query_one("#read_path").value = "mmap"
-        screen.query_one("#prefetch").value = True
+        screen.query_one("#prefetch").value = False  # on by default
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
         saved = load_settings(settings_file)
-        assert (saved.context_length, saved.read_path, saved.prefetch) == (512, "mmap", True)
+        assert (saved.context_length, saved.read_path, saved.prefetch) == (512, "mmap", False)
         await wait_ready(pilot)
         assert app.engine.context_length == 512
 

@@ -103,7 +103,8 @@ def test_stats_panel_says_whether_prefetch_pays():
 
     assert str(prefetch_text(Stats(), on=False)) == "off"
     measuring = Stats(prefetch_issued=10, prefetch_precision=0.75)
-    assert str(prefetch_text(measuring, on=True)) == "75.0% accurate · measuring"
+    assert str(prefetch_text(measuring, on=True)) == "measuring · 75.0% accurate"
+    assert str(prefetch_text(Stats(), on=True)) == "measuring"
     faster = Stats(prefetch_issued=10, prefetch_precision=0.75, prefetch_pays=True)
     assert str(prefetch_text(faster, on=True)) == "75.0% accurate"
     slower = Stats(prefetch_issued=10, prefetch_pays=False)

@@ -117,7 +117,7 @@ class SettingsScreen(Screen):
                 with Horizontal(classes="field-row"):
                     yield Label("Prefetch")
                     yield Switch(s.prefetch, id="prefetch")
-                    yield Label("next layer's experts", classes="hint")
+                    yield Label("next layer's experts, where measured faster", classes="hint")
                 with Horizontal(classes="field-row"):
                     yield Label("Task preload")
                     yield Switch(s.task_preload, id="task_preload")

@@ -65,8 +65,10 @@ def prefetch_text(stats: Stats, on: bool) -> Text:
         return Text("off", style="dim")
     if stats.prefetch_pays is False:
         return Text("paused: decodes faster without", style="dim")
-    accuracy = percent(stats.prefetch_precision) if stats.prefetch_issued else "—"
-    return Text(f"{accuracy} accurate" + (" · measuring" if stats.prefetch_pays is None else ""))
+    accuracy = f"{percent(stats.prefetch_precision)} accurate" if stats.prefetch_issued else ""
+    if stats.prefetch_pays is None:  # decode windows with guesses and without, still running
+        return Text(" · ".join(filter(None, ["measuring", accuracy])))
+    return Text(accuracy or "no guesses yet")
 
 
 def _section(title: str, right: str = "", colour: str = "#FFBE98") -> Table:
