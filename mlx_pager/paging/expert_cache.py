@@ -318,11 +318,11 @@ class ExpertCache:
 
     def _record(self) -> None:
         """The policy learns the last fetch's requests; ``on_fetch`` counts it."""
+        self.reader.forget()  # the last reads' cached pages, once the computation is under way
         if self._unrecorded is None:
             return
         layer, experts, requests, misses, waited = self._unrecorded
         self._unrecorded = None
-        self.reader.forget()  # the misses' cached pages, once the computation is under way
         self._queued.append((layer, experts, requests))
         if len(self._queued) > QUEUE_LIMIT:
             self._tell()
@@ -436,6 +436,8 @@ class ExpertCache:
                 for key in group:
                     self.policy.admit(key)
             loaded += len(group)
+        with self.lock:
+            self.reader.forget()
         return loaded
 
     def clear(self) -> None:
