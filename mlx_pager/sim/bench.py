@@ -313,7 +313,7 @@ def bench_layer_reads(
     return out
 
 
-def fio_random_read(path: Path, block: int, depth: int, direct: bool, limit: int = 64 << 20):
+def fio_random_read(path: Path, block: int, depth: int, direct: bool, limit: int = 256 << 20):
     """Bytes/s of ``fio`` reading ``block``-byte pieces (whole 4 KiB blocks) of ``path`` at
     random offsets, each at most once, ``depth`` reads in flight (io_uring), cold (its
     pages dropped first), buffered or O_DIRECT, over at most ``limit`` bytes: what the disk
