@@ -6,6 +6,7 @@ import json
 import shutil
 
 from mlx_pager.cli import main
+from mlx_pager.cli.bench import print_report
 from mlx_pager.sim.synthetic import make_checkpoint
 
 
@@ -57,6 +58,11 @@ def test_bench_reports_every_section(tmp_path, capsys):
     assert 0 <= prefill["ahead_stall_share"] <= 1 and 0 < prefill["ahead_used_share"] <= 1
     assert set(report["policies"]) >= {"lru", "lfu", "predict"}
     assert all(0 <= hit <= 1 for hit in report["policies"].values())
+    assert report["prefetch"]["prefetch_pays"] in (None, True, False)  # the gate's verdict
+    print_report(report)  # the text the command prints without --json, from the same report
+    text = capsys.readouterr().out
+    assert "prefetch at 25% of experts (without -> with; gate: " in text
+    assert "a layer's misses (2 experts) read through the cache" in text
 
 
 def test_ban_tokens_makes_end_of_text_impossible():

@@ -13,9 +13,9 @@ Delay accounting sums threads: eight reader threads waiting on one layer's misse
 eight times the wait. The child therefore also runs in a cgroup v2 group of its own (the
 memory cgroup on a v2 machine; beside it, in the v2 hierarchy a hybrid machine also
 mounts, on v1) whose ``io.pressure`` (PSI) says how long, in wall-clock time, at least one
-of its threads (``some``) and all of its running threads at once (``full``) were stalled
-on I/O. ``full`` is the time the process could do nothing but wait for the disk, the same
-measure whether an engine reads on one thread or eight.
+of its threads (``some``) and every one of its threads that was not idle, at once
+(``full``), were stalled on I/O. ``full`` is the time the process could do nothing but
+wait for the disk, the same measure whether an engine reads on one thread or eight.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class PressureGroup:
 
 def io_pressure(group: Path) -> dict[str, float] | None:
     """Seconds the group's tasks were stalled on I/O (PSI totals): ``some`` (at least one
-    task) and ``full`` (every runnable task at once); None where the kernel does not say."""
+    task) and ``full`` (every task not idle, at once); None where the kernel does not say."""
     try:
         lines = (group / "io.pressure").read_text().splitlines()
     except OSError:

@@ -339,6 +339,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    print_report(report)
+    return 0
+
+
+def print_report(report: dict) -> None:
+    """The bench's sections as text, from the report ``--json`` prints."""
+    stock, resident, paged, prefetch = (
+        report[k] for k in ("stock", "resident", "paged", "prefetch")
+    )
+    chat, policies, reads = report["chat"], report["policies"], report["reads"]
+    layer_reads, prefill, default = (
+        report["layer_reads"],
+        report["prefill"],
+        report["faster_read_path"],
+    )
+    shares = [p["fraction"] for p in paged]
     print(f"stock mlx-lm, fully resident: {stock['decode_tps']:.1f} decode tok/s")
     print(
         f"{'experts held':>12} {'slots':>6} {'decode tok/s':>13} {'x stock':>8} "
@@ -361,7 +377,12 @@ def run(args: argparse.Namespace) -> int:
         "starts (the rest runs beside it)"
     )
     base = next(p for p in paged if p["fraction"] == prefetch["fraction"])
-    print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with):")
+    verdict = {
+        None: "still measuring",
+        True: "guessing measured faster",
+        False: "measured faster without guesses, paused",
+    }[prefetch["prefetch_pays"]]
+    print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with; gate: {verdict}):")
     for key, label, scale in (
         ("decode_tps", "decode tok/s", 1),
         ("read_seconds", "seconds stalled on reads", 1),
@@ -419,4 +440,3 @@ def run(args: argparse.Namespace) -> int:
         f"{prefill['plain_stall_share']:.1%} -> {prefill['ahead_stall_share']:.1%} of it; "
         f"{prefill['ahead_used_share']:.0%} of the read-aheads used"
     )
-    return 0

@@ -127,6 +127,7 @@ def bench_paged(
             "prefetch_precision": s.prefetch_precision,
             "prefetch_used": s.prefetch_used,
             "prefetch_issued": s.prefetch_issued,
+            "prefetch_pays": s.prefetch_pays,  # the gate's verdict: guessing measured faster
         }
     finally:
         engine.close()
