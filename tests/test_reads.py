@@ -258,3 +258,31 @@ def test_pages_dropped_once_the_computation_is_under_way(tmp_path, monkeypatch):
         assert sorted(set(dropped)) == [i * size for i in range(12)]
     finally:
         reader.close()
+
+
+def test_read_seconds_leave_out_the_wait_for_computations(snapshot):
+    """A miss waits for MLX's queued work before it writes slots (a speculated step among
+    it): that wait is computing, not reading, and the read clock leaves it out."""
+    import time
+
+    import mlx.core as mx
+
+    paged = load_paged(snapshot, budget_for_slots(snapshot, 3), 256)
+    cache, waits = paged.cache, []
+    cache.on_fetch = lambda hits, misses, waited: waits.append(waited)
+    try:
+        assert cache.views is not None, "this machine's MLX buffers are host-writable"
+        cache.fetch(0, np.array([0, 1, 2]))
+        a = mx.random.normal((512, 512))
+        mx.eval(a)
+        busy = a
+        for _ in range(24):  # queued, not waited for: some hundreds of ms of computing
+            busy = busy @ a / 23.0
+        mx.async_eval(busy)
+        start = time.perf_counter()
+        cache.fetch(0, np.array([3]))  # a miss: waits for the queue, then reads
+        wall = time.perf_counter() - start
+    finally:
+        paged.close()
+    assert wall > 0.1, "the queued computation was too short to tell"
+    assert waits[-1] < 0.5 * wall, (waits[-1], wall)

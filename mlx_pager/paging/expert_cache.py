@@ -194,6 +194,7 @@ class ExpertCache:
         self._unrecorded: tuple | None = None
         # A computation that reads slots and may not have run yet (``hold``)
         self._pending: mx.array | None = None
+        self._computing = 0.0  # this fetch's wait for MLX before writing slots, not reading
 
     @property
     def policy(self) -> Policy:
@@ -311,10 +312,11 @@ class ExpertCache:
             self.reader.start([pc for k in misses for pc in self.map.expert_pieces(*k).values()])
             waited = time.perf_counter() - start
             slots = [self._claim(pinned) for _ in misses]  # not reading: not counted
-            start = time.perf_counter()
+            start, self._computing = time.perf_counter(), 0.0
             self._load(misses, slots)  # demand reads first, on the reader's own threads
             self._collect(coming, pinned)
-            waited += time.perf_counter() - start
+            # not counted either: waiting for MLX to finish computations that read slots
+            waited += time.perf_counter() - start - self._computing
             self.ahead_used += len(coming)
         return table, missing.size + already_read, waited
 
@@ -574,8 +576,11 @@ class ExpertCache:
             if widen[j] is not None:
                 widen_into(widen[j], buf, pieces[j])
 
-        # Nothing still queued may read a slot about to be overwritten.
+        # Nothing still queued may read a slot about to be overwritten (a decode step's
+        # speculated computation, thrown away on this miss, among them).
+        before = time.perf_counter()
         mx.synchronize()
+        self._computing += time.perf_counter() - before
         self.reader.read(pieces, outs, arrived)
         for key, slot in group:
             self._mark(key, slot)
