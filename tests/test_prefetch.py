@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 from checkpoints import open_paged
 
 from mlx_pager.engine import Engine
@@ -229,10 +230,12 @@ def test_the_gate_times_decode_tokens_only():
     from mlx_pager.paging.prefetch import PrefetchGate
 
     gate = PrefetchGate()
-    _, now = _decode(gate, 5, 0.01, 0.01)
-    gate.passed(now + 100.0, decode=False)  # the next reply's prefill
-    _decode(gate, 40, 0.01, 0.01, now + 101.0)
-    assert all(t < 1.0 for way in gate.windows.values() for t in way)
+    _, now = _decode(gate, 5, 0.01, 0.01)  # 4 token times
+    gate.passed(now + 100.0, decode=False)  # the next reply's prefill, after a pause
+    _, now = _decode(gate, 4, 0.01, 0.01, now + 101.0)  # 3 more: the gap is not one
+    assert not any(gate.windows.values())  # 7 of the window's 8 token times
+    _decode(gate, 1, 0.01, 0.01, now)
+    assert list(gate.windows[False]) == [pytest.approx(0.01)]
 
 
 def test_a_gate_that_measured_guessing_slower_stops_its_work(tmp_path):

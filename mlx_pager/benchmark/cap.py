@@ -316,12 +316,12 @@ def run_capped(
     notes: list[str] = []
     version, why = cgroup_version() if cap_bytes is not None else (None, "no cap asked")
     group = MemoryCgroup(version, cap_bytes) if version else None
-    pressure, why_no_pressure = None, None
+    pressure, why_no_pressure, v2 = None, None, cgroup2_mount()
     if group is not None and group.version == "v2":
         pressure = group  # the memory cgroup's own io.pressure
-    elif os.geteuid() == 0 and cgroup2_mount() is not None:
+    elif os.geteuid() == 0 and v2 is not None:
         try:
-            pressure = PressureGroup(cgroup2_mount())
+            pressure = PressureGroup(v2)
         except OSError as e:
             why_no_pressure = str(e)
     else:

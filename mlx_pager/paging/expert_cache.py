@@ -485,8 +485,7 @@ class ExpertCache:
         self.policy.remove(victim)
         self.fresh.discard(victim)
         slot = self.slot_of.pop(victim)
-        self.slot_table[victim] = -1
-        self._device_rows.pop(victim[0], None)
+        self._set_slot(victim, -1)
         self.key_in[slot] = None
         return slot
 
@@ -499,8 +498,7 @@ class ExpertCache:
             for key, slot in zip(keys, slots, strict=True):
                 if self.key_in[slot] == key:
                     del self.slot_of[key]
-                    self.slot_table[key] = -1
-                    self._device_rows.pop(key[0], None)
+                    self._set_slot(key, -1)
                 self.key_in[slot] = None
                 self.free.append(slot)
             raise
@@ -601,9 +599,14 @@ class ExpertCache:
 
     def _mark(self, key: tuple[int, int], slot: int) -> None:
         self.slot_of[key] = slot
+        self._set_slot(key, slot)
+        self.key_in[slot] = key
+
+    def _set_slot(self, key: tuple[int, int], slot: int) -> None:
+        """The one place a key's slot (-1: none) is written: MLX's copy of the layer's row
+        (``device_slots``) is dropped with it."""
         self.slot_table[key] = slot
         self._device_rows.pop(key[0], None)
-        self.key_in[slot] = key
 
     def close(self) -> None:
         """Stop the prefetcher and the read-aheads, close the files (the model's reader)."""

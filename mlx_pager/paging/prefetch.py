@@ -52,7 +52,7 @@ class PrefetchGate:
     MARGIN = 0.03  # guessing must be this much faster: noise does not turn it on
 
     def __init__(self, always: bool = False) -> None:
-        self.always = always  # guess on every token, unmeasured (tests, benchmarks)
+        self.always = always  # hold ``on`` as set, unmeasured (tests of the guesses)
         self.on = False  # guessing in this window: trials start without (a short run costs nothing)
         self.windows: dict[bool, deque[float]] = {w: deque(maxlen=self.KEEP) for w in (True, False)}
         self._times: list[float] = []
