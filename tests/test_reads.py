@@ -286,3 +286,116 @@ def test_read_seconds_leave_out_the_wait_for_computations(snapshot):
         paged.close()
     assert wall > 0.1, "the queued computation was too short to tell"
     assert waits[-1] < 0.5 * wall, (waits[-1], wall)
+
+
+def test_a_small_group_is_read_in_compiled_code(tmp_path):
+    """``read_rows`` writes each piece into its slot row, bf16 widened into float32 exactly
+    as the Python lanes do, and refuses a group larger than one lane (then ``read``)."""
+    from mlx_pager.storage.expert_map import Piece
+    from mlx_pager.storage.readers import LANE_BYTES, READERS
+    from mlx_pager.storage.slot_reads import widen_bf16
+
+    path = tmp_path / "blob"
+    data = np.random.default_rng(2).integers(0, 256, 1 << 20, np.uint8)
+    path.write_bytes(data)
+    rows = (np.zeros((3, 8192), np.uint8), np.zeros((3, 4096), np.uint8))
+    reader = READERS["pread"]([path])
+    try:
+        pieces = [Piece(path, 4100, 4096, "BF16", (2048,)), Piece(path, 9000, 4096, "U8", (4096,))]
+        done = reader.read_rows(
+            pieces, rows, np.array([0, 1]), np.array([2, 1]), np.array([1, 0], bool)
+        )
+        assert done and reader.bytes_read == 8192
+        expected = np.zeros(8192, np.uint8)
+        widen_bf16(data[4100:8196], expected)
+        assert np.array_equal(rows[0][2], expected)
+        assert np.array_equal(rows[1][1], data[9000:13096])
+        assert not rows[0][[0, 1]].any() and not rows[1][[0, 2]].any()  # nothing else written
+        large = [Piece(path, 0, LANE_BYTES, "U8", (LANE_BYTES,)), pieces[1]]
+        assert not reader.read_rows(
+            large, rows, np.array([1, 1]), np.array([0, 0]), np.zeros(2, bool)
+        )
+        assert reader.bytes_read == 8192
+    finally:
+        reader.close()
+
+
+def test_compiled_reads_say_why_they_failed_and_never_overrun_a_slot(tmp_path):
+    """A piece past the file's end fails with the Python path's message (the pieces
+    before it are in their rows); a piece larger than its row is never written by the
+    compiled code, which checks no bounds itself."""
+    from mlx_pager.storage.expert_map import Piece
+    from mlx_pager.storage.readers import READERS, ExpertReadError
+    from mlx_pager.storage.slot_reads import read_rows
+
+    path = tmp_path / "blob"
+    data = np.random.default_rng(3).integers(0, 256, 64 * 1024, np.uint8)
+    path.write_bytes(data)
+    rows = (np.zeros((2, 4096), np.uint8),)
+    reader = READERS["pread"]([path])
+    try:
+        pieces = [Piece(path, 0, 4096, "U8", (4096,)), Piece(path, 63 * 1024, 4096, "U8", (4096,))]
+        with pytest.raises(ExpertReadError, match="ends at byte"):
+            reader.read_rows(
+                pieces, rows, np.zeros(2, np.int64), np.array([0, 1]), np.zeros(2, bool)
+            )
+        assert np.array_equal(rows[0][0], data[:4096])
+        fd = reader.fds[path]
+        guarded = np.zeros(3 * 4096, np.uint8)  # a row with a guard band after it
+        row = (guarded[:4096].reshape(1, 4096),)
+        one = np.zeros(1, np.int64)
+        assert (
+            read_rows(
+                row,
+                np.array([fd], np.int32),
+                one,
+                np.array([8192]),
+                one,
+                one,
+                one.astype(bool),
+                guarded[:0],
+            )
+            == 0
+        )
+        wide = np.array([True])
+        assert (
+            read_rows(
+                row,
+                np.array([fd], np.int32),
+                one,
+                np.array([4096]),
+                one,
+                one,
+                wide,
+                guarded[:4096].copy(),
+            )
+            == 0
+        )
+        assert not guarded.any()
+    finally:
+        reader.close()
+
+
+def test_decode_misses_go_through_the_compiled_reader(snapshot, monkeypatch):
+    """The cache sends a decode step's misses to ``read_rows``, and what lands in the
+    slots is what the Python lanes write."""
+    paged = load_paged(snapshot, budget_for_slots(snapshot, 4), 256)
+    other = load_paged(snapshot, budget_for_slots(snapshot, 4), 256)
+    try:
+        cache, python = paged.cache, other.cache
+        python._rows = None
+        calls = []
+        read_rows = cache.reader.read_rows
+        monkeypatch.setattr(
+            cache.reader, "read_rows", lambda *a: calls.append(len(a[0])) or read_rows(*a)
+        )
+        for layer, experts in ((0, [1, 2]), (1, [3, 0]), (0, [5, 1]), (0, [6, 7])):
+            a, b = cache.fetch(layer, np.array(experts)), python.fetch(layer, np.array(experts))
+            for param, view in cache.views.items():
+                for e in experts:
+                    assert np.array_equal(view[a[e]], python.views[param][b[e]]), (param, e)
+        per_expert = len(cache.map.params)
+        assert calls == [2 * per_expert, 2 * per_expert, per_expert, 2 * per_expert]  # 1 hit
+    finally:
+        paged.close()
+        other.close()

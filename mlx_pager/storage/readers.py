@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .expert_map import Piece
+from .slot_reads import read_rows, widen_bf16
 
 PAGE = mmap.PAGESIZE
 MMAP_CHUNK = 256 * 1024  # mmap path: pages mapped into the process at once, per thread
@@ -120,6 +121,7 @@ class Reader:
     """Common part: one descriptor per file, a small thread pool, a byte counter."""
 
     name = "base"
+    reads_rows = False  # ``read_rows`` reads small groups in compiled code
 
     def __init__(self, files: list[Path], threads: int = 4, drop_cache: bool = True):
         if threads < 1:
@@ -262,6 +264,21 @@ class Reader:
         self.count(sum(p.nbytes for p in pieces))
         return result
 
+    def read_rows(
+        self,
+        pieces: list[Piece],
+        rows: tuple[np.ndarray, ...],
+        row_index: np.ndarray,
+        slot_index: np.ndarray,
+        widen: np.ndarray,
+    ) -> bool:
+        """Read a group small enough for one lane straight into slot rows, in compiled
+        code (``slot_reads.read_rows``: piece ``j`` into ``rows[row_index[j]][slot_index[j]]``,
+        bf16 widened into float32 where ``widen[j]``), with ``read``'s bookkeeping. Returns
+        False, having done nothing, where this reader or this group does not (then
+        ``read``)."""
+        return False
+
     def forget(self) -> None:
         """Drop the cached pages of the pieces ``read`` left cached (``drop_cache``)."""
         pieces, self._unforgotten = self._unforgotten, []
@@ -306,6 +323,7 @@ class PreadReader(Reader):
     """``pread`` into a fresh buffer: one syscall per piece, no page faults."""
 
     name = "pread"
+    reads_rows = True
 
     def announce(self, pieces: list[Piece]) -> None:
         """``POSIX_FADV_WILLNEED`` on each piece: the kernel starts reading them all. Measured
@@ -345,6 +363,42 @@ class PreadReader(Reader):
         if self.drop_cache and drop:
             drop_page_cache(fd, piece.offset, piece.nbytes)
         return buf
+
+    def read_rows(
+        self,
+        pieces: list[Piece],
+        rows: tuple[np.ndarray, ...],
+        row_index: np.ndarray,
+        slot_index: np.ndarray,
+        widen: np.ndarray,
+    ) -> bool:
+        total = sum(p.nbytes for p in pieces)
+        if not pieces or total > LANE_BYTES:  # a large group: ``read``'s parallel lanes
+            return False
+        self.forget()  # a previous group's, if its reader's owner did not
+        fresh = [p for p in pieces if p not in self._started]
+        if fresh:
+            self.announce(fresh)
+        n = len(pieces)
+        fds = np.fromiter((self.fds[p.path] for p in pieces), np.int32, n)
+        offsets = np.fromiter((p.offset for p in pieces), np.int64, n)
+        sizes = np.fromiter((p.nbytes for p in pieces), np.int64, n)
+        scratch = np.empty(int(sizes[widen].max()) if widen.any() else 0, np.uint8)
+        try:
+            failed = read_rows(rows, fds, offsets, sizes, row_index, slot_index, widen, scratch)
+            # From a failed piece on, Python's reads: they retry an interrupted call, and a
+            # real failure raises the error that says which file and what to do.
+            for j in range(failed, n) if failed >= 0 else ():
+                row = rows[row_index[j]][slot_index[j]]
+                buf = self.read_piece(pieces[j], None if widen[j] else row, drop=False)
+                if widen[j]:
+                    widen_bf16(buf, row)
+        finally:
+            self._started.clear()
+            if self.drop_cache:
+                self._unforgotten.extend(pieces)
+        self.count(total)
+        return True
 
 
 class MmapReader(Reader):
