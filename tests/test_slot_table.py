@@ -9,23 +9,19 @@ from checkpoints import open_paged
 from mlx_pager.sim.synthetic import make_checkpoint
 
 
-@pytest.mark.parametrize("way", ["compiled", "into-slots", "through-buffers"])
-def test_a_failed_read_leaves_no_slot_in_the_table(tmp_path, monkeypatch, way):
+@pytest.mark.parametrize("direct", [True, False], ids=["into-slots", "through-buffers"])
+def test_a_failed_read_leaves_no_slot_in_the_table(tmp_path, monkeypatch, direct):
     """The hit path trusts the slot table: a read that fails must not leave its experts
-    looking resident, whether misses are read straight into their slots (a small group in
-    compiled code, or in Python's lanes) or staged."""
+    looking resident, whether misses are read straight into their slots or staged."""
     path = make_checkpoint(tmp_path / "m", "qwen3_moe")
     paged = open_paged(path, 3)
     try:
         cache = paged.cache
         assert cache.views is not None, "this machine's MLX buffers are host-writable"
-        assert cache._rows is not None, "the pread reader reads small groups compiled"
-        if way != "compiled":
-            cache._rows = None
-        if way == "through-buffers":
+        if not direct:
             cache.views = None
         cache.staging_bytes = 1  # staged: one expert per read
-        read, read_rows = cache.reader.read, cache.reader.read_rows
+        read = cache.reader.read
         per_expert = len(cache.map.params)
 
         def failing(pieces, outs=None, done=None):
@@ -33,13 +29,7 @@ def test_a_failed_read_leaves_no_slot_in_the_table(tmp_path, monkeypatch, way):
             read(pieces[:per_expert], outs[:per_expert] if outs else None, done)
             raise OSError("short read")
 
-        def failing_rows(pieces, rows, row_index, slot_index, widen):
-            first = slice(0, per_expert)
-            read_rows(pieces[first], rows, row_index[first], slot_index[first], widen[first])
-            raise OSError("short read")
-
         monkeypatch.setattr(cache.reader, "read", failing)
-        monkeypatch.setattr(cache.reader, "read_rows", failing_rows)
         with pytest.raises(OSError):
             cache.fetch(0, [1, 2])
         assert (cache.slot_table == -1).all() and not cache.resident(0, 1)

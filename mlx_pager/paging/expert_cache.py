@@ -16,8 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..storage.expert_map import ExpertMap, Piece
-from ..storage.readers import Reader
-from ..storage.slot_reads import warm, widen_bf16
+from ..storage.readers import Reader, widen_bf16
 from .policies import Policy
 
 # Safetensors dtypes -> the numpy dtype that holds their bits (bf16 travels as uint16).
@@ -101,29 +100,6 @@ def widen_into(view: np.ndarray, buf: np.ndarray, piece: Piece) -> None:
         view.reshape(-1)[:] = buf.view(_NP_DTYPES[piece.dtype])
 
 
-class SlotRows:
-    """The pools as the compiled reader writes them (``Reader.read_rows``): one uint8
-    row a slot per parameter, and per parameter whether its pieces widen from bf16."""
-
-    def __init__(self, views: dict[str, np.ndarray], pieces: dict[str, Piece]):
-        # in the order of an expert's pieces (``ExpertMap.params``)
-        self.rows = tuple(views[p].reshape(len(views[p]), -1).view(np.uint8) for p in pieces)
-        self.widen = np.array(
-            [np.dtype(_NP_DTYPES[pc.dtype]) != views[p].dtype for p, pc in pieces.items()],
-            np.bool_,
-        )
-        self.row_of = np.arange(len(pieces))
-
-    @staticmethod
-    def fit(views: dict[str, np.ndarray], pieces: dict[str, Piece]) -> bool:
-        """Every parameter's bytes are its pool's, or bf16 that widens into float32."""
-        return all(
-            np.dtype(_NP_DTYPES[piece.dtype]) == views[p].dtype
-            or (piece.dtype == "BF16" and views[p].dtype == np.float32)
-            for p, piece in pieces.items()
-        )
-
-
 class StoredFormat:
     """Slots that hold an expert as the checkpoint stores it (the default format)."""
 
@@ -196,11 +172,6 @@ class ExpertCache:
         self.views = host_views(self.pools) if isinstance(slot_format, StoredFormat) else None
         if self.views is not None and not host_writable(expert_map.expert_pieces(0, 0), self.views):
             self.views = None
-        first = expert_map.expert_pieces(0, 0)
-        self._rows = None  # a decode step's misses, read in compiled code where it can
-        if self.views is not None and reader.reads_rows and SlotRows.fit(self.views, first):
-            self._rows = SlotRows(self.views, first)
-            warm(self._rows.rows)
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_in: list[tuple[int, int] | None] = [None] * slots
         # [layer, expert] -> slot, -1 when not resident: a hit is a numpy gather
@@ -607,15 +578,7 @@ class ExpertCache:
         before = time.perf_counter()
         mx.synchronize()
         self._computing += time.perf_counter() - before
-        rows = self._rows
-        if rows is None or not self.reader.read_rows(
-            pieces,
-            rows.rows,
-            np.tile(rows.row_of, len(group)),
-            np.repeat([slot for _, slot in group], len(rows.row_of)),
-            np.tile(rows.widen, len(group)),
-        ):
-            self.reader.read(pieces, outs, arrived)
+        self.reader.read(pieces, outs, arrived)
         for key, slot in group:
             self._mark(key, slot)
 
