@@ -2,6 +2,5 @@
 
 ``checkpoint`` reads and validates safetensors headers and shard indexes, ``expert_map``
 turns them into one (file, offset, length) per expert parameter, ``readers`` reads those
-ranges with ``pread`` or ``mmap``, readahead off and the copied pages dropped, and
-``slot_reads`` reads a decode step's small group into its slots in compiled code.
+ranges with ``pread`` or ``mmap``, readahead off and the copied pages dropped.
 """
