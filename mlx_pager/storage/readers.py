@@ -224,8 +224,50 @@ class Reader:
         self.forget()  # a previous group's, if its reader's owner did not
         outs = outs if outs is not None else [None] * len(pieces)
         ends = list(itertools.accumulate(p.nbytes for p in pieces))
-        if not pieces or ends[-1] <= min(LANE_BYTES, ANNOUNCE_BYTES):
-            return self._read_small(pieces, outs, done)
+        small = not pieces or ends[-1] <= min(LANE_BYTES, ANNOUNCE_BYTES)
+        try:
+            if small:
+                result = self._read_small(pieces, outs, done)
+            else:
+                result = self._read_lanes(pieces, outs, done, ends)
+        finally:
+            self._started.clear()
+            if self.drop_cache:
+                self._unforgotten.extend(pieces)
+        self.count(sum(p.nbytes for p in pieces))
+        return result
+
+    def _read_small(
+        self,
+        pieces: list[Piece],
+        outs: list[np.ndarray | None],
+        done: Callable[[int, np.ndarray], None] | None,
+    ) -> list[np.ndarray]:
+        """A group that fits one lane and one announcement (every decode step's): the
+        caller's plain loop. A decode group is small (the embedded model's: 12 pieces of
+        32 KiB), and the lanes' queue, lock and look-ahead around each piece had cost more
+        than the reads: profiled with the pages cached, 270 µs a group through the lanes,
+        about 160 µs this way."""
+        fresh = [p for p in pieces if p not in self._started]
+        if len(fresh) > 1:  # a lone piece's read asks for it soon enough
+            self.announce(fresh)
+        result = []
+        for j, (piece, out) in enumerate(zip(pieces, outs, strict=True)):
+            result.append(self.read_piece(piece, out, drop=False))
+            if done is not None:
+                done(j, result[j])
+        return result
+
+    def _read_lanes(
+        self,
+        pieces: list[Piece],
+        outs: list[np.ndarray | None],
+        done: Callable[[int, np.ndarray], None] | None,
+        ends: list[int],
+    ) -> list[np.ndarray]:
+        """A large group (a prefill's): a few lanes pull pieces from one queue, so its
+        dozens of pieces cost a few thread hand-offs, not one each; ``ends``: each piece's
+        end, in bytes from the group's start."""
         result: list = [None] * len(pieces)
         order = iter(range(len(pieces)))
         lock = threading.Lock()
@@ -233,9 +275,8 @@ class Reader:
         started = self._started
 
         def lane() -> None:
-            """Read pieces until none is left: a few lanes pull from one queue, so a
-            layer's dozens of pieces cost a few thread hand-offs, not one each. The
-            pieces within ``ANNOUNCE_BYTES`` of the one taken are announced first."""
+            """Read pieces until none is left; the pieces within ``ANNOUNCE_BYTES`` of the
+            one taken are announced first."""
             while True:
                 with lock:
                     j = next(order, None)
@@ -261,39 +302,8 @@ class Reader:
             lane()  # the caller reads too, instead of sleeping until the others are done
         finally:
             errors = [e for e in (f.exception() for f in lanes) if e is not None]
-            started.clear()
-            if self.drop_cache:
-                self._unforgotten.extend(pieces)
         if errors:
             raise errors[0]
-        self.count(sum(p.nbytes for p in pieces))
-        return result
-
-    def _read_small(
-        self,
-        pieces: list[Piece],
-        outs: list[np.ndarray | None],
-        done: Callable[[int, np.ndarray], None] | None,
-    ) -> list[np.ndarray]:
-        """``read`` for a group that fits one lane and one announcement (every decode
-        step's): the caller's plain loop. A decode group is small (the embedded model's:
-        12 pieces of 32 KiB), and the lanes' queue, lock and look-ahead around each piece
-        had cost more than the reads: profiled with the pages cached, 270 µs a group
-        through the lanes, about 160 µs this way."""
-        fresh = [p for p in pieces if p not in self._started]
-        if len(fresh) > 1:  # a lone piece's read asks for it soon enough
-            self.announce(fresh)
-        result = []
-        try:
-            for j, (piece, out) in enumerate(zip(pieces, outs, strict=True)):
-                result.append(self.read_piece(piece, out, drop=False))
-                if done is not None:
-                    done(j, result[j])
-        finally:
-            self._started.clear()
-            if self.drop_cache:
-                self._unforgotten.extend(pieces)
-        self.count(sum(p.nbytes for p in pieces))
         return result
 
     def forget(self) -> None:
