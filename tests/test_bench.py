@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 
+import mlx.core as mx
+
 from mlx_pager.cli import main
 from mlx_pager.cli.bench import print_report
 from mlx_pager.sim.synthetic import make_checkpoint
 
 
 def test_bench_reports_every_section(tmp_path, capsys):
-    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16, quantize_bits=4)
+    # Stored in bf16, as checkpoints ship: the CPU's float32 slots widen its scales.
+    path = make_checkpoint(
+        tmp_path / "m", "qwen3_moe", num_experts=16, quantize_bits=4, dtype=mx.bfloat16
+    )
     capsys.readouterr()  # mlx-lm's quantiser prints a line
     args = [
         "bench",
@@ -48,7 +53,8 @@ def test_bench_reports_every_section(tmp_path, capsys):
     assert all(r > 0 for r in chat["prompt_reused_tokens"][1:])
     assert all(t > 0 for t in chat["ttft_kept"] + chat["ttft_fresh"])
     layer_reads = report["layer_reads"]  # a layer's misses against the disk, per read path
-    for key in ("pread_1", "pread_8", "direct_8"):
+    # the 4-bit experts' bf16 scales widen into float32 slots here: also read as stored
+    for key in ("pread_1", "pread_8", "direct_8", "pread_8_as_stored"):
         row = layer_reads[key]
         assert row["miss_mb_s"] > 0 and row["sequential_mb_s"] > 0 and row["ratio"] > 0
         if shutil.which("fio"):  # the disk's own random reads of the pieces' size
@@ -63,6 +69,7 @@ def test_bench_reports_every_section(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "prefetch at 25% of experts (without -> with; gate: " in text
     assert "a layer's misses (2 experts) read through the cache" in text
+    assert "(_as_stored: slots in the checkpoint's dtype, as on a GPU;" in text
 
 
 def test_ban_tokens_makes_end_of_text_impossible():

@@ -430,9 +430,14 @@ def print_report(report: dict) -> None:
                 else ""
             )
             print(
-                f"  {key:>10}: {row['miss_mb_s']:.0f} vs sequential {row['sequential_mb_s']:.0f} "
+                f"  {key:>17}: {row['miss_mb_s']:.0f} vs sequential {row['sequential_mb_s']:.0f} "
                 f"({row['ratio']:.2f}x){fio}"
             )
+    if any(key.endswith("_as_stored") for key in layer_reads):
+        print(
+            "  (_as_stored: slots in the checkpoint's dtype, as on a GPU; the other rows "
+            "widen bf16 into this CPU's float32 slots on the host as they read)"
+        )
     print(
         f"prefill at {prefill['fraction']:.0%} of experts, from an empty cache, next layer "
         "read ahead (without -> with): first token "

@@ -18,7 +18,7 @@ from mlx_lm import load, stream_generate
 
 from ..engine import Engine, ban_tokens
 from ..paging.loader import cast_floating, inspect_model, load_paged
-from ..storage.readers import drop_page_cache, make_reader
+from ..storage.readers import DEFAULT_READ_THREADS, drop_page_cache, make_reader
 
 PROMPT = "Mixture of experts models route every token to a few experts in each layer. " * 4
 WARMUP = "A cache holds the experts that fire most; the rest are read from the disk. " * 4
@@ -266,14 +266,19 @@ def bench_layer_reads(
     machine's disk runs at a different speed from one minute to the next (one fio run a
     configuration put the same code at 0.73-1.04x); it is not run between rounds, which
     starts every round with cold CPU caches (the embedded model's 0.4 MB groups then
-    read at 200-340 MB/s instead of about 500)."""
+    read at 200-340 MB/s instead of about 500).
+
+    Where the slots widen what is stored (bf16 into the float32 the CPU backend computes
+    in), one more row, ``pread_8_as_stored``: the same reads, with the default 8 threads,
+    into slots of the stored dtype, as on a GPU. The difference between the two is the
+    host's widening, not the disk."""
     import numpy as np
 
     layout = inspect_model(path, 4096)
+    stored = inspect_model(path, 4096, None)
     expert_map = layout.expert_map
     per_layer = layout.top_k
     slots = max(per_layer, layout.moe_layers * layout.experts_per_layer // 4)
-    budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
     out: dict = {"expert_bytes": expert_map.expert_disk_bytes(), "experts_per_read": per_layer}
     rng = np.random.default_rng(seed)
     # fio's baseline reads blocks of the size of the piece most of an expert's bytes are
@@ -283,8 +288,15 @@ def bench_layer_reads(
     piece = next(pc.nbytes for pc, upto in zip(pieces, itertools.accumulate(
         pc.nbytes for pc in pieces), strict=True) if upto >= half)  # fmt: skip
     block = max(4096, piece - piece % 4096)
-    for read_path, count in ((r, t) for r in read_paths for t in threads):
-        paged = load_paged(path, budget, read_path=read_path, read_threads=count)
+    runs = [(r, t, layout) for r in read_paths for t in threads]
+    if stored.expert_bytes != layout.expert_bytes:  # the slots widen: the GPU's case too
+        runs.append(("pread", DEFAULT_READ_THREADS, stored))
+    for read_path, count, plan in runs:
+        budget = plan.plan(0).fixed_bytes + slots * plan.expert_bytes
+        dtype = "auto" if plan is layout else None
+        paged = load_paged(
+            path, budget, read_path=read_path, read_threads=count, compute_dtype=dtype
+        )
         cache, misses, plain = paged.cache, [], []
         fio = [fio_random_read(pieces[0].path, block, count, read_path == "direct")]
         try:
@@ -302,7 +314,7 @@ def bench_layer_reads(
         finally:
             paged.close()
         fio.append(fio_random_read(pieces[0].path, block, count, read_path == "direct"))
-        row = out[f"{read_path}_{count}"] = {
+        row = out[f"{read_path}_{count}" + ("" if plan is layout else "_as_stored")] = {
             "miss_mb_s": statistics.median(misses) / 1e6,
             "sequential_mb_s": statistics.median(plain) / 1e6,
             "ratio": statistics.median(m / q for m, q in zip(misses, plain, strict=True)),
