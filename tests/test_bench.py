@@ -40,7 +40,10 @@ def test_bench_reports_every_section(tmp_path, capsys):
     assert (full["slots"], half["slots"], quarter["slots"]) == (32, 16, 8)
     for smaller in (half, quarter):  # fewer slots, more reads
         assert smaller["bytes_per_token"] > full["bytes_per_token"]
-    assert report["prefetch"]["prefetch"] and report["prefetch"]["fraction"] == 0.25
+    prefetch = report["prefetch"]  # off and on in turn, two rounds
+    assert prefetch["fraction"] == 0.25 and prefetch["repeats"] == 2
+    assert prefetch["on"]["prefetch"] and not prefetch["off"]["prefetch"]
+    assert prefetch["off"]["prefetch_issued"] == 0 and prefetch["ratio"] > 0
     reads = report["reads"]
     for name in ("pread", "mmap"):
         assert reads[f"{name}_cold_ms"] > 0 and reads[f"{name}_warm_ms"] > 0
@@ -67,7 +70,7 @@ def test_bench_reports_every_section(tmp_path, capsys):
     assert report["prefetch"]["prefetch_pays"] in (None, True, False)  # the gate's verdict
     print_report(report)  # the text the command prints without --json, from the same report
     text = capsys.readouterr().out
-    assert "prefetch at 25% of experts (without -> with; gate: " in text
+    assert "prefetch at 25% of experts, 2 interleaved rounds (without -> with; median" in text
     assert "a layer's misses (2 experts) read through the cache" in text
     assert "(_as_stored: slots in the checkpoint's dtype, as on a GPU;" in text
 

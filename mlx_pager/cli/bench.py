@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="expert share for the five-turn chat (KV cache kept against fresh); 0 skips it",
     )
     parser.add_argument(
-        "--repeats", type=int, default=5, help="interleaved rounds, stock and paged resident"
+        "--repeats",
+        type=int,
+        default=5,
+        help="interleaved rounds: stock and paged resident, prefetch off and on",
     )
     parser.add_argument("--json", action="store_true")
     add_peer_arguments(parser)
@@ -292,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         bench_layer_reads,
         bench_paged,
         bench_policies,
+        bench_prefetch,
         bench_prefill_stalls,
         bench_reads,
         bench_resident,
@@ -313,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         resident = bench_resident(path, args.max_tokens, args.repeats)
         shares = args.fractions
         paged = [bench_paged(path, f, args.max_tokens, default) for f in shares]
-        prefetch = bench_paged(path, min(shares), args.max_tokens, default, prefetch=True)
+        prefetch = bench_prefetch(path, min(shares), args.max_tokens, default, args.repeats)
         chat = None
         if args.chat_fraction > 0:
             chat = bench_chat(path, args.chat_fraction, args.max_tokens)
@@ -376,24 +380,27 @@ def print_report(report: dict) -> None:
         f"{resident['host_ahead_us_per_layer']:.0f} us of it before the experts' computation "
         "starts (the rest runs beside it)"
     )
-    base = next(p for p in paged if p["fraction"] == prefetch["fraction"])
+    off, on = prefetch["off"], prefetch["on"]
     verdict = {
         None: "still measuring",
         True: "guessing measured faster",
         False: "measured faster without guesses, paused",
     }[prefetch["prefetch_pays"]]
-    print(f"prefetch at {prefetch['fraction']:.0%} of experts (without -> with; gate: {verdict}):")
+    print(
+        f"prefetch at {prefetch['fraction']:.0%} of experts, {prefetch['repeats']} interleaved "
+        f"rounds (without -> with; median rounds; gate: {verdict}):"
+    )
     for key, label, scale in (
         ("decode_tps", "decode tok/s", 1),
         ("read_seconds", "seconds stalled on reads", 1),
         ("bytes_per_token", "disk MB/token", 1e-6),
         ("hit_rate", "hit rate", 1),
     ):
-        print(f"  {label:>26}: {base[key] * scale:.3f} -> {prefetch[key] * scale:.3f}")
+        print(f"  {label:>26}: {off[key] * scale:.3f} -> {on[key] * scale:.3f}")
     print(
-        f"  prediction recall {prefetch['prefetch_recall']:.1%}, precision "
-        f"{prefetch['prefetch_precision']:.1%}; guesses used "
-        f"{prefetch['prefetch_used']}/{prefetch['prefetch_issued']}"
+        f"  with / without, median of the rounds: {prefetch['ratio']:.2f}x; prediction "
+        f"recall {on['prefetch_recall']:.1%}, precision {on['prefetch_precision']:.1%}; "
+        f"guesses used {on['prefetch_used']}/{on['prefetch_issued']}"
     )
     if chat:
         print(

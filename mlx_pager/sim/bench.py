@@ -94,43 +94,99 @@ def bench_resident(path: Path, max_tokens: int, repeats: int = 5) -> dict:
     }
 
 
-def bench_paged(
-    path: Path, fraction: float, max_tokens: int, read_path: str, prefetch: bool = False
-) -> dict:
+def _paged_engine(
+    path: Path, fraction: float, max_tokens: int, read_path: str, prefetch: bool
+) -> tuple[Engine, int, float]:
+    """An engine holding ``fraction`` of the experts, warmed on one prompt: (the engine,
+    its budget, the hit rate of that first run, which filled an empty cache)."""
     layout = inspect_model(path, 4096)
     n_experts = layout.moe_layers * layout.experts_per_layer
     slots = max(layout.top_k, round(fraction * n_experts))
     budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
-    paged = load_paged(path, budget, read_path=read_path, prefetch=prefetch)
-    engine = Engine(paged, str(path), 4096)
+    engine = Engine(
+        load_paged(path, budget, read_path=read_path, prefetch=prefetch), str(path), 4096
+    )
     engine.keep_prompt_cache = False  # every prompt fed in full, as stock mlx-lm does here
     try:
         for _ in engine.generate(WARMUP, max_tokens, chat_template=False, ignore_eos=True):
             pass
-        cold_hit_rate = engine.stats.hit_rate  # the first run fills an empty cache
+    except BaseException:
+        engine.close()
+        raise
+    return engine, budget, engine.stats.hit_rate
+
+
+def _paged_row(engine: Engine, fraction: float, budget: int, cold_hit_rate: float) -> dict:
+    """The last reply's figures."""
+    s = engine.stats
+    return {
+        "fraction": fraction,
+        "slots": s.slots,
+        "budget_bytes": budget,
+        "decode_tps": s.decode_tps,
+        "prompt_tps": s.prompt_tps,
+        "hit_rate": s.hit_rate,
+        "cold_hit_rate": cold_hit_rate,
+        "bytes_per_token": s.bytes_per_token,
+        "read_seconds": s.read_seconds,
+        "tokens": s.prompt_tokens + s.generation_tokens,
+        "prefetch": engine.paged.cache.prefetcher is not None,
+        "prefetch_recall": s.prefetch_recall,
+        "prefetch_precision": s.prefetch_precision,
+        "prefetch_used": s.prefetch_used,
+        "prefetch_issued": s.prefetch_issued,
+        "prefetch_pays": s.prefetch_pays,  # the gate's verdict: guessing measured faster
+    }
+
+
+def bench_paged(path: Path, fraction: float, max_tokens: int, read_path: str) -> dict:
+    engine, budget, cold_hit_rate = _paged_engine(path, fraction, max_tokens, read_path, False)
+    try:
         for _ in engine.generate(PROMPT, max_tokens, chat_template=False, ignore_eos=True):
             pass
-        s = engine.stats
-        return {
-            "fraction": fraction,
-            "slots": s.slots,
-            "budget_bytes": budget,
-            "decode_tps": s.decode_tps,
-            "prompt_tps": s.prompt_tps,
-            "hit_rate": s.hit_rate,
-            "cold_hit_rate": cold_hit_rate,
-            "bytes_per_token": s.bytes_per_token,
-            "read_seconds": s.read_seconds,
-            "tokens": s.prompt_tokens + s.generation_tokens,
-            "prefetch": prefetch,
-            "prefetch_recall": s.prefetch_recall,
-            "prefetch_precision": s.prefetch_precision,
-            "prefetch_used": s.prefetch_used,
-            "prefetch_issued": s.prefetch_issued,
-            "prefetch_pays": s.prefetch_pays,  # the gate's verdict: guessing measured faster
-        }
+        return _paged_row(engine, fraction, budget, cold_hit_rate)
     finally:
         engine.close()
+
+
+def bench_prefetch(
+    path: Path, fraction: float, max_tokens: int, read_path: str, repeats: int = 5
+) -> dict:
+    """Decode with the prefetcher (and its gate) on against off, at ``fraction`` of the
+    experts: two engines, one prompt each in turn (which goes first alternates),
+    ``repeats`` rounds, so a busy machine slows both alike. ``off`` and ``on``: the round
+    with each one's median decode speed; ``ratio``: the median of the rounds' on / off."""
+    rows: dict[str, list[dict]] = {"off": [], "on": []}
+    engines = {}
+    try:
+        for name in rows:
+            engines[name] = _paged_engine(path, fraction, max_tokens, read_path, name == "on")
+        for round_ in range(repeats):
+            order = list(engines) if round_ % 2 == 0 else list(engines)[::-1]  # neither first
+            for name in order:
+                engine, budget, cold = engines[name]
+                for _ in engine.generate(PROMPT, max_tokens, chat_template=False, ignore_eos=True):
+                    pass
+                rows[name].append(_paged_row(engine, fraction, budget, cold))
+    finally:
+        for engine, _, _ in engines.values():
+            engine.close()
+    ratios = [
+        on["decode_tps"] / off["decode_tps"]
+        for on, off in zip(rows["on"], rows["off"], strict=True)
+    ]
+
+    def median_row(runs: list[dict]) -> dict:
+        return sorted(runs, key=lambda row: row["decode_tps"])[len(runs) // 2]
+
+    return {
+        "fraction": fraction,
+        "repeats": repeats,
+        "off": median_row(rows["off"]),
+        "on": median_row(rows["on"]),
+        "ratio": statistics.median(ratios),
+        "prefetch_pays": rows["on"][-1]["prefetch_pays"],  # the gate's verdict at the end
+    }
 
 
 CHAT_TURNS = [
