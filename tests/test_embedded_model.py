@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_map
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "assets" / "tiny-moe"
@@ -177,12 +178,7 @@ CORPUS = Path(SHARED or "/nonexistent") / "corpus"
 
 def training_split() -> dict[str, tuple[list[str], list[str]]]:
     """The training script's own split of the corpus (train, held-out) per domain."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train", ROOT / "scripts" / "train_tiny_moe.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    return train.split_corpus(CORPUS)
+    return load_script("train_tiny_moe").split_corpus(CORPUS)
 
 
 @pytest.mark.skipif(not CORPUS.exists(), reason="set MLX_PAGER_SHARED to the shared folder")

@@ -3,26 +3,15 @@ linear score cannot (so an equal AUC on real samples means the features ran out)
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from script_loader import load_script
 
 from mlx_pager.sim.learn import fit_logistic
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "feature_ceiling.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("feature_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_auc_is_the_share_of_pairs_ranked_right_ties_half():
-    auc = load_script().auc
+    auc = load_script("feature_ceiling").auc
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 5, 300).astype(float)  # many ties
     labels = rng.random(300) < 0.3
@@ -33,7 +22,7 @@ def test_auc_is_the_share_of_pairs_ranked_right_ties_half():
 
 
 def test_network_fits_a_target_no_linear_score_can():
-    script = load_script()
+    script = load_script("feature_ceiling")
     rng = np.random.default_rng(1)
     x = np.column_stack([rng.normal(size=20000), rng.normal(size=20000), np.ones(20000)])
     y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)) * 1.0  # XOR of two signs
@@ -52,7 +41,7 @@ def test_features_weighed_by_the_shipped_weights_replay_as_the_policy():
     from mlx_pager.paging.learned import default_params
     from mlx_pager.sim.replay import replay
 
-    script = load_script()
+    script = load_script("feature_ceiling")
     weights = default_params().weights
     for seed in range(3):
         trace = random_trace(seed, tokens=400, experts=12)

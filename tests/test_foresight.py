@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from script_loader import load_script
 from test_simulate import random_trace
 
 from mlx_pager.sim.replay import belady, replay
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "foresight_bound.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("foresight_bound", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("policy", ["lru", "lfu-decay"])
 def test_no_foresight_is_the_policy_and_full_foresight_is_belady(policy):
-    bound = load_script().foresight_hit_rate
+    bound = load_script("foresight_bound").foresight_hit_rate
     for seed in range(3):
         trace = random_trace(seed, tokens=300, experts=12)
         assert bound(trace, 4, 0, policy) == pytest.approx(replay(trace, 4, policy).hit_rate)

@@ -1,23 +1,11 @@
 """scripts/mlx_affine.py: GGUF blocks into MLX's quantised format without moving a weight."""
 
-import importlib.util
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("mlx_affine", ROOT / "scripts" / "mlx_affine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-A = _module()
+A = load_script("mlx_affine")
 
 
 def q4_1_blocks(rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
