@@ -106,8 +106,9 @@ def features(state: learned.LayerState, now: np.ndarray, above, cols: np.ndarray
     totals = np.maximum(state.total, 1e-300)[:, None]
     x[:, 9:14] = np.log(state.decayed[:, cols] / totals / base + 0.01).T
     x[:, 14] = np.log(base * seen / k_mean)
+    none = np.zeros(0, np.int64)
     sets = ((learned.FOLLOWS, now, 15), (learned.FOLLOWS2, state.latest, 17),
-            (learned.BELOW, learned._NONE if above is None else above, 18))  # fmt: skip
+            (learned.BELOW, none if above is None else above, 18))  # fmt: skip
     for kind, rows, column in sets:
         if len(rows):
             seen_rows = state.trans_seen[kind, rows][:, None] + 1.0
