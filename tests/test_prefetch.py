@@ -198,6 +198,28 @@ def test_demand_reads_do_not_wait_for_a_read_ahead(tmp_path):
         paged.close()
 
 
+def test_a_read_ahead_counts_as_a_miss_on_its_first_use_only(tmp_path):
+    """An expert read ahead and not yet asked for: hits on other experts stay hits (its
+    waiting leaves them the one-gather path), its own first use is counted a miss."""
+    path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_experts=16)
+    paged = open_paged(path, 8)
+    cache, seen = paged.cache, []
+    cache.on_fetch = lambda hits, misses, waited: seen.append((hits, misses))
+    try:
+        assert cache.read_ahead(1, np.array([3]), keep=set()) == 1
+        for _, read in list(cache.ahead.values()):
+            read.result()
+        cache.fetch(1, np.array([5]))  # a demand read; the finished read-ahead settles
+        assert (1, 3) in cache.fresh and cache.resident(1, 3)
+        cache.fetch(1, np.array([5]))
+        cache.fetch(1, np.array([3, 5]))
+        cache.fetch(1, np.array([3, 5]))
+        assert seen == [(0, 1), (1, 0), (1, 1), (2, 0)]
+        assert not cache.fresh and cache.ahead_used == 1
+    finally:
+        paged.close()
+
+
 def _decode(gate, tokens: int, guessing_s: float, plain_s: float, start: float = 0.0):
     """Feed the gate ``tokens`` decode passes, each as long as its way takes; the ways used."""
     now, ways = start, []

@@ -288,15 +288,17 @@ class ExpertCache:
     def _make_resident(self, layer: int, experts: np.ndarray) -> tuple[np.ndarray, int, float]:
         """Read what is missing into slots: (the layer's table, misses, seconds waited)."""
         table = self.slot_table[layer]
-        if self.ahead or self.fresh:
+        if self.ahead:
             self._reap()
         found = table[experts]
-        if not self.fresh and (found.size == 0 or found.min() >= 0):  # all hits: one gather
+        done = []  # read ahead for this need, done before it: misses all the same
+        if self.fresh:  # (a few read-aheads nobody asked for can stay here for long)
+            done = [(layer, e) for e in experts.tolist() if (layer, e) in self.fresh]
+        if not done and (found.size == 0 or found.min() >= 0):  # all hits: one gather
             return table, 0, 0.0
         missing = experts[found < 0]
         waited, already_read = 0.0, 0
-        if self.fresh:  # read ahead for this need, done before it: misses all the same
-            done = [(layer, e) for e in experts.tolist() if (layer, e) in self.fresh]
+        if done:
             self.fresh.difference_update(done)
             already_read = len(done)
             self.ahead_used += already_read
