@@ -63,18 +63,17 @@ def plot(points: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, label, marker in (
-        ("as_stored", "into slots as stored (bf16, a GPU's)", "s"),
-        ("widened", "widened into float32 slots (this CPU)", "o"),
+    for name, label, marker, color in (
+        ("as_stored", "into slots as stored (bf16, a GPU's)", "s", "C0"),
+        ("widened", "widened into float32 slots (this CPU)", "o", "C1"),
     ):
         for i, point in enumerate(points):
             values = [v for v in point[name] if v is not None]
-            ax.scatter([point["piece_kib"]] * len(values), values, marker=marker,
-                       color=f"C{0 if name == 'as_stored' else 1}",
+            ax.scatter([point["piece_kib"]] * len(values), values, marker=marker, color=color,
                        label=label if i == 0 else None)  # fmt: skip
         means = [(p["piece_kib"], statistics.mean(v for v in p[name] if v is not None))
                  for p in points]  # fmt: skip
-        ax.plot(*zip(*means, strict=True), color=f"C{0 if name == 'as_stored' else 1}", alpha=0.4)
+        ax.plot(*zip(*means, strict=True), color=color, alpha=0.4)
     ax.axhline(0.8, color="grey", linestyle="--", label="goal: 0.8 of fio")
     ax.set_ylim(0, max(1.2, ax.get_ylim()[1]))
     ax.set_xscale("log", base=2)

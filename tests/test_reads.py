@@ -275,10 +275,21 @@ def test_read_seconds_leave_out_the_wait_for_computations(snapshot):
         cache.fetch(0, np.array([0, 1, 2]))
         a = mx.random.normal((512, 512))
         mx.eval(a)
-        busy = a
-        for _ in range(24):  # queued, not waited for: some hundreds of ms of computing
-            busy = busy @ a / 23.0
-        mx.async_eval(busy)
+
+        def chain(n: int) -> mx.array:
+            busy = a
+            for _ in range(n):
+                busy = busy @ a / 23.0
+            return busy
+
+        n = 24  # as many products as take this machine a few hundred ms (a GPU: more)
+        while n < 100_000:
+            start = time.perf_counter()
+            mx.eval(chain(n))
+            if time.perf_counter() - start > 0.3:
+                break
+            n *= 2
+        mx.async_eval(chain(n))  # queued, not waited for
         start = time.perf_counter()
         cache.fetch(0, np.array([3]))  # a miss: waits for the queue, then reads
         wall = time.perf_counter() - start
