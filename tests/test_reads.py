@@ -120,6 +120,76 @@ def test_readers_return_identical_bytes(snapshot):
             r.close()
 
 
+@pytest.mark.parametrize(
+    "compiled, addressed",
+    [(True, True), (True, False), (False, False)],
+    ids=["compiled-addresses-given", "compiled", "python"],
+)
+def test_pieces_land_in_their_slots_as_stored_or_widened(
+    tmp_path, monkeypatch, compiled, addressed
+):
+    """A group read into slots: bf16 pieces widened exactly into float32 slots, others
+    copied as stored, the same bytes whether the compiled kernel or Python reads them;
+    the kernel is what reads a small group when it can."""
+    from mlx_pager.storage import pread_kernel, readers
+    from mlx_pager.storage.expert_map import Piece
+
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, 12 * 8192 + 100, np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    calls = []
+    kernel = pread_kernel.read_pieces
+    monkeypatch.setattr(pread_kernel, "read_pieces", lambda *a: calls.append(a) or kernel(*a))
+    reader = readers.READERS["pread"]([path])
+    reader.compiled = compiled
+    # Odd offsets: pieces lie anywhere in a safetensors file
+    pieces = [
+        Piece(path, 100 + i * 8192 + i, 4096, "BF16" if i % 2 else "U8", (4096,)) for i in range(6)
+    ]
+    outs = [
+        np.zeros(2048, np.float32) if pc.dtype == "BF16" else np.zeros(4096, np.uint8)
+        for pc in pieces
+    ]
+    addresses = [out.__array_interface__["data"][0] for out in outs] if addressed else None
+    try:
+        got = reader.read(pieces, outs, addresses)
+        assert all(g is out for g, out in zip(got, outs, strict=True))
+    finally:
+        reader.close()
+    assert bool(calls) == compiled
+    for piece, out in zip(pieces, outs, strict=True):
+        stored = data[piece.offset : piece.offset + piece.nbytes]
+        if piece.dtype == "BF16":
+            want = stored.view(np.uint16).astype(np.uint32) << 16
+            assert np.array_equal(out.view(np.uint32), want)
+        else:
+            assert np.array_equal(out, stored)
+
+
+def test_a_compiled_read_that_fails_says_why(tmp_path):
+    """The file ends inside a piece: the compiled read stops there and the error names the
+    file and the byte, as a Python read's does; the pieces before it are in their slots."""
+    from mlx_pager.storage.expert_map import Piece
+    from mlx_pager.storage.readers import READERS, ExpertReadError
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    reader = READERS["pread"]([path])
+    pieces = [Piece(path, i * 4096, 4096, "U8", (4096,)) for i in range(3)]
+    pieces.append(Piece(path, 14 * 1024, 4096, "U8", (4096,)))  # runs 2 KiB past the end
+    outs = [np.zeros(4096, np.uint8) for _ in pieces]
+    try:
+        with pytest.raises(ExpertReadError, match="ends at byte 16384, inside an expert"):
+            reader.read(pieces, outs)
+    finally:
+        reader.close()
+    assert all(
+        np.array_equal(out, np.frombuffer(path.read_bytes()[i * 4096 : (i + 1) * 4096], np.uint8))
+        for i, out in enumerate(outs[:3])
+    )
+
+
 def test_read_seconds_count_stalls_on_misses_only(snapshot):
     """Room for every expert: the first run misses and waits on reads, the same prompt
     again hits every expert and adds (almost) no read time."""
@@ -228,7 +298,7 @@ def test_storage_starts_before_the_victims_are_chosen(snapshot):
 def test_pages_dropped_once_the_computation_is_under_way(tmp_path, monkeypatch):
     """A group's first ANNOUNCE_BYTES keep their pages until ``forget`` (the cache calls
     it beside the computation); pieces past that are dropped as they are read, so a large
-    group never piles up pages. ``done`` sees each piece as it arrives."""
+    group never piles up pages."""
     from mlx_pager.storage import readers
     from mlx_pager.storage.expert_map import Piece
 
@@ -242,12 +312,14 @@ def test_pages_dropped_once_the_computation_is_under_way(tmp_path, monkeypatch):
     data = np.random.default_rng(1).integers(0, 256, 12 * size, np.uint8)
     path.write_bytes(data)
     reader = readers.READERS["pread"]([path], threads=1)
-    arrived = {}
+    outs = [np.zeros(size, np.uint8) for _ in range(3)]
     try:
         small = [Piece(path, i * size, size, "U8", (size,)) for i in range(3)]
-        reader.read(small, done=lambda j, buf: arrived.setdefault(j, buf.tobytes()))
+        reader.read(small, outs)
         assert dropped == []  # kept until the cache says
-        assert arrived == {j: data[j * size : (j + 1) * size].tobytes() for j in range(3)}
+        assert [out.tobytes() for out in outs] == [
+            data[j * size : (j + 1) * size].tobytes() for j in range(3)
+        ]
         reader.forget()
         assert sorted(dropped) == [0, size, 2 * size]
         dropped.clear()

@@ -15,22 +15,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 
-from ..storage.expert_map import ExpertMap, Piece
-from ..storage.readers import Reader, widen_bf16
+from ..storage.expert_map import NUMPY_DTYPES, ExpertMap, Piece
+from ..storage.readers import Reader, widen_into
 from .policies import Policy
-
-# Safetensors dtypes -> the numpy dtype that holds their bits (bf16 travels as uint16).
-_NP_DTYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
-    "U8": np.uint8, "I8": np.int8, "I32": np.int32, "U16": np.uint16, "I16": np.int16,
-}  # fmt: skip
 
 
 def check_readable(expert_map: ExpertMap) -> None:
     """Refuse, at open, experts stored in a dtype the pager cannot page (FP8 checkpoints:
     mlx-lm dequantises them as it loads, the pager reads the bytes as stored)."""
     stored = {pc.dtype for layer in expert_map.pieces for ps in layer.values() for pc in ps}
-    unreadable = sorted(stored - _NP_DTYPES.keys())
+    unreadable = sorted(stored - NUMPY_DTYPES.keys())
     if unreadable:
         raise ValueError(
             f"The routed experts are stored as {', '.join(unreadable)}, which mlx-pager "
@@ -41,9 +35,9 @@ def check_readable(expert_map: ExpertMap) -> None:
 
 def piece_to_mx(buf: np.ndarray, piece: Piece, shape: tuple[int, ...], dtype: mx.Dtype):
     """Bytes read from disk -> an MLX array of the pool's shape and dtype."""
-    if piece.dtype not in _NP_DTYPES:
+    if piece.dtype not in NUMPY_DTYPES:
         raise ValueError(f"Expert tensors of dtype {piece.dtype} are not supported.")
-    array = mx.array(buf.view(_NP_DTYPES[piece.dtype]).reshape(shape))
+    array = mx.array(buf.view(NUMPY_DTYPES[piece.dtype]).reshape(shape))
     if piece.dtype == "BF16":
         array = array.view(mx.bfloat16)
     return array if array.dtype == dtype else array.astype(dtype)
@@ -83,21 +77,13 @@ def host_views(pools: dict[str, mx.array]) -> dict[str, np.ndarray] | None:
 def host_writable(pieces: dict[str, Piece], views: dict[str, np.ndarray]) -> bool:
     """Every parameter either has the pool's bytes on disk or widens exactly on the host."""
     for param, piece in pieces.items():
-        stored = _NP_DTYPES.get(piece.dtype)
+        stored = NUMPY_DTYPES.get(piece.dtype)
         target = views[param].dtype
         if stored is None:
             return False
         if np.dtype(stored) != target and (piece.dtype, target.type) not in _WIDEN:
             return False
     return True
-
-
-def widen_into(view: np.ndarray, buf: np.ndarray, piece: Piece) -> None:
-    """A piece read into a scratch buffer, converted into its slot (bf16 -> f32 exactly)."""
-    if piece.dtype == "BF16":  # the bits, shifted up: one pass, no temporaries
-        widen_bf16(buf, view.reshape(-1))
-    else:
-        view.reshape(-1)[:] = buf.view(_NP_DTYPES[piece.dtype])
 
 
 class StoredFormat:
@@ -172,6 +158,10 @@ class ExpertCache:
         self.views = host_views(self.pools) if isinstance(slot_format, StoredFormat) else None
         if self.views is not None and not host_writable(expert_map.expert_pieces(0, 0), self.views):
             self.views = None
+        # Where each pool's slot 0 starts in memory, and the bytes from one slot to the next
+        self._slot_addresses = {
+            name: (view.ctypes.data, view.strides[0]) for name, view in (self.views or {}).items()
+        }
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_in: list[tuple[int, int] | None] = [None] * slots
         # [layer, expert] -> slot, -1 when not resident: a hit is a numpy gather
@@ -371,10 +361,10 @@ class ExpertCache:
         pieces = self.map.expert_pieces(*key)
         for param, piece in pieces.items():
             view = self.views[param][slot]
-            if np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype:
+            if np.dtype(NUMPY_DTYPES[piece.dtype]) == view.dtype:
                 self.reader.read_piece(piece, view.reshape(-1).view(np.uint8))
             else:
-                widen_into(view, self.reader.read_piece(piece), piece)
+                widen_into(view, self.reader.read_piece(piece), piece.dtype)
         self.reader.count(sum(p.nbytes for p in pieces.values()))
 
     def _reap(self) -> None:
@@ -543,7 +533,7 @@ class ExpertCache:
         return sum(
             p.nbytes
             for param, p in pieces.items()
-            if np.dtype(_NP_DTYPES[p.dtype]) != self.views[param].dtype
+            if np.dtype(NUMPY_DTYPES[p.dtype]) != self.views[param].dtype
         )
 
     def _load_group(self, group: list[tuple[tuple[int, int], int]]) -> None:
@@ -560,23 +550,16 @@ class ExpertCache:
 
     def _read_direct(self, group: list[tuple[tuple[int, int], int]]) -> None:
         """Every piece of the group in one parallel read, each straight into its slot
-        (or into a scratch buffer that widens into it)."""
-        pieces, outs, widen = [], [], []
+        (widened on the way where the slot holds float32 and the piece bf16)."""
+        pieces, outs, addresses = [], [], []
         for key, slot in group:
             for param, piece in self.map.expert_pieces(*key).items():
-                view = self.views[param][slot]
-                direct = np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype
+                start, stride = self._slot_addresses[param]
                 pieces.append(piece)
-                outs.append(view.reshape(-1).view(np.uint8) if direct else None)
-                widen.append(None if direct else view)
-
-        def arrived(j: int, buf: np.ndarray) -> None:
-            """Widened on the lane that read it, while later pieces are still coming."""
-            if widen[j] is not None:
-                widen_into(widen[j], buf, pieces[j])
-
+                outs.append(self.views[param][slot])
+                addresses.append(start + slot * stride)
         self._wait_for_readers()
-        self.reader.read(pieces, outs, arrived)
+        self.reader.read(pieces, outs, addresses)
         for key, slot in group:
             self._mark(key, slot)
 
@@ -594,10 +577,10 @@ class ExpertCache:
             self._wait_for_readers()
             for (param, piece), buf in zip(pieces.items(), buffers, strict=True):
                 view = self.views[param][slot]
-                if np.dtype(_NP_DTYPES[piece.dtype]) == view.dtype:
+                if np.dtype(NUMPY_DTYPES[piece.dtype]) == view.dtype:
                     view.reshape(-1).view(np.uint8)[:] = buf
                 else:
-                    widen_into(view, buf, piece)
+                    widen_into(view, buf, piece.dtype)
         else:
             self.format.write(self.pools, slot, pieces, buffers)
         self._mark(key, slot)

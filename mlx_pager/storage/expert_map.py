@@ -14,7 +14,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .checkpoint import DTYPE_SIZES, CheckpointError, TensorInfo
+
+# Safetensors dtypes -> the numpy dtype that holds their bits (bf16 travels as uint16).
+NUMPY_DTYPES = {
+    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
+    "U8": np.uint8, "I8": np.int8, "I32": np.int32, "U16": np.uint16, "I16": np.int16,
+}  # fmt: skip
 
 # mlx-lm's projection names -> Mixtral's original per-expert names.
 MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}

@@ -22,13 +22,12 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .expert_map import Piece
+from .expert_map import NUMPY_DTYPES, Piece
 
 PAGE = mmap.PAGESIZE
 MMAP_CHUNK = 256 * 1024  # mmap path: pages mapped into the process at once, per thread
@@ -87,6 +86,15 @@ def widen_bf16(stored: np.ndarray, out: np.ndarray) -> None:
     np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
 
 
+def widen_into(out: np.ndarray, buf: np.ndarray, dtype: str) -> None:
+    """A piece's bytes (safetensors ``dtype``, read into ``buf``), converted into the
+    float32 array ``out`` (a slot): bf16 and f16 widen exactly."""
+    if dtype == "BF16":  # the bits, shifted up: one pass, no temporaries
+        widen_bf16(buf, out.reshape(-1))
+    else:
+        out.reshape(-1)[:] = buf.view(NUMPY_DTYPES[dtype])
+
+
 def drop_page_cache(fd: int, offset: int = 0, nbytes: int = 0) -> None:
     """Ask the kernel to forget cached pages of a file range (a hint; Linux only)."""
     if hasattr(os, "posix_fadvise"):
@@ -142,6 +150,7 @@ class Reader:
         self._lock = threading.Lock()
         self._started: set[Piece] = set()  # announced by ``start``, not read yet
         self._unforgotten: list[Piece] = []  # read, their pages cached until ``forget``
+        self._local = threading.local()  # per-thread buffers
 
     def _open(self, path: Path) -> int:
         fd = os.open(path, os.O_RDONLY)
@@ -209,12 +218,14 @@ class Reader:
         self,
         pieces: list[Piece],
         outs: list[np.ndarray | None] | None = None,
-        done: Callable[[int, np.ndarray], None] | None = None,
+        addresses: list[int] | None = None,
     ) -> list[np.ndarray]:
-        """Read pieces in parallel, each into its ``outs`` entry (None: a fresh buffer);
-        the result keeps their order. ``done(j, array)`` runs on the lane that read piece
-        ``j`` as soon as it is read (a conversion into its slot), while later pieces are
-        still on their way from storage.
+        """Read pieces in parallel; the result keeps their order. Each goes into its
+        ``outs`` entry: None, a fresh uint8 buffer; else an array its values go into (an
+        expert cache slot), as stored, or widened exactly where the array is float32 and
+        the piece bf16 or f16 (a CPU computes in float32). ``addresses``: where each of
+        ``outs`` starts in memory, if the caller keeps them (asking an array costs more
+        than reading a small piece).
 
         The pages of the group's first ``ANNOUNCE_BYTES`` (a decode step's whole group)
         stay in the page cache until ``forget``: dropping them costs a syscall a piece
@@ -227,9 +238,9 @@ class Reader:
         small = not pieces or ends[-1] <= min(LANE_BYTES, ANNOUNCE_BYTES)
         try:
             if small:
-                result = self._read_small(pieces, outs, done)
+                result = self._read_small(pieces, outs, addresses)
             else:
-                result = self._read_lanes(pieces, outs, done, ends)
+                result = self._read_lanes(pieces, outs, ends)
         finally:
             self._started.clear()
             if self.drop_cache:
@@ -237,33 +248,39 @@ class Reader:
         self.count(sum(p.nbytes for p in pieces))
         return result
 
+    def _read_one(self, piece: Piece, out: np.ndarray | None) -> np.ndarray:
+        """One piece of ``read``, its pages left cached: into ``out`` as ``read`` says."""
+        if out is None:
+            return self.read_piece(piece, drop=False)
+        flat = out.reshape(-1)
+        if flat.nbytes == piece.nbytes:
+            self.read_piece(piece, flat.view(np.uint8), drop=False)
+        else:
+            widen_into(flat, self.read_piece(piece, drop=False), piece.dtype)
+        return out
+
     def _read_small(
         self,
         pieces: list[Piece],
         outs: list[np.ndarray | None],
-        done: Callable[[int, np.ndarray], None] | None,
+        addresses: list[int] | None = None,
     ) -> list[np.ndarray]:
         """A group that fits one lane and one announcement (every decode step's): the
         caller's plain loop. A decode group is small (the embedded model's: 12 pieces of
         32 KiB), and the lanes' queue, lock and look-ahead around each piece had cost more
         than the reads: profiled with the pages cached, 270 µs a group through the lanes,
         about 160 µs this way."""
+        self._announce_fresh(pieces)
+        return [self._read_one(piece, out) for piece, out in zip(pieces, outs, strict=True)]
+
+    def _announce_fresh(self, pieces: list[Piece]) -> None:
+        """Announce the pieces ``start`` did not (a lone piece's read asks for it soon enough)."""
         fresh = [p for p in pieces if p not in self._started]
-        if len(fresh) > 1:  # a lone piece's read asks for it soon enough
+        if len(fresh) > 1:
             self.announce(fresh)
-        result = []
-        for j, (piece, out) in enumerate(zip(pieces, outs, strict=True)):
-            result.append(self.read_piece(piece, out, drop=False))
-            if done is not None:
-                done(j, result[j])
-        return result
 
     def _read_lanes(
-        self,
-        pieces: list[Piece],
-        outs: list[np.ndarray | None],
-        done: Callable[[int, np.ndarray], None] | None,
-        ends: list[int],
+        self, pieces: list[Piece], outs: list[np.ndarray | None], ends: list[int]
     ) -> list[np.ndarray]:
         """A large group (a prefill's): a few lanes pull pieces from one queue, so its
         dozens of pieces cost a few thread hand-offs, not one each; ``ends``: each piece's
@@ -290,9 +307,7 @@ class Reader:
                     fresh = [p for p in pieces[start:stop] if p not in started]
                     if fresh:
                         self.announce(fresh)
-                result[j] = self.read_piece(pieces[j], outs[j], drop=False)
-                if done is not None:
-                    done(j, result[j])
+                result[j] = self._read_one(pieces[j], outs[j])
                 if self.drop_cache and ends[j] > ANNOUNCE_BYTES:
                     self._drop_inside(pieces[j])  # its neighbours' pages with the rest
 
@@ -350,6 +365,9 @@ class PreadReader(Reader):
     """``pread`` into a fresh buffer: one syscall per piece, no page faults."""
 
     name = "pread"
+    # Small groups into slots go through the compiled kernel (``pread_kernel``); a
+    # subclass whose reads are not plain preads turns it off.
+    compiled = True
 
     def announce(self, pieces: list[Piece]) -> None:
         """``POSIX_FADV_WILLNEED`` on each piece: the kernel starts reading them all. Measured
@@ -364,6 +382,64 @@ class PreadReader(Reader):
                     os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_WILLNEED)
         except OSError:  # a hint: the read that follows says what is wrong
             return
+
+    def __init__(self, files: list[Path], threads: int = 4, drop_cache: bool = True):
+        super().__init__(files, threads, drop_cache)
+        # Imported with the first reader, not with this module: numba and the cached
+        # kernel take about half a second to load, which opening a model can spare and
+        # starting the app should not pay.
+        from . import pread_kernel
+
+        self.kernel = pread_kernel
+
+    def _read_small(
+        self,
+        pieces: list[Piece],
+        outs: list[np.ndarray | None],
+        addresses: list[int] | None = None,
+    ) -> list[np.ndarray]:
+        """The decode step's group, every piece going into a slot: one call of the
+        compiled kernel, no Python between pieces (``pread_kernel``); anything else (a
+        fresh buffer asked for, f16 to widen) as the base class reads it."""
+        batch = self._batch(pieces, outs, addresses) if self.compiled else None
+        if batch is None:
+            return super()._read_small(pieces, outs)
+        self._announce_fresh(pieces)
+        start, scratch = 0, self._scratch(max(p.nbytes for p in pieces))
+        while start < len(pieces):
+            failed = self.kernel.read_pieces(batch, scratch, start, len(pieces))
+            if failed < 0:
+                break
+            self._read_one(pieces[failed], outs[failed])  # raises what went wrong
+            start = failed + 1  # (or it read after all: a signal, a file growing)
+        return outs
+
+    def _scratch(self, need: int) -> np.ndarray:
+        """This thread's buffer that pieces to widen are read into, of ``need`` bytes or more."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.nbytes < need:
+            scratch = self._local.scratch = np.empty(need, np.uint8)
+        return scratch
+
+    def _batch(
+        self, pieces: list[Piece], outs: list[np.ndarray | None], addresses: list[int] | None
+    ) -> np.ndarray | None:
+        """The kernel's table of ``pieces`` into ``outs``, or None where it cannot read them."""
+        if not pieces:
+            return None
+        columns = []
+        for j, (piece, out) in enumerate(zip(pieces, outs, strict=True)):
+            if out is None or not out.flags.c_contiguous:
+                return None
+            if out.nbytes == piece.nbytes:
+                widen = self.kernel.COPY
+            elif piece.dtype == "BF16" and out.dtype == np.float32:
+                widen = self.kernel.BF16_TO_F32
+            else:
+                return None
+            at = out.ctypes.data if addresses is None else addresses[j]
+            columns.append((self.fds[piece.path], piece.offset, piece.nbytes, at, widen))
+        return np.array(columns, np.int64).T.copy()
 
     def read_piece(
         self, piece: Piece, out: np.ndarray | None = None, drop: bool = True
@@ -465,10 +541,10 @@ class DirectReader(PreadReader):
 
     name = "direct"
     ALIGN = 4096
+    compiled = False  # its reads go through aligned bounce buffers
 
     def __init__(self, files: list[Path], threads: int = 4, drop_cache: bool = True):
         super().__init__(files, threads, drop_cache)
-        self._local = threading.local()
         self.direct_fds: dict[Path, int] = {}
         for path in self.fds:
             self._open_direct(path)
