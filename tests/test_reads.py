@@ -369,3 +369,17 @@ def test_read_seconds_leave_out_the_wait_for_computations(snapshot):
         paged.close()
     assert wall > 0.1, "the queued computation was too short to tell"
     assert waits[-1] < 0.5 * wall, (waits[-1], wall)
+
+
+@pytest.mark.parametrize("values", [1, 3, 4, 5, 8, 4099])
+def test_bf16_widens_exactly_whatever_its_length(values):
+    """The compiled widening takes four values a step and the rest one by one: every value
+    becomes the float32 with the same bits shifted up, whatever the piece's length."""
+    from mlx_pager.storage.readers import widen_bf16
+
+    stored = np.random.default_rng(values).integers(0, 2**16, values, np.uint16)
+    out = np.full(values, np.nan, np.float32)
+    widen_bf16(stored.view(np.uint8), out)
+    assert np.array_equal(out.view(np.uint32), stored.astype(np.uint32) << 16)
+    with pytest.raises(ValueError, match="widen into"):
+        widen_bf16(stored.view(np.uint8), np.zeros(values + 1, np.float32))

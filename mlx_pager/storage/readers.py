@@ -82,8 +82,17 @@ def _folio_range(offset: int, nbytes: int, size: int) -> tuple[int, int]:
 
 
 def widen_bf16(stored: np.ndarray, out: np.ndarray) -> None:
-    """bf16 bytes into float32 bytes, exactly: each value's 16 bits shifted up."""
-    np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    """bf16 bytes into float32 bytes, exactly: each value's 16 bits shifted up. Compiled
+    (``pread_kernel``, loaded with the first reader): measured 5.6 against numpy's 10.6 µs
+    a 32 KiB piece, 141 against 259 µs a 768 KiB one (numpy widens through buffers)."""
+    from .pread_kernel import widen_bf16 as widen
+
+    stored = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
+    if not (out.flags.c_contiguous and out.nbytes == 2 * stored.nbytes):
+        raise ValueError(
+            f"{stored.nbytes} bytes of bf16 widen into {2 * stored.nbytes}, not {out.nbytes}"
+        )
+    widen(stored, out.ctypes.data, stored.nbytes)
 
 
 def widen_into(out: np.ndarray, buf: np.ndarray, dtype: str) -> None:
