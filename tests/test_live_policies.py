@@ -127,3 +127,41 @@ def test_decode_counts_start_after_the_prompts_last_token(model):
     after = [(h, m) for done, h, m in counted if done >= prompt_tokens]
     assert passes[0] - prompt_tokens == stats.generation_tokens == 5  # one pass per token
     assert (stats.decode_hits, stats.decode_misses) == tuple(np.sum(after, 0).tolist())
+
+
+def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, monkeypatch):
+    """A decode step whose experts were all resident writes its books (the policy's
+    requests, the counts, the trace) when the token has passed every layer or a later
+    layer misses, in order: the same hits, misses, counts, routing order and evictions as
+    a pager that writes each layer's books at once."""
+    from mlx_pager.paging.run import PagingRun
+
+    def run(defer: bool):
+        if not defer:
+            immediate = PagingRun.defer_hit
+
+            def at_once(self, layer, indices):
+                immediate(self, layer, indices)
+                self.record_hits()
+
+            monkeypatch.setattr(PagingRun, "defer_hit", at_once)
+        paged = open_paged(model, 36)  # of 48: speculated steps hit and miss
+        routing, deferred = [], []
+        paged.run.on_tokens = lambda layer, routed: routing.append((layer, routed.tolist()))
+        record = paged.run.record_hits
+        paged.run.record_hits = lambda: deferred.append(len(paged.run.unrecorded_hits)) or record()
+        engine = Engine(paged, "m", 256)
+        try:
+            for prompt in ("Experts are paged from disk.", "Then another prompt."):
+                for _ in engine.generate(prompt, 24, chat_template=False, ignore_eos=True):
+                    pass
+            s = paged.stats
+            books = (s.hits, s.misses, s.expert_counts.tolist(), paged.cache.slot_table.tolist())
+        finally:
+            engine.close()
+            monkeypatch.undo()
+        return books, routing, max(deferred)
+
+    (books, routing, most), (books_now, routing_now, _) = run(True), run(False)
+    assert most > 1, "some hits must wait for the token's end"
+    assert books == books_now and routing == routing_now

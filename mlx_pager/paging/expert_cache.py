@@ -211,14 +211,17 @@ class ExpertCache:
     def slot_bytes(self) -> int:
         return sum(int(a.nbytes) // self.slots for a in self.pools.values())
 
-    def device_slots(self, layer: int, experts: mx.array) -> mx.array:
+    def device_slots(self, layer: int, experts: mx.array) -> tuple[mx.array, mx.array]:
         """The slots of ``experts`` computed by MLX from the slot table as it is now, so a
-        computation can be built on them before the host knows the experts. An expert not
-        resident gets slot 0: such a result is wrong, and thrown away (``all_resident``)."""
+        computation can be built on them before the host knows the experts, and whether
+        they were all resident (an MLX boolean the host reads with the routing, instead of
+        looking the experts up itself). An expert not resident gets slot 0: such a result
+        is wrong, and thrown away."""
         row = self._device_rows.get(layer)
         if row is None:
-            row = self._device_rows[layer] = mx.array(np.maximum(self.slot_table[layer], 0))
-        return row[experts]
+            row = self._device_rows[layer] = mx.array(self.slot_table[layer])
+        found = row[experts]
+        return mx.maximum(found, 0), found.min() >= 0
 
     def all_resident(self, layer: int, experts: np.ndarray) -> bool:
         return bool(self.slot_table[layer][experts].min() >= 0)
@@ -263,6 +266,31 @@ class ExpertCache:
             if record:
                 self._record()
             return table
+
+    def record_hits(self, layers: list[int], experts: np.ndarray) -> None:
+        """The books of decode steps whose experts were all resident (``experts[i]``: the
+        step's in layer ``layers[i]``), kept until now by ``PagingRun.defer_hit``: the
+        policy hears the requests in order and ``on_fetch`` counts the hits, as ``fetch``
+        would have layer by layer, in one go. An expert read ahead and asked for now for
+        the first time counts a miss: where there is one, ``fetch`` itself, layer by layer."""
+        with self.lock:
+            self._record()
+            if self.ahead:
+                self._reap()
+            keys = zip(layers, experts.tolist(), strict=True)
+            if not (
+                self.fresh and any((layer, e) in self.fresh for layer, row in keys for e in row)
+            ):
+                self._queued.extend(
+                    (layer, row, None) for layer, row in zip(layers, experts, strict=True)
+                )
+                if len(self._queued) > QUEUE_LIMIT:
+                    self._tell()
+                if self.on_fetch is not None:
+                    self.on_fetch(experts.size, 0, 0.0)
+                return
+        for layer, row in zip(layers, experts, strict=True):
+            self.fetch(layer, row)
 
     def record(self) -> None:
         """Tell the policy and ``on_fetch`` what the last ``fetch(record=False)`` did."""

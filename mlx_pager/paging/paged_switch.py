@@ -188,7 +188,7 @@ class PagedSwitch(nn.Module):
             # slot 0 for the missing ones; misses land in slots only once it is done).
             # Tried where the layer's recent steps mostly hit: a wrong guess costs a
             # layer's computation, worth it only where guesses are rarely wrong.
-            slots = cache.device_slots(self.layer, indices)
+            slots, wanted["resident"] = cache.device_slots(self.layer, indices)
             before = time.thread_time()
             speculative = self._compute(x, slots, cache)
             mx.async_eval(wanted)
@@ -198,14 +198,28 @@ class PagedSwitch(nn.Module):
         before = time.thread_time()
         mx.eval(wanted)
         in_mlx += time.thread_time() - before
+        if speculative is not None:
+            hit = wanted["resident"].item()
+            self._resident(hit)
+            if hit and not (guessing or prefetcher is not None and prefetcher.pending):
+                # Every expert resident and no guess to score: computing since the
+                # routing, nothing waited for the host, and the books wait (``defer_hit``)
+                run.defer_hit(self.layer, indices)
+                if self.last:
+                    self._pass_done(speculative, indices.size // indices.shape[-1], decode)
+                total = time.thread_time() - start - in_mlx
+                run.timed(decode, ahead, total)
+                return speculative
+        if run.unrecorded_hits:  # the layers before this one: the policy hears them first
+            run.record_hits()
         # numpy's own index type: the host's gathers take their short path
         routed = np.array(indices, np.intp)
         flat = routed.reshape(-1)
         if cold is None and not several:
-            hit = cache.all_resident(self.layer, flat)
-            share = self.all_resident_share + (hit - self.all_resident_share) / SPECULATE_OVER
-            object.__setattr__(self, "all_resident_share", share)
-            if hit and speculative is not None:
+            if speculative is None:
+                hit = cache.all_resident(self.layer, flat)
+                self._resident(hit)
+            elif hit:
                 y = speculative  # computing since the routing: nothing waited for the host
         guess = prefetcher.predict(np.array(wanted["guess"])) if "guess" in wanted else None
         if flat.size == routed.shape[-1]:  # one token (decode): its top-k are distinct
@@ -247,18 +261,7 @@ class PagedSwitch(nn.Module):
                 {(self.layer, int(e)) for e in experts},
             )
         if self.last:
-            # Forced before a slot it reads is overwritten; in decode the next token's
-            # first sync computes it anyway, so nothing waits for it here.
-            cache.hold(y)
-            if cold is not None:
-                cold.hold(y)
-            n = flat.size // routed.shape[-1]
-            cache.next_tokens(n)
-            if cold is not None:
-                cold.next_tokens(n)
-            run.passed(n)
-            if prefetcher is not None:
-                prefetcher.gate.passed(time.perf_counter(), decode)
+            self._pass_done(y, flat.size // routed.shape[-1], decode)
         if prefetcher is not None and (guessing or prefetcher.pending):
             prefetcher.finish(self.layer, routed)
             if guess is not None:  # read while this layer computes
@@ -267,6 +270,28 @@ class PagedSwitch(nn.Module):
         total = time.thread_time() - start - in_mlx
         run.timed(decode, total if ahead is None else ahead, total)
         return y
+
+    def _resident(self, hit: bool) -> None:
+        """This step's experts were all resident, or not: the moving share that decides
+        whether the next steps speculate."""
+        share = self.all_resident_share + (hit - self.all_resident_share) / SPECULATE_OVER
+        object.__setattr__(self, "all_resident_share", share)
+
+    def _pass_done(self, y: mx.array, n: int, decode: bool) -> None:
+        """The last paged layer: ``n`` tokens went through every layer."""
+        cache, cold, run, prefetcher = self.cache, self.cold, self.run, self.cache.prefetcher
+        run.record_hits()  # the policy hears every layer's requests before the token ends
+        # Forced before a slot it reads is overwritten; in decode the next token's first
+        # sync computes it anyway, so nothing waits for it here.
+        cache.hold(y)
+        if cold is not None:
+            cold.hold(y)
+        cache.next_tokens(n)
+        if cold is not None:
+            cold.next_tokens(n)
+        run.passed(n)
+        if prefetcher is not None:
+            prefetcher.gate.passed(time.perf_counter(), decode)
 
     def _unimportant_misses(
         self, routed: np.ndarray, experts: np.ndarray, probs: np.ndarray
