@@ -129,34 +129,39 @@ def test_decode_counts_start_after_the_prompts_last_token(model):
     assert (stats.decode_hits, stats.decode_misses) == tuple(np.sum(after, 0).tolist())
 
 
-def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, monkeypatch):
+@pytest.mark.parametrize("policy", ["lru", "predict"])
+def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, monkeypatch, policy):
     """A decode step whose experts were all resident writes its books (the policy's
     requests, the counts, the trace) when the token has passed every layer or a later
-    layer misses, in order: the same hits, misses, counts, routing order and evictions as
+    layer misses, in order: the same hits, misses, counts, routing order and residents as
     a pager that writes each layer's books at once."""
-    from mlx_pager.paging.run import PagingRun
+    from mlx_pager.paging.expert_cache import ExpertCache
 
     def run(defer: bool):
         if not defer:
-            immediate = PagingRun.defer_hit
+            later = ExpertCache.defer_hit
 
             def at_once(self, layer, indices):
-                immediate(self, layer, indices)
-                self.record_hits()
+                later(self, layer, indices)
+                self.write_hits()
 
-            monkeypatch.setattr(PagingRun, "defer_hit", at_once)
-        paged = open_paged(model, 36)  # of 48: speculated steps hit and miss
+            monkeypatch.setattr(ExpertCache, "defer_hit", at_once)
+        paged = open_paged(model, 36, policy=policy)  # of 48: speculated steps hit and miss
         routing, deferred = [], []
         paged.run.on_tokens = lambda layer, routed: routing.append((layer, routed.tolist()))
-        record = paged.run.record_hits
-        paged.run.record_hits = lambda: deferred.append(len(paged.run.unrecorded_hits)) or record()
+        written = paged.cache.on_hits
+        paged.cache.on_hits = lambda layers, routed: (
+            deferred.append(len(layers)) or written(layers, routed)
+        )
         engine = Engine(paged, "m", 256)
         try:
             for prompt in ("Experts are paged from disk.", "Then another prompt."):
                 for _ in engine.generate(prompt, 24, chat_template=False, ignore_eos=True):
                     pass
             s = paged.stats
-            books = (s.hits, s.misses, s.expert_counts.tolist(), paged.cache.slot_table.tolist())
+            # which experts stay resident (their slots depend on the read-aheads' threads)
+            resident = (paged.cache.slot_table >= 0).tolist()
+            books = (s.hits, s.misses, s.expert_counts.tolist(), resident)
         finally:
             engine.close()
             monkeypatch.undo()
@@ -165,3 +170,21 @@ def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, monk
     (books, routing, most), (books_now, routing_now, _) = run(True), run(False)
     assert most > 1, "some hits must wait for the token's end"
     assert books == books_now and routing == routing_now
+
+
+def test_a_miss_hears_the_hits_before_it_chooses_its_victims(model):
+    """Hits whose books wait (``defer_hit``) are told to the policy before a later miss
+    picks its victims: least recently used, the experts just hit are kept."""
+    import mlx.core as mx
+
+    paged = open_paged(model, 4, policy="lru")
+    cache = paged.cache
+    try:
+        cache.fetch(0, np.array([0, 1]))
+        cache.fetch(0, np.array([2, 3]))  # every slot taken; 0 and 1 the oldest
+        cache.defer_hit(0, mx.array([[[0, 1]]]))  # a decode step hit them again
+        cache.fetch(0, np.array([4, 5]))  # two victims
+        assert [cache.resident(0, e) for e in range(6)] == [True, True, False, False, True, True]
+        assert paged.stats.hits == 2
+    finally:
+        paged.close()

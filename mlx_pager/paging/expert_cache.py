@@ -181,6 +181,10 @@ class ExpertCache:
         self._ahead_pool: ThreadPoolExecutor | None = None
         # The last fetch, until the policy and on_fetch are told (fetch(record=False))
         self._unrecorded: tuple | None = None
+        # Decode steps that found every expert resident, their books not written yet
+        # (``defer_hit``); ``on_hits(layers, routing)`` hears them when they are.
+        self._hits: list[tuple[int, mx.array]] = []
+        self.on_hits: Callable[[list[int], np.ndarray], None] | None = None
         # A computation that reads slots and may not have run yet (``hold``)
         self._pending: mx.array | None = None
         self._computing = 0.0  # this fetch's wait for MLX before writing slots, not reading
@@ -199,6 +203,7 @@ class ExpertCache:
         self._policy, self._queued = policy, []
 
     def _tell(self) -> None:
+        self._write_hits()
         queued, self._queued = self._queued, []
         for item in queued:
             if isinstance(item, int):  # tokens that went through every layer
@@ -267,30 +272,45 @@ class ExpertCache:
                 self._record()
             return table
 
-    def record_hits(self, layers: list[int], experts: np.ndarray) -> None:
-        """The books of decode steps whose experts were all resident (``experts[i]``: the
-        step's in layer ``layers[i]``), kept until now by ``PagingRun.defer_hit``: the
-        policy hears the requests in order and ``on_fetch`` counts the hits, as ``fetch``
-        would have layer by layer, in one go. An expert read ahead and asked for now for
-        the first time counts a miss: where there is one, ``fetch`` itself, layer by layer."""
+    def defer_hit(self, layer: int, indices: mx.array) -> None:
+        """A decode step of ``layer`` found every expert resident (``indices``: its routing,
+        as MLX computed it). Its books (the policy's requests, the hit counts, the
+        profiler's) are written later, for every such step at once, in order: before the
+        cache decides anything (a victim, an admission), records another fetch, or a token
+        ends. On the hit path the layer then converts nothing to numpy and looks nothing up:
+        right after MLX computes, the first touch of each of those had cost the host 25-30
+        µs (thread CPU time, measured per step). A miss writes them after its reads have
+        started, not before."""
+        self._hits.append((layer, indices))
+
+    def write_hits(self) -> None:
+        """Write the books ``defer_hit`` kept (a reply's end: its counts complete)."""
         with self.lock:
-            self._record()
-            if self.ahead:
-                self._reap()
-            keys = zip(layers, experts.tolist(), strict=True)
-            if not (
-                self.fresh and any((layer, e) in self.fresh for layer, row in keys for e in row)
-            ):
-                self._queued.extend(
-                    (layer, row, None) for layer, row in zip(layers, experts, strict=True)
-                )
-                if len(self._queued) > QUEUE_LIMIT:
-                    self._tell()
-                if self.on_fetch is not None:
-                    self.on_fetch(experts.size, 0, 0.0)
-                return
-        for layer, row in zip(layers, experts, strict=True):
-            self.fetch(layer, row)
+            self._write_hits()
+
+    def _write_hits(self) -> None:
+        """``defer_hit``'s books, as ``fetch`` would have written them layer by layer. An
+        expert read ahead and asked for now for the first time counts a miss, as there
+        (one still being read was not resident: its step was no hit)."""
+        hits, self._hits = self._hits, []
+        if not hits:
+            return
+        layers = [layer for layer, _ in hits]
+        routed = np.array([indices for _, indices in hits], np.intp)  # one conversion
+        experts = routed.reshape(len(hits), -1)  # a step's top-k: distinct
+        hit, missed = experts.size, 0
+        rows = zip(layers, experts.tolist(), strict=True)
+        if self.fresh and any((layer, e) in self.fresh for layer, row in rows for e in row):
+            for layer, row in zip(layers, experts, strict=True):
+                missed += self._make_resident(layer, row)[1]  # resident: reads nothing
+            hit -= missed
+        self._queued.extend((layer, row, None) for layer, row in zip(layers, experts, strict=True))
+        if len(self._queued) > QUEUE_LIMIT:
+            self._tell()
+        if self.on_fetch is not None:
+            self.on_fetch(hit, missed, 0.0)
+        if self.on_hits is not None:
+            self.on_hits(layers, routed)
 
     def record(self) -> None:
         """Tell the policy and ``on_fetch`` what the last ``fetch(record=False)`` did."""
@@ -301,6 +321,7 @@ class ExpertCache:
         """``n`` tokens went through every layer: age the policies that count tokens."""
         with self.lock:
             self._record()
+            self._write_hits()
             self._queued.append(n)
 
     def _make_resident(self, layer: int, experts: np.ndarray) -> tuple[np.ndarray, int, float]:
@@ -344,6 +365,7 @@ class ExpertCache:
         self.reader.forget()  # the last reads' cached pages, once the computation is under way
         if self._unrecorded is None:
             return
+        self._write_hits()  # they came first
         layer, experts, requests, misses, waited = self._unrecorded
         self._unrecorded = None
         self._queued.append((layer, experts, requests))
@@ -467,6 +489,7 @@ class ExpertCache:
         """Evict everything (benchmarks that need a cold cache)."""
         with self.lock:
             self._record()
+            self._write_hits()
             self._settle_pending()
             self._drop_ahead()
             for key in list(self.slot_of):

@@ -311,6 +311,7 @@ def load_paged(
         cache = ExpertCache(layout.expert_map, reader, slots, make_policy(policy), stored,
                             staging, on_fetch=run.count)  # fmt: skip
         run.cache = cache
+        cache.on_hits = run.hits_written
         if cold_slots:
             cold = ExpertCache(layout.expert_map, reader, cold_slots, make_policy("lru"), low,
                                staging, on_fetch=run.count_cold)  # fmt: skip

@@ -204,14 +204,12 @@ class PagedSwitch(nn.Module):
             if hit and not (guessing or prefetcher is not None and prefetcher.pending):
                 # Every expert resident and no guess to score: computing since the
                 # routing, nothing waited for the host, and the books wait (``defer_hit``)
-                run.defer_hit(self.layer, indices)
+                cache.defer_hit(self.layer, indices)
                 if self.last:
                     self._pass_done(speculative, indices.size // indices.shape[-1], decode)
                 total = time.thread_time() - start - in_mlx
                 run.timed(decode, ahead, total)
                 return speculative
-        if run.unrecorded_hits:  # the layers before this one: the policy hears them first
-            run.record_hits()
         # numpy's own index type: the host's gathers take their short path
         routed = np.array(indices, np.intp)
         flat = routed.reshape(-1)
@@ -280,7 +278,6 @@ class PagedSwitch(nn.Module):
     def _pass_done(self, y: mx.array, n: int, decode: bool) -> None:
         """The last paged layer: ``n`` tokens went through every layer."""
         cache, cold, run, prefetcher = self.cache, self.cold, self.run, self.cache.prefetcher
-        run.record_hits()  # the policy hears every layer's requests before the token ends
         # Forced before a slot it reads is overwritten; in decode the next token's first
         # sync computes it anyway, so nothing waits for it here.
         cache.hold(y)

@@ -36,7 +36,6 @@ class PagingRun:
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         self.host_ahead_seconds = 0.0
         stats.expert_counts = np.zeros((layers, experts), np.int64)
-        self.unrecorded_hits: list = []  # (layer, routing as MLX has it): ``defer_hit``
 
     def start(self, prompt_tokens: int = 0) -> None:
         """A new reply (the stats were reset): its first ``prompt_tokens`` tokens are the
@@ -47,7 +46,8 @@ class PagingRun:
         self.prefill_read_seconds = 0.0
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         self.host_ahead_seconds = 0.0
-        self.unrecorded_hits = []  # a pass that failed: its hits go unrecorded
+        if self.cache is not None:  # hits a failed pass left unwritten (counted from here)
+            self.cache.write_hits()
         if self.prefetcher is not None:
             self.prefetcher.reset_counts()
         if self.cache is not None:
@@ -71,25 +71,10 @@ class PagingRun:
         if self.on_tokens is not None:
             self.on_tokens(layer, routed)
 
-    def defer_hit(self, layer: int, indices) -> None:
-        """A decode step's layer found every expert resident: its books (the policy's
-        requests, the profiler's counts, the trace hook) wait until the token has passed
-        every layer, or until a layer misses, and are then written for all such layers in
-        order (``record_hits``). On the hit path the layer then converts nothing to numpy
-        and looks nothing up: right after MLX computes, the first touch of each of those
-        costs the host 10-30 µs here (measured per step, thread CPU time)."""
-        self.unrecorded_hits.append((layer, indices))
-
-    def record_hits(self) -> None:
-        """Write the books of the hits ``defer_hit`` kept, in the order they happened:
-        before the cache decides anything (a miss, the token's end)."""
-        hits, self.unrecorded_hits = self.unrecorded_hits, []
-        if not hits:
-            return
-        layers = [layer for layer, _ in hits]
-        routed = [np.array(indices, np.intp) for _, indices in hits]
-        experts = np.stack([r.reshape(-1) for r in routed])  # a step's top-k: distinct
-        self.cache.record_hits(layers, experts)
+    def hits_written(self, layers: list[int], routed: np.ndarray) -> None:
+        """Decode steps that found every expert resident, their books written now
+        (``ExpertCache.defer_hit``): the profiler counts them, the hook sees them, in order."""
+        experts = routed.reshape(len(layers), -1)  # a step's top-k: distinct
         with self.stats.lock:
             self.stats.expert_counts[np.array(layers)[:, None], experts] += 1
         if self.on_tokens is not None:
