@@ -28,21 +28,17 @@ def test_prefetch_accounting(tmp_path):
     # every piece announced to the kernel must be one that is then read (and counted).
     reader = paged.cache.reader
     hints, read = [], []
-    announce, read_group, read_piece = reader.announce, reader.read, reader.read_piece
+    announce, read_piece = reader.announce, reader.read_piece
 
     def announcing(pieces):
         hints.extend(pieces)
         announce(pieces)
 
-    def reading_group(pieces, *args, **kwargs):  # a group's reads (some compiled)
-        read.extend(pieces)
-        return read_group(pieces, *args, **kwargs)
-
-    def reading(piece, *args, **kwargs):  # the guesses' and read-aheads' reads
+    def reading(piece, *args, **kwargs):
         read.append(piece)
         return read_piece(piece, *args, **kwargs)
 
-    reader.announce, reader.read, reader.read_piece = announcing, reading_group, reading
+    reader.announce, reader.read_piece = announcing, reading
     engine = Engine(paged, "m", 256)
     for _ in engine.generate("Experts are paged from disk.", max_tokens=24, chat_template=False):
         pass
@@ -102,8 +98,8 @@ def test_demand_reads_do_not_wait_for_a_guess_under_way(tmp_path):
     demand_read = cache.reader.read
     speculative_reading = []
 
-    def read(pieces, outs=None, addresses=None):  # demand reads, on the calling thread
-        out = demand_read(pieces, outs, addresses)
+    def read(pieces, outs=None):  # demand reads, on the calling thread
+        out = demand_read(pieces, outs)
         speculative_reading.append(not release.is_set())
         demand_done.set()
         return out

@@ -120,29 +120,17 @@ def test_readers_return_identical_bytes(snapshot):
             r.close()
 
 
-@pytest.mark.parametrize(
-    "compiled, addressed",
-    [(True, True), (True, False), (False, False)],
-    ids=["compiled-addresses-given", "compiled", "python"],
-)
-def test_pieces_land_in_their_slots_as_stored_or_widened(
-    tmp_path, monkeypatch, compiled, addressed
-):
+def test_pieces_land_in_their_slots_as_stored_or_widened(tmp_path):
     """A group read into slots: bf16 pieces widened exactly into float32 slots, others
-    copied as stored, the same bytes whether the compiled kernel or Python reads them;
-    the kernel is what reads a small group when it can."""
-    from mlx_pager.storage import pread_kernel, readers
+    copied as stored; the reader hands back the slots themselves."""
+    from mlx_pager.storage import readers
     from mlx_pager.storage.expert_map import Piece
 
     rng = np.random.default_rng(2)
     data = rng.integers(0, 256, 12 * 8192 + 100, np.uint8)
     path = tmp_path / "blob"
     path.write_bytes(data)
-    calls = []
-    kernel = pread_kernel.read_pieces
-    monkeypatch.setattr(pread_kernel, "read_pieces", lambda *a: calls.append(a) or kernel(*a))
     reader = readers.READERS["pread"]([path])
-    reader.compiled = compiled
     # Odd offsets: pieces lie anywhere in a safetensors file
     pieces = [
         Piece(path, 100 + i * 8192 + i, 4096, "BF16" if i % 2 else "U8", (4096,)) for i in range(6)
@@ -151,13 +139,11 @@ def test_pieces_land_in_their_slots_as_stored_or_widened(
         np.zeros(2048, np.float32) if pc.dtype == "BF16" else np.zeros(4096, np.uint8)
         for pc in pieces
     ]
-    addresses = [out.__array_interface__["data"][0] for out in outs] if addressed else None
     try:
-        got = reader.read(pieces, outs, addresses)
+        got = reader.read(pieces, outs)
         assert all(g is out for g, out in zip(got, outs, strict=True))
     finally:
         reader.close()
-    assert bool(calls) == compiled
     for piece, out in zip(pieces, outs, strict=True):
         stored = data[piece.offset : piece.offset + piece.nbytes]
         if piece.dtype == "BF16":
@@ -167,9 +153,9 @@ def test_pieces_land_in_their_slots_as_stored_or_widened(
             assert np.array_equal(out, stored)
 
 
-def test_a_compiled_read_that_fails_says_why(tmp_path):
-    """The file ends inside a piece: the compiled read stops there and the error names the
-    file and the byte, as a Python read's does; the pieces before it are in their slots."""
+def test_a_group_read_that_fails_says_why(tmp_path):
+    """The file ends inside a piece: the read stops there and the error names the file and
+    the byte; the pieces before it are in their slots."""
     from mlx_pager.storage.expert_map import Piece
     from mlx_pager.storage.readers import READERS, ExpertReadError
 
@@ -373,8 +359,8 @@ def test_read_seconds_leave_out_the_wait_for_computations(snapshot):
 
 @pytest.mark.parametrize("values", [1, 3, 4, 5, 8, 4099])
 def test_bf16_widens_exactly_whatever_its_length(values):
-    """The compiled widening takes four values a step and the rest one by one: every value
-    becomes the float32 with the same bits shifted up, whatever the piece's length."""
+    """Every value becomes the float32 with the same bits shifted up, whatever the
+    piece's length; a slot of the wrong size is refused, not overrun."""
     from mlx_pager.storage.readers import widen_bf16
 
     stored = np.random.default_rng(values).integers(0, 2**16, values, np.uint16)

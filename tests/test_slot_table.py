@@ -24,10 +24,9 @@ def test_a_failed_read_leaves_no_slot_in_the_table(tmp_path, monkeypatch, direct
         read = cache.reader.read
         per_expert = len(cache.map.params)
 
-        def failing(pieces, outs=None, addresses=None):
+        def failing(pieces, outs=None):
             # The first expert's bytes land (in its slot when direct), then the read fails.
-            first = slice(0, per_expert)
-            read(pieces[first], outs and outs[first], addresses and addresses[first])
+            read(pieces[:per_expert], outs[:per_expert] if outs else None)
             raise OSError("short read")
 
         monkeypatch.setattr(cache.reader, "read", failing)

@@ -158,10 +158,6 @@ class ExpertCache:
         self.views = host_views(self.pools) if isinstance(slot_format, StoredFormat) else None
         if self.views is not None and not host_writable(expert_map.expert_pieces(0, 0), self.views):
             self.views = None
-        # Where each pool's slot 0 starts in memory, and the bytes from one slot to the next
-        self._slot_addresses = {
-            name: (view.ctypes.data, view.strides[0]) for name, view in (self.views or {}).items()
-        }
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_in: list[tuple[int, int] | None] = [None] * slots
         # [layer, expert] -> slot, -1 when not resident: a hit is a numpy gather
@@ -602,15 +598,13 @@ class ExpertCache:
     def _read_direct(self, group: list[tuple[tuple[int, int], int]]) -> None:
         """Every piece of the group in one parallel read, each straight into its slot
         (widened on the way where the slot holds float32 and the piece bf16)."""
-        pieces, outs, addresses = [], [], []
+        pieces, outs = [], []
         for key, slot in group:
             for param, piece in self.map.expert_pieces(*key).items():
-                start, stride = self._slot_addresses[param]
                 pieces.append(piece)
                 outs.append(self.views[param][slot])
-                addresses.append(start + slot * stride)
         self._wait_for_readers()
-        self.reader.read(pieces, outs, addresses)
+        self.reader.read(pieces, outs)
         for key, slot in group:
             self._mark(key, slot)
 

@@ -82,17 +82,12 @@ def _folio_range(offset: int, nbytes: int, size: int) -> tuple[int, int]:
 
 
 def widen_bf16(stored: np.ndarray, out: np.ndarray) -> None:
-    """bf16 bytes into float32 bytes, exactly: each value's 16 bits shifted up. Compiled
-    (``pread_kernel``, loaded with the first reader): measured 5.6 against numpy's 10.6 µs
-    a 32 KiB piece, 141 against 259 µs a 768 KiB one (numpy widens through buffers)."""
-    from .pread_kernel import widen_bf16 as widen
-
-    stored = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
-    if not (out.flags.c_contiguous and out.nbytes == 2 * stored.nbytes):
+    """bf16 bytes into float32 bytes, exactly: each value's 16 bits shifted up."""
+    if out.nbytes != 2 * stored.nbytes:
         raise ValueError(
             f"{stored.nbytes} bytes of bf16 widen into {2 * stored.nbytes}, not {out.nbytes}"
         )
-    widen(stored, out.ctypes.data, stored.nbytes)
+    np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
 
 
 def widen_into(out: np.ndarray, buf: np.ndarray, dtype: str) -> None:
@@ -159,7 +154,6 @@ class Reader:
         self._lock = threading.Lock()
         self._started: set[Piece] = set()  # announced by ``start``, not read yet
         self._unforgotten: list[Piece] = []  # read, their pages cached until ``forget``
-        self._local = threading.local()  # per-thread buffers
 
     def _open(self, path: Path) -> int:
         fd = os.open(path, os.O_RDONLY)
@@ -224,17 +218,12 @@ class Reader:
         self._started.update(first)
 
     def read(
-        self,
-        pieces: list[Piece],
-        outs: list[np.ndarray | None] | None = None,
-        addresses: list[int] | None = None,
+        self, pieces: list[Piece], outs: list[np.ndarray | None] | None = None
     ) -> list[np.ndarray]:
         """Read pieces in parallel; the result keeps their order. Each goes into its
         ``outs`` entry: None, a fresh uint8 buffer; else an array its values go into (an
         expert cache slot), as stored, or widened exactly where the array is float32 and
-        the piece bf16 or f16 (a CPU computes in float32). ``addresses``: where each of
-        ``outs`` starts in memory, if the caller keeps them (asking an array costs more
-        than reading a small piece).
+        the piece bf16 or f16 (a CPU computes in float32).
 
         The pages of the group's first ``ANNOUNCE_BYTES`` (a decode step's whole group)
         stay in the page cache until ``forget``: dropping them costs a syscall a piece
@@ -247,7 +236,7 @@ class Reader:
         small = not pieces or ends[-1] <= min(LANE_BYTES, ANNOUNCE_BYTES)
         try:
             if small:
-                result = self._read_small(pieces, outs, addresses)
+                result = self._read_small(pieces, outs)
             else:
                 result = self._read_lanes(pieces, outs, ends)
         finally:
@@ -268,12 +257,7 @@ class Reader:
             widen_into(flat, self.read_piece(piece, drop=False), piece.dtype)
         return out
 
-    def _read_small(
-        self,
-        pieces: list[Piece],
-        outs: list[np.ndarray | None],
-        addresses: list[int] | None = None,
-    ) -> list[np.ndarray]:
+    def _read_small(self, pieces: list[Piece], outs: list[np.ndarray | None]) -> list[np.ndarray]:
         """A group that fits one lane and one announcement (every decode step's): the
         caller's plain loop. A decode group is small (the embedded model's: 12 pieces of
         32 KiB), and the lanes' queue, lock and look-ahead around each piece had cost more
@@ -374,9 +358,6 @@ class PreadReader(Reader):
     """``pread`` into a fresh buffer: one syscall per piece, no page faults."""
 
     name = "pread"
-    # Small groups into slots go through the compiled kernel (``pread_kernel``); a
-    # subclass whose reads are not plain preads turns it off.
-    compiled = True
 
     def announce(self, pieces: list[Piece]) -> None:
         """``POSIX_FADV_WILLNEED`` on each piece: the kernel starts reading them all. Measured
@@ -391,64 +372,6 @@ class PreadReader(Reader):
                     os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_WILLNEED)
         except OSError:  # a hint: the read that follows says what is wrong
             return
-
-    def __init__(self, files: list[Path], threads: int = 4, drop_cache: bool = True):
-        super().__init__(files, threads, drop_cache)
-        # Imported with the first reader, not with this module: numba and the cached
-        # kernel take about half a second to load, which opening a model can spare and
-        # starting the app should not pay.
-        from . import pread_kernel
-
-        self.kernel = pread_kernel
-
-    def _read_small(
-        self,
-        pieces: list[Piece],
-        outs: list[np.ndarray | None],
-        addresses: list[int] | None = None,
-    ) -> list[np.ndarray]:
-        """The decode step's group, every piece going into a slot: one call of the
-        compiled kernel, no Python between pieces (``pread_kernel``); anything else (a
-        fresh buffer asked for, f16 to widen) as the base class reads it."""
-        batch = self._batch(pieces, outs, addresses) if self.compiled else None
-        if batch is None:
-            return super()._read_small(pieces, outs)
-        self._announce_fresh(pieces)
-        start, scratch = 0, self._scratch(max(p.nbytes for p in pieces))
-        while start < len(pieces):
-            failed = self.kernel.read_pieces(batch, scratch, start, len(pieces))
-            if failed < 0:
-                break
-            self._read_one(pieces[failed], outs[failed])  # raises what went wrong
-            start = failed + 1  # (or it read after all: a signal, a file growing)
-        return outs
-
-    def _scratch(self, need: int) -> np.ndarray:
-        """This thread's buffer that pieces to widen are read into, of ``need`` bytes or more."""
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch.nbytes < need:
-            scratch = self._local.scratch = np.empty(need, np.uint8)
-        return scratch
-
-    def _batch(
-        self, pieces: list[Piece], outs: list[np.ndarray | None], addresses: list[int] | None
-    ) -> np.ndarray | None:
-        """The kernel's table of ``pieces`` into ``outs``, or None where it cannot read them."""
-        if not pieces:
-            return None
-        columns = []
-        for j, (piece, out) in enumerate(zip(pieces, outs, strict=True)):
-            if out is None or not out.flags.c_contiguous:
-                return None
-            if out.nbytes == piece.nbytes:
-                widen = self.kernel.COPY
-            elif piece.dtype == "BF16" and out.dtype == np.float32:
-                widen = self.kernel.BF16_TO_F32
-            else:
-                return None
-            at = out.ctypes.data if addresses is None else addresses[j]
-            columns.append((self.fds[piece.path], piece.offset, piece.nbytes, at, widen))
-        return np.array(columns, np.int64).T.copy()
 
     def read_piece(
         self, piece: Piece, out: np.ndarray | None = None, drop: bool = True
@@ -550,10 +473,10 @@ class DirectReader(PreadReader):
 
     name = "direct"
     ALIGN = 4096
-    compiled = False  # its reads go through aligned bounce buffers
 
     def __init__(self, files: list[Path], threads: int = 4, drop_cache: bool = True):
         super().__init__(files, threads, drop_cache)
+        self._local = threading.local()
         self.direct_fds: dict[Path, int] = {}
         for path in self.fds:
             self._open_direct(path)
