@@ -87,7 +87,11 @@ def widen_bf16(stored: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(
             f"{stored.nbytes} bytes of bf16 widen into {2 * stored.nbytes}, not {out.nbytes}"
         )
-    np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    # Two unbuffered passes, each a plain vector loop: 5.8 µs a 32 KiB piece, against
+    # 8.8 for one left_shift that casts as it goes (through buffers)
+    wide = out.view(np.uint32)
+    wide[:] = stored.view(np.uint16)
+    wide <<= 16
 
 
 def widen_into(out: np.ndarray, buf: np.ndarray, dtype: str) -> None:
