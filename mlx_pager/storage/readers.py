@@ -97,7 +97,7 @@ def widen_bf16(stored: np.ndarray, out: np.ndarray) -> None:
 def widen_into(out: np.ndarray, buf: np.ndarray, dtype: str) -> None:
     """A piece's bytes (safetensors ``dtype``, read into ``buf``), converted into the
     float32 array ``out`` (a slot): bf16 and f16 widen exactly."""
-    if dtype == "BF16":  # the bits, shifted up: one pass, no temporaries
+    if dtype == "BF16":  # the bits, shifted up
         widen_bf16(buf, out.reshape(-1))
     else:
         out.reshape(-1)[:] = buf.view(NUMPY_DTYPES[dtype])
@@ -267,14 +267,10 @@ class Reader:
         32 KiB), and the lanes' queue, lock and look-ahead around each piece had cost more
         than the reads: profiled with the pages cached, 270 µs a group through the lanes,
         about 160 µs this way."""
-        self._announce_fresh(pieces)
-        return [self._read_one(piece, out) for piece, out in zip(pieces, outs, strict=True)]
-
-    def _announce_fresh(self, pieces: list[Piece]) -> None:
-        """Announce the pieces ``start`` did not (a lone piece's read asks for it soon enough)."""
         fresh = [p for p in pieces if p not in self._started]
-        if len(fresh) > 1:
+        if len(fresh) > 1:  # a lone piece's read asks for it soon enough
             self.announce(fresh)
+        return [self._read_one(piece, out) for piece, out in zip(pieces, outs, strict=True)]
 
     def _read_lanes(
         self, pieces: list[Piece], outs: list[np.ndarray | None], ends: list[int]
