@@ -130,27 +130,29 @@ def test_decode_counts_start_after_the_prompts_last_token(model):
 
 
 @pytest.mark.parametrize("policy", ["lru", "predict"])
-def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, monkeypatch, policy):
+def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, policy):
     """A decode step whose experts were all resident writes its books (the policy's
     requests, the counts, the trace) when the token has passed every layer or a later
     layer misses, in order: the same hits, misses, counts, routing order and residents as
-    a pager that writes each layer's books at once."""
-    from mlx_pager.paging.expert_cache import ExpertCache
+    the books ``fetch`` and ``run.routed`` wrote layer by layer before. (Read-aheads off:
+    their threads' timing would make two runs differ; they have a test of their own.)"""
 
     def run(defer: bool):
-        if not defer:
-            later = ExpertCache.defer_hit
-
-            def at_once(self, layer, indices):
-                later(self, layer, indices)
-                self.write_hits()
-
-            monkeypatch.setattr(ExpertCache, "defer_hit", at_once)
         paged = open_paged(model, 36, policy=policy)  # of 48: speculated steps hit and miss
+        cache, pager = paged.cache, paged.run
+        cache.reads_ahead = False
+        if not defer:  # the books as the layer wrote them before they waited
+
+            def at_once(layer, indices):
+                routed = np.array(indices, np.intp)
+                cache.fetch(layer, routed.reshape(-1))
+                pager.routed(layer, routed, routed.reshape(-1), 1)
+
+            cache.defer_hit = at_once
         routing, deferred = [], []
-        paged.run.on_tokens = lambda layer, routed: routing.append((layer, routed.tolist()))
-        written = paged.cache.on_hits
-        paged.cache.on_hits = lambda layers, routed: (
+        pager.on_tokens = lambda layer, routed: routing.append((layer, routed.tolist()))
+        written = cache.on_hits
+        cache.on_hits = lambda layers, routed: (
             deferred.append(len(layers)) or written(layers, routed)
         )
         engine = Engine(paged, "m", 256)
@@ -159,17 +161,45 @@ def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, monk
                 for _ in engine.generate(prompt, 24, chat_template=False, ignore_eos=True):
                     pass
             s = paged.stats
-            # which experts stay resident (their slots depend on the read-aheads' threads)
-            resident = (paged.cache.slot_table >= 0).tolist()
+            resident = (cache.slot_table >= 0).tolist()
             books = (s.hits, s.misses, s.expert_counts.tolist(), resident)
         finally:
             engine.close()
-            monkeypatch.undo()
-        return books, routing, max(deferred)
+        return books, routing, max(deferred, default=0)
 
-    (books, routing, most), (books_now, routing_now, _) = run(True), run(False)
+    (books, routing, most), (books_then, routing_then, _) = run(True), run(False)
     assert most > 1, "some hits must wait for the token's end"
-    assert books == books_now and routing == routing_now
+    assert books == books_then and routing == routing_then
+
+
+def test_a_deferred_hit_on_an_expert_read_ahead_counts_its_first_use_a_miss(model):
+    """Experts read ahead (prefill) are resident but their first use counts a miss. Hits on
+    them wait like any other, and are written while a later miss settles two more finished
+    read-aheads (the policy is told of each as it is admitted): counted once, no error."""
+    import mlx.core as mx
+
+    paged = open_paged(model, 12, policy="lru")
+    cache = paged.cache
+    assert cache.views is not None, "this machine's MLX buffers are host-writable"
+
+    def read_ahead(experts):
+        cache.read_ahead(0, np.array(experts), set())
+        for _, future in list(cache.ahead.values()):
+            future.result()
+
+    try:
+        read_ahead([0, 1, 2])
+        cache.fetch(1, np.array([5]))  # a miss elsewhere settles them: resident, fresh
+        assert cache.fresh == {(0, 0), (0, 1), (0, 2)}
+        read_ahead([3, 4])  # two more finished, not settled yet
+        cache.defer_hit(0, mx.array([[[0, 1]]]))  # a decode step's hit on two of them
+        cache.fetch(0, np.array([6]))  # settles 3 and 4, writes the hit on the way
+        cache.record()
+        assert cache.fresh == {(0, 2), (0, 3), (0, 4)}
+        assert (paged.stats.hits, paged.stats.misses) == (0, 4)  # 5, the first uses, 6
+        assert cache.ahead_used == 2 and all(cache.resident(0, e) for e in (0, 1, 2, 3, 4, 6))
+    finally:
+        paged.close()
 
 
 def test_a_miss_hears_the_hits_before_it_chooses_its_victims(model):

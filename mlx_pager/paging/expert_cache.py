@@ -275,8 +275,8 @@ class ExpertCache:
         cache decides anything (a victim, an admission), records another fetch, or a token
         ends. On the hit path the layer then converts nothing to numpy and looks nothing up:
         right after MLX computes, the first touch of each of those had cost the host 25-30
-        µs (thread CPU time, measured per step). A miss writes them after its reads have
-        started, not before."""
+        µs (thread CPU time, measured per step). A miss writes them once its reads have
+        started (sooner only if it first settles a finished read-ahead)."""
         self._hits.append((layer, indices))
 
     def write_hits(self) -> None:
@@ -294,17 +294,18 @@ class ExpertCache:
         layers = [layer for layer, _ in hits]
         routed = np.array([indices for _, indices in hits], np.intp)  # one conversion
         experts = routed.reshape(len(hits), -1)  # a step's top-k: distinct
-        hit, missed = experts.size, 0
-        rows = zip(layers, experts.tolist(), strict=True)
-        if self.fresh and any((layer, e) in self.fresh for layer, row in rows for e in row):
-            for layer, row in zip(layers, experts, strict=True):
-                missed += self._make_resident(layer, row)[1]  # resident: reads nothing
-            hit -= missed
         self._queued.extend((layer, row, None) for layer, row in zip(layers, experts, strict=True))
+        done = []  # read ahead, resident, asked for now the first time: misses, as in fetch
+        if self.fresh:  # (counted here, not through _make_resident: that reaps read-aheads,
+            # and this runs inside a reap's own admission; nothing is told before the queue)
+            rows = zip(layers, experts.tolist(), strict=True)
+            done = [(layer, e) for layer, row in rows for e in row if (layer, e) in self.fresh]
+            self.fresh.difference_update(done)
+            self.ahead_used += len(done)
         if len(self._queued) > QUEUE_LIMIT:
             self._tell()
         if self.on_fetch is not None:
-            self.on_fetch(hit, missed, 0.0)
+            self.on_fetch(experts.size - len(done), len(done), 0.0)
         if self.on_hits is not None:
             self.on_hits(layers, routed)
 

@@ -74,9 +74,10 @@ class PagingRun:
     def hits_written(self, layers: list[int], routed: np.ndarray) -> None:
         """Decode steps that found every expert resident, their books written now
         (``ExpertCache.defer_hit``): the profiler counts them, the hook sees them, in order."""
-        experts = routed.reshape(len(layers), -1)  # a step's top-k: distinct
+        experts = routed.reshape(len(layers), -1)
+        rows = np.repeat(layers, experts.shape[1])  # (a layer may come twice: add.at)
         with self.stats.lock:
-            self.stats.expert_counts[np.array(layers)[:, None], experts] += 1
+            np.add.at(self.stats.expert_counts, (rows, experts.reshape(-1)), 1)
         if self.on_tokens is not None:
             for layer, choices in zip(layers, routed, strict=True):
                 self.on_tokens(layer, choices)
