@@ -147,7 +147,7 @@ def test_speculated_steps_are_kept_on_hits_and_thrown_away_on_misses(tmp_path, m
         return slots, resident
 
     monkeypatch.setattr(ExpertCache, "device_slots", recording)
-    # 10 of 16 slots a layer: 5 speculated steps kept, 4 thrown away, 45 misses
+    # 10 slots for 2 layers of 16 experts: steps that speculate, and some of them miss
     _check(make_checkpoint(tmp_path / "m", "qwen3_moe", quantize_bits=4), slots=10)
     outcomes = {flag.item() for flag in flags}
     assert outcomes == {True, False}

@@ -295,17 +295,13 @@ class ExpertCache:
         routed = np.array([indices for _, indices in hits], np.intp)  # one conversion
         experts = routed.reshape(len(hits), -1)  # a step's top-k: distinct
         self._queued.extend((layer, row, None) for layer, row in zip(layers, experts, strict=True))
-        done = []  # read ahead, resident, asked for now the first time: misses, as in fetch
-        if self.fresh:  # (counted here, not through _make_resident: that reaps read-aheads,
-            # and this runs inside a reap's own admission; nothing is told before the queue)
-            rows = zip(layers, experts.tolist(), strict=True)
-            done = [(layer, e) for layer, row in rows for e in row if (layer, e) in self.fresh]
-            self.fresh.difference_update(done)
-            self.ahead_used += len(done)
+        # Not through _make_resident: that reaps read-aheads, and this can run inside a
+        # reap's own admission (which tells the policy, and so writes these first).
+        first = self._first_uses(layers, experts)
         if len(self._queued) > QUEUE_LIMIT:
             self._tell()
         if self.on_fetch is not None:
-            self.on_fetch(experts.size - len(done), len(done), 0.0)
+            self.on_fetch(experts.size - first, first, 0.0)
         if self.on_hits is not None:
             self.on_hits(layers, routed)
 
@@ -327,17 +323,11 @@ class ExpertCache:
         if self.ahead:
             self._reap()
         found = table[experts]
-        done = []  # read ahead for this need, done before it: misses all the same
-        if self.fresh:  # (a few read-aheads nobody asked for can stay here for long)
-            done = [(layer, e) for e in experts.tolist() if (layer, e) in self.fresh]
-        if not done and (found.size == 0 or found.min() >= 0):  # all hits: one gather
+        already_read = self._first_uses([layer], [experts])
+        if not already_read and (found.size == 0 or found.min() >= 0):  # all hits: one gather
             return table, 0, 0.0
         missing = experts[found < 0]
-        waited, already_read = 0.0, 0
-        if done:
-            self.fresh.difference_update(done)
-            already_read = len(done)
-            self.ahead_used += already_read
+        waited = 0.0
         if missing.size:  # a hit touches nothing but the table
             pinned = {(layer, int(e)) for e in experts}
             keys = [(layer, int(e)) for e in missing]
@@ -356,6 +346,18 @@ class ExpertCache:
             waited += time.perf_counter() - start - self._computing
             self.ahead_used += len(coming)
         return table, missing.size + already_read, waited
+
+    def _first_uses(self, layers: list[int], experts) -> int:
+        """Of the requests ``experts[i]`` in ``layers[i]``, the experts read ahead and
+        asked for now the first time: each counts a miss though it reads nothing (its read
+        came earlier). A few read-aheads nobody asks for can wait in ``fresh`` for long."""
+        if not self.fresh:
+            return 0
+        rows = zip(layers, (row.tolist() for row in experts), strict=True)
+        done = [(layer, e) for layer, row in rows for e in row if (layer, e) in self.fresh]
+        self.fresh.difference_update(done)
+        self.ahead_used += len(done)
+        return len(done)
 
     def _record(self) -> None:
         """The policy learns the last fetch's requests; ``on_fetch`` counts it."""
