@@ -298,24 +298,22 @@ class Engine:
             prompt_cache=kv_cache,
         ):
             generated.append(int(response.token))
+            finish = response.finish_reason
+            if self._stop.is_set() and finish is None:
+                finish = "cancelled"
+            if finish is not None and cache is not None:
+                self.paged.run.books_done()  # the last chunk's counts complete
             with stats.lock:
                 stats.kv_used_bytes = sum(c.nbytes for c in kv_cache)
                 if response.generation_tokens == 1:
                     stats.ttft_seconds = time.perf_counter() - asked
                     stats.ttft_wait_seconds = waited
                     stats.ttft_read_seconds = stats.read_seconds
-                # Counted when the prompt's last token was done, not now: mlx-lm has run
-                # the first decode step before it yields the first token.
-                at_prefill = (self.paged.run.prefill_counts if cache else None) or (0, 0)
-                stats.decode_hits = stats.hits - at_prefill[0]
-                stats.decode_misses = stats.misses - at_prefill[1]
+                self._count_decode()
                 stats.prompt_tokens = response.prompt_tokens
                 stats.prompt_tps = response.prompt_tps
                 stats.generation_tokens = response.generation_tokens
                 stats.decode_tps = response.generation_tps
-            finish = response.finish_reason
-            if self._stop.is_set() and finish is None:
-                finish = "cancelled"
             now = time.perf_counter()
             if finish is not None or now - measured >= MEMORY_EVERY_S:
                 # The kernel keeps the peak (VmHWM): reading it now and then misses nothing.
@@ -326,6 +324,10 @@ class Engine:
             try:
                 yield Chunk(response.text, int(response.token), finish)
             except GeneratorExit:  # the caller stopped reading: what was fed is known
+                if cache is not None:
+                    self.paged.run.books_done()
+                    with stats.lock:
+                        self._count_decode()
                 self._keep(kv_cache, tokens + generated)
                 raise
             if finish is not None:
@@ -334,6 +336,15 @@ class Engine:
         if cache is not None and self.learn:  # the profiler learns what this task used
             self.profiles.add(task, stats.expert_counts - counts_before)
             self.profiles.save()
+
+    def _count_decode(self) -> None:
+        """The reply's decode hits and misses (the caller holds the stats' lock): counted
+        from when the prompt's last token was done, not from the first chunk (mlx-lm has run
+        the first decode step before it yields the first token)."""
+        stats = self.stats
+        at_prefill = (self.paged.run.prefill_counts if self.paged.cache else None) or (0, 0)
+        stats.decode_hits = stats.hits - at_prefill[0]
+        stats.decode_misses = stats.misses - at_prefill[1]
 
     def begin_run(self, prompt_tokens: int) -> None:
         """Zero the run's counters for a reply that mlx-lm decodes itself (the server's):
@@ -360,13 +371,15 @@ class Engine:
         decode_tps: float,
         ttft_seconds: float,
         kv_used_bytes: int,
+        finished: bool = False,
     ) -> None:
-        """Record a step of a reply decoded outside ``generate``, as ``generate`` does."""
+        """Record a step of a reply decoded outside ``generate``, as ``generate`` does
+        (``finished``: its last step)."""
         stats, cache = self.stats, self.paged.cache
+        if finished and cache is not None:
+            self.paged.run.books_done()
         with stats.lock:
-            at_prefill = (self.paged.run.prefill_counts if cache else None) or (0, 0)
-            stats.decode_hits = stats.hits - at_prefill[0]
-            stats.decode_misses = stats.misses - at_prefill[1]
+            self._count_decode()
             stats.prompt_tokens = prompt_tokens
             stats.generation_tokens = generation_tokens
             stats.prompt_tps = prompt_tps

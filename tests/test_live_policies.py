@@ -130,11 +130,12 @@ def test_decode_counts_start_after_the_prompts_last_token(model):
 
 
 @pytest.mark.parametrize("policy", ["lru", "predict"])
-def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, policy):
+def test_hits_recorded_later_keep_the_books_of_each_layer(model, policy):
     """A decode step whose experts were all resident writes its books (the policy's
-    requests, the counts, the trace) when the token has passed every layer or a later
-    layer misses, in order: the same hits, misses, counts, routing order and residents as
-    the books ``fetch`` and ``run.routed`` wrote layer by layer before. (Read-aheads off:
+    requests, the counts, the trace) once ``HIT_TOKENS`` tokens have passed, a later layer
+    misses or the reply ends, in order with the token ends between them: the same hits,
+    misses, counts, routing order and residents as the books ``fetch`` and ``run.routed``
+    wrote layer by layer before. (Read-aheads off:
     their threads' timing would make two runs differ; they have a test of their own.)"""
 
     def run(defer: bool):
@@ -168,8 +169,35 @@ def test_hits_recorded_at_the_token_end_keep_the_books_of_each_layer(model, poli
         return books, routing, max(deferred, default=0)
 
     (books, routing, most), (books_then, routing_then, _) = run(True), run(False)
-    assert most > 1, "some hits must wait for the token's end"
+    assert most > 3, "some hits must wait for later tokens (3 layers a token)"
     assert books == books_then and routing == routing_then
+
+
+@pytest.mark.parametrize("cut_short", [False, True], ids=["finished", "caller-stopped"])
+def test_a_replys_last_chunk_has_every_hit_counted(model, cut_short):
+    """Hits wait up to ``HIT_TOKENS`` tokens for their books; the chunk that ends a reply,
+    or the caller closing the stream, writes them: the last stats the app shows and the
+    profile a reply leaves are complete, decode counts included."""
+    paged = open_paged(model, 48)  # every expert fits: decode steps hit
+    engine = Engine(paged, "m", 256)
+    tokens = expert_cache.HIT_TOKENS + 7  # ends with hits waiting
+    try:
+        for _ in engine.generate("Warm the cache.", tokens, chat_template=False):
+            pass
+        stream = engine.generate("Experts stay.", tokens, chat_template=False, ignore_eos=True)
+        for i, _ in enumerate(stream):
+            shown = engine.stats.snapshot()  # what the app shows for this chunk
+            if cut_short and i == tokens - 3:
+                stream.close()
+                shown = engine.stats.snapshot()
+                break
+        paged.run.books_done()  # anything still waiting
+        after = engine.stats.snapshot()
+    finally:
+        engine.close()
+    assert shown.decode_hits > expert_cache.HIT_TOKENS * 3  # 3 layers a token
+    assert (shown.hits, shown.expert_counts.tolist()) == (after.hits, after.expert_counts.tolist())
+    assert shown.decode_hits == shown.hits - paged.run.prefill_counts[0]
 
 
 def test_a_deferred_hit_on_an_expert_read_ahead_counts_its_first_use_a_miss(model):

@@ -191,3 +191,67 @@ def test_registry():
     assert all(make_policy(n).name == n for n in POLICIES)
     with pytest.raises(ValueError, match="Unknown cache policy 'mru'"):
         make_policy("mru")
+
+
+def _events(rng: random.Random, tokens: int, layers: int = 3) -> list:
+    """Decode steps (k experts, no requests), prefill chunks (varied sizes, requests),
+    token ends of one or more tokens, and now and then an expert beyond 64 (the
+    model grows)."""
+    events = []
+    for _ in range(tokens):
+        for layer in range(layers):
+            if rng.random() < 0.3:  # a prefill chunk
+                experts = rng.sample(range(70 if rng.random() < 0.05 else 64), rng.randint(1, 9))
+                requests = np.array([rng.randint(1, 5) for _ in experts], float)
+            else:
+                experts, requests = rng.sample(range(64), 4), None
+            events.append((layer, np.array(experts), requests))
+        events.append(rng.choice([1, 1, 1, 3]))
+    return events
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_told_in_a_batch_as_one_by_one(name):
+    """The cache tells a policy its requests in batches (``tell``): the same state and the
+    same victims as told one request and one token at a time."""
+    rng = random.Random(7)
+    one, batch = make_policy(name), make_policy(name)
+    for _ in range(6):
+        events = _events(rng, rng.randint(1, 40))
+        for item in events:
+            if isinstance(item, int):
+                for _ in range(item):
+                    one.next_token()
+            else:
+                one.access_layer(*item)
+        batch.tell(events)
+        pinned = {(0, int(e)) for e in events[0][1]}
+        assert one.victim(pinned) == batch.victim(pinned)
+    if isinstance(one, PredictedUse):
+        assert one._unit == batch._unit
+        for layer, a in one._layers.items():
+            b = batch._layers[layer]
+            assert a.size == b.size and a.decayed_total == b.decayed_total
+            assert np.array_equal(a.follows, b.follows) and np.array_equal(a.seen, b.seen)
+            assert np.array_equal(a.decayed, b.decayed)  # bit for bit: the same order
+            assert a.previous == b.previous and a.current == b.current
+
+
+def test_predicted_use_batch_across_a_renormalisation():
+    """Past 1e100 the weights' unit is divided out: a batch that would cross it is told
+    one by one, so the arrays stay equal there too."""
+    rng = random.Random(3)
+    one, batch = PredictedUse(), PredictedUse()
+    one._unit = batch._unit = 1e100 / one._growth**5  # five tokens from the division
+    events = _events(rng, 12)
+    for item in events:
+        if isinstance(item, int):
+            for _ in range(item):
+                one.next_token()
+        else:
+            one.access_layer(*item)
+    batch.tell(events)
+    assert one._unit == batch._unit < 1e100
+    for layer, a in one._layers.items():
+        assert np.array_equal(a.decayed, batch._layers[layer].decayed)
+        assert a.decayed_total == batch._layers[layer].decayed_total

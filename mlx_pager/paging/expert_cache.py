@@ -117,6 +117,9 @@ class StoredFormat:
 # Requests queued for the policy before it is told them anyway: a few hundred layer
 # calls, one batch every few dozen tokens.
 QUEUE_LIMIT = 512
+# Tokens whose hits' books may wait (``defer_hit``): written in one batch, a reply's
+# stats behind by at most this many tokens until it ends (``write_hits``)
+HIT_TOKENS = 16
 
 
 class ExpertCache:
@@ -178,8 +181,10 @@ class ExpertCache:
         # The last fetch, until the policy and on_fetch are told (fetch(record=False))
         self._unrecorded: tuple | None = None
         # Decode steps that found every expert resident, their books not written yet
-        # (``defer_hit``); ``on_hits(layers, routing)`` hears them when they are.
-        self._hits: list[tuple[int, mx.array]] = []
+        # (``defer_hit``), and the token ends between them (an int: tokens that ended);
+        # ``on_hits(layers, routing)`` hears them when they are.
+        self._hits: list[tuple[int, mx.array] | int] = []
+        self._hit_tokens = 0  # token ends in _hits
         self.on_hits: Callable[[list[int], np.ndarray], None] | None = None
         # A computation that reads slots and may not have run yet (``hold``)
         self._pending: mx.array | None = None
@@ -201,12 +206,8 @@ class ExpertCache:
     def _tell(self) -> None:
         self._write_hits()
         queued, self._queued = self._queued, []
-        for item in queued:
-            if isinstance(item, int):  # tokens that went through every layer
-                for _ in range(item):
-                    self._policy.next_token()
-            else:
-                self._policy.access_layer(*item)
+        if queued:
+            self._policy.tell(queued)
 
     @property
     def slot_bytes(self) -> int:
@@ -271,11 +272,13 @@ class ExpertCache:
     def defer_hit(self, layer: int, indices: mx.array) -> None:
         """A decode step of ``layer`` found every expert resident (``indices``: its routing,
         as MLX computed it). Its books (the policy's requests, the hit counts, the
-        profiler's) are written later, for every such step at once, in order: before the
-        cache decides anything (a victim, an admission), records another fetch, or a token
-        ends. On the hit path the layer then converts nothing to numpy and looks nothing up:
-        right after MLX computes, the first touch of each of those had cost the host 25-30
-        µs (thread CPU time, measured per step). A miss writes them once its reads have
+        profiler's) are written later, for up to ``HIT_TOKENS`` tokens of such steps at
+        once, in order: before the cache decides anything (a victim, an admission),
+        records another fetch, or a reply ends (``write_hits``). On the hit path the layer
+        then converts nothing to numpy and looks nothing up: right after MLX computes, the
+        first touch of each of those had cost the host 25-30 µs (thread CPU time,
+        measured per step); written a token at a time, the books still cost 17-27 µs a
+        layer (their numpy calls cold each time). A miss writes them once its reads have
         started (sooner only if it first settles a finished read-ahead)."""
         self._hits.append((layer, indices))
 
@@ -285,16 +288,21 @@ class ExpertCache:
             self._write_hits()
 
     def _write_hits(self) -> None:
-        """``defer_hit``'s books, as ``fetch`` would have written them layer by layer. An
-        expert read ahead and asked for now for the first time counts a miss, as there
-        (one still being read was not resident: its step was no hit)."""
-        hits, self._hits = self._hits, []
-        if not hits:
+        """``defer_hit``'s books, as ``fetch`` would have written them layer by layer, the
+        token ends between them told to the policy in their places. An expert read ahead
+        and asked for now for the first time counts a miss, as there (one still being read
+        was not resident: its step was no hit)."""
+        items, self._hits, self._hit_tokens = self._hits, [], 0
+        if not items:
             return
+        hits = [item for item in items if not isinstance(item, int)]
         layers = [layer for layer, _ in hits]
         routed = np.array([indices for _, indices in hits], np.intp)  # one conversion
         experts = routed.reshape(len(hits), -1)  # a step's top-k: distinct
-        self._queued.extend((layer, row, None) for layer, row in zip(layers, experts, strict=True))
+        rows = iter(experts)
+        self._queued.extend(
+            item if isinstance(item, int) else (item[0], next(rows), None) for item in items
+        )
         # Not through _make_resident: that reaps read-aheads, and this can run inside a
         # reap's own admission (which tells the policy, and so writes these first).
         first = self._first_uses(layers, experts)
@@ -314,8 +322,13 @@ class ExpertCache:
         """``n`` tokens went through every layer: age the policies that count tokens."""
         with self.lock:
             self._record()
-            self._write_hits()
-            self._queued.append(n)
+            if not self._hits:
+                self._queued.append(n)
+                return
+            self._hits.append(n)  # after the hits it follows, before those to come
+            self._hit_tokens += 1
+            if self._hit_tokens >= HIT_TOKENS:
+                self._write_hits()
 
     def _make_resident(self, layer: int, experts: np.ndarray) -> tuple[np.ndarray, int, float]:
         """Read what is missing into slots: (the layer's table, misses, seconds waited)."""

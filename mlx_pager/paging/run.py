@@ -8,6 +8,7 @@ engine at the start of every reply (``start``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -40,18 +41,25 @@ class PagingRun:
     def start(self, prompt_tokens: int = 0) -> None:
         """A new reply (the stats were reset): its first ``prompt_tokens`` tokens are the
         prefill; bytes, tokens and prefetch counts start from zero."""
+        self.books_done()  # hits a failed pass left unwritten: counted from here
         self._bytes_at_start = self.reader.bytes_read
         self.prompt_tokens, self.tokens = prompt_tokens, 0
         self.prefill_counts = None if prompt_tokens else (0, 0)
         self.prefill_read_seconds = 0.0
         self.host_layers, self.host_seconds, self._waited = 0, 0.0, 0.0
         self.host_ahead_seconds = 0.0
-        if self.cache is not None:  # hits a failed pass left unwritten (counted from here)
-            self.cache.write_hits()
         if self.prefetcher is not None:
             self.prefetcher.reset_counts()
         if self.cache is not None:
             self.cache.ahead_issued = self.cache.ahead_used = 0
+
+    def books_done(self) -> None:
+        """Count the hits whose books wait in the cache (``ExpertCache.defer_hit``): a reply
+        that ends has its stats, profile and trace complete."""
+        if self.cache is not None:
+            start = time.thread_time()  # the pager's host time, as in the layers
+            self.cache.write_hits()
+            self.host_seconds += time.thread_time() - start
 
     @property
     def phase(self) -> str:
@@ -90,7 +98,7 @@ class PagingRun:
             self.stats.read_seconds += waited
         self._waited += waited
         if misses:  # a hit read nothing
-            self.sync()
+            self._copy_counters()
 
     def count_cold(self, hits: int, misses: int, waited: float) -> None:
         """A fetch of the cold tier's low-precision slots."""
@@ -115,6 +123,8 @@ class PagingRun:
     def passed(self, n: int) -> None:
         """``n`` tokens went through every layer; note the counts when the prompt's last
         token is done (decode starts after it)."""
+        if self.tokens < self.prompt_tokens <= self.tokens + n:
+            self.books_done()  # the prompt's last hits, counted and traced in its phase
         before, self.tokens = self.tokens, self.tokens + n
         if before < self.prompt_tokens <= self.tokens:
             with self.stats.lock:
@@ -122,6 +132,13 @@ class PagingRun:
                 self.prefill_read_seconds = self.stats.read_seconds
 
     def sync(self) -> None:
+        """The stats complete for whoever reads them now (a run driven outside
+        ``Engine.generate``, a benchmark): the hits whose books wait written, the reader's
+        and the prefetcher's counters copied."""
+        self.books_done()
+        self._copy_counters()
+
+    def _copy_counters(self) -> None:
         """Copy the reader's and the prefetcher's counters into the stats."""
         with self.stats.lock:
             self.stats.bytes_read = self.reader.bytes_read - self._bytes_at_start

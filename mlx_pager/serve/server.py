@@ -170,6 +170,7 @@ class RunMeter:
                 decode_tps=(self.tokens - 1) / decode if decode > 0 else 0.0,
                 ttft_seconds=ttft,
                 kv_used_bytes=int(self.kv.per_token * (self.prompt_tokens + self.tokens)),
+                finished=item.finish_reason is not None,
             )
         self.queue.put(item)
 
