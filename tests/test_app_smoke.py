@@ -14,9 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from app_fixtures import *  # noqa: F403
 
 from mlx_pager.settings import Settings, save_settings
+from mlx_pager.sim.synthetic import make_checkpoint
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
@@ -56,11 +56,16 @@ class Tmux:
         self._tmux("kill-server")
 
 
-def test_mlx_pager_in_tmux(app_model, tmp_path):
+def test_mlx_pager_in_tmux(tmp_path):
     assert SCRIPT.exists(), f"{SCRIPT} missing: pip install -e . first"
     config, data, exit_file = tmp_path / "config", tmp_path / "data", tmp_path / "exit"
-    # A context long enough for a reply of the app's 1024 tokens: seconds to stop it midway.
-    save_settings(Settings(budget="60MB", context_length=2048, last_model=str(app_model)),
+    # A reply long enough to be seen and stopped midway: the app's 1024 tokens of a model
+    # that pages (8 layers, 12 of 64 experts held: about 100 tok/s here, 10 s). The apps'
+    # 2-layer model decoded 1024 tokens in under 3 s, and on a loaded machine the terminal
+    # showed the reply only once it had ended.
+    model = make_checkpoint(tmp_path / "models" / "tiny-moe", "qwen3_moe", num_hidden_layers=8,
+                            hidden_size=256, moe_intermediate_size=512)  # fmt: skip
+    save_settings(Settings(budget="80MB", context_length=2048, last_model=str(model)),
                   config / "settings.toml")  # fmt: skip
     command = (
         # pytest exports COLUMNS/LINES (80x24); the app must see the tmux window's size.
