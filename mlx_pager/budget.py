@@ -84,7 +84,7 @@ class BudgetPlan:
         )
         return (
             f"Too large for a budget of {format_bytes(self.budget_bytes)}: it needs at least "
-            f"{self.min_budget_bytes / 1e9:.2f} GB (resident core "
+            f"{gb_up(self.min_budget_bytes)} (resident core "
             f"{format_bytes(self.resident_bytes)}, KV cache {format_bytes(self.kv_bytes)}, "
             f"headroom {format_bytes(self.headroom_bytes)}{slots})."
         )
@@ -113,11 +113,17 @@ def plan_budget(
     )
 
 
+def gb_up(n: int) -> str:
+    """A minimum in GB, rounded up: a budget of the figure shown is enough (rounded to
+    nearest, 65 MB showed as 0.06 GB beside a minimum of 0.07)."""
+    return f"{math.ceil(n / 1e7) / 100:.2f} GB"
+
+
 def check_budget(plan: BudgetPlan) -> BudgetPlan:
     if plan.verdict == "too_large":
         raise BudgetError(
             f"The budget {plan.budget_bytes / 1e9:.2f} GB is below the minimum "
-            f"{math.ceil(plan.min_budget_bytes / 1e7) / 100:.2f} GB for this model. "
+            f"{gb_up(plan.min_budget_bytes)} for this model. "
             f"{plan.explain()} "
             "Raise --budget (or the budget in settings) or lower the context length."
         )

@@ -137,8 +137,10 @@ def test_moe_without_switch_layers_is_refused(tmp_path, monkeypatch, found_by):
 
 def test_budget_below_minimum_states_minimum_in_gb(good):
     minimum = budget_for_slots(good, 2)  # top-2 routing: two slots is the least that runs
-    with pytest.raises(BudgetError, match=rf"below the minimum {gb_up(minimum)} GB"):
+    with pytest.raises(BudgetError, match=rf"below the minimum {gb_up(minimum)} GB") as error:
         load_paged(good, minimum - 1, 256)
+    # the explanation after it states the same figure, not one rounded the other way
+    assert f"needs at least {gb_up(minimum)} GB" in str(error.value)
     load_paged(good, minimum, 256).close()  # exactly the minimum runs
 
 
