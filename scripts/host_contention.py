@@ -1,0 +1,88 @@
+"""What a fixed piece of host work costs where the pager's books run, against the same
+work on an idle thread.
+
+The bench's host time per MoE layer is the layer thread's CPU time outside MLX. Where the
+computation shares the host's cores and caches (MLX's CPU backend, a small VM), the same
+Python and numpy work costs more right after a layer's sync, while the experts compute,
+than it does idle. This puts a number on that: a fixed workload of the kinds the books are
+made of (a 100-entry dict, a numpy update by ``np.add.at`` and by fancy indexing) is timed
+idle, then at every decode step that found all its experts resident (where
+``ExpertCache.defer_hit`` is called), with every expert resident.
+
+    python scripts/host_contention.py MODEL [MODEL ...] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlx_pager.sim.bench import PROMPT, WARMUP, _open_at
+
+_COUNTS = np.zeros(4096)
+_ROWS = np.arange(0, 4096, 37)
+
+
+def workload() -> float:
+    """Thread CPU seconds of the fixed work."""
+    start = time.thread_time()
+    table = {}
+    for i in range(100):
+        table[i] = (i, 2 * i)
+    np.add.at(_COUNTS, _ROWS, 1.0)
+    _COUNTS[_ROWS] += 1.0
+    return time.thread_time() - start
+
+
+def idle(repeats: int = 2000) -> float:
+    """Median seconds of the work on this thread with nothing else running."""
+    return statistics.median(workload() for _ in range(repeats))
+
+
+def in_layer(model: Path, tokens: int) -> tuple[float, int]:
+    """(median seconds of the work at each hit layer's deferred books, how many layers),
+    decoding ``tokens`` tokens with every expert resident, after one warm-up reply."""
+    engine = _open_at(model, 1.0)
+    engine.keep_prompt_cache = False
+    cache, times = engine.paged.cache, []
+    defer = cache.defer_hit
+    try:
+        for _ in engine.generate(WARMUP, tokens, chat_template=False, ignore_eos=True):
+            pass
+
+        def timed_defer(layer, indices) -> None:
+            times.append(workload())
+            defer(layer, indices)
+
+        cache.defer_hit = timed_defer
+        for _ in engine.generate(PROMPT, tokens, chat_template=False, ignore_eos=True):
+            pass
+    finally:
+        engine.close()
+    if not times:
+        raise ValueError(f"{model}: no decode step found every expert resident")
+    return statistics.median(times), len(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    base = idle()
+    print(f"the fixed work, idle: {1e6 * base:.1f} us")
+    for model in args.models:
+        seconds, calls = in_layer(model, args.tokens)
+        print(
+            f"{model}: {1e6 * seconds:.1f} us after a hit layer's sync "
+            f"({calls} layers), {seconds / base:.1f}x idle"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
