@@ -292,9 +292,15 @@ class ExpertCache:
         token ends between them told to the policy in their places. An expert read ahead
         and asked for now for the first time counts a miss, as there (one still being read
         was not resident: its step was no hit)."""
-        items, self._hits, self._hit_tokens = self._hits, [], 0
-        if not items:
+        # Taken by count, not by swapping the list: ``defer_hit`` appends without the
+        # lock (the layer's thread), and an append that comes meanwhile waits for the next
+        # call instead of landing in a list already written.
+        count = len(self._hits)
+        if not count:
             return
+        items = self._hits[:count]
+        del self._hits[:count]
+        self._hit_tokens = 0
         hits = [item for item in items if not isinstance(item, int)]
         layers = [layer for layer, _ in hits]
         routed = np.array([indices for _, indices in hits], np.intp)  # one conversion
