@@ -288,54 +288,63 @@ class Engine:
         sampler = make_sampler(temp=temp, top_p=top_p)
         generated: list[int] = []
         measured = 0.0  # when the peak memory was last read
-        for response in stream_generate(
-            self.paged.model,
-            self.tokenizer,
-            tokens[reused:],
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=[ban_tokens(self.tokenizer.eos_token_ids)] if ignore_eos else None,
-            prompt_cache=kv_cache,
-        ):
-            generated.append(int(response.token))
-            finish = response.finish_reason
-            if self._stop.is_set() and finish is None:
-                finish = "cancelled"
-            if finish is not None and cache is not None:
-                self.paged.run.books_done()  # the last chunk's counts complete
-            with stats.lock:
-                stats.kv_used_bytes = sum(c.nbytes for c in kv_cache)
-                if response.generation_tokens == 1:
-                    stats.ttft_seconds = time.perf_counter() - asked
-                    stats.ttft_wait_seconds = waited
-                    stats.ttft_read_seconds = stats.read_seconds
-                self._count_decode()
-                stats.prompt_tokens = response.prompt_tokens
-                stats.prompt_tps = response.prompt_tps
-                stats.generation_tokens = response.generation_tokens
-                stats.decode_tps = response.generation_tps
-            now = time.perf_counter()
-            if finish is not None or now - measured >= MEMORY_EVERY_S:
-                # The kernel keeps the peak (VmHWM): reading it now and then misses nothing.
-                measured = now
+        no_eos = [ban_tokens(self.tokenizer.eos_token_ids)] if ignore_eos else None
+        try:
+            for response in stream_generate(
+                self.paged.model,
+                self.tokenizer,
+                tokens[reused:],
+                max_tokens=max_tokens,
+                sampler=sampler,
+                logits_processors=no_eos,
+                prompt_cache=kv_cache,
+            ):
+                generated.append(int(response.token))
+                finish = response.finish_reason
+                if self._stop.is_set() and finish is None:
+                    finish = "cancelled"
+                if finish is not None and cache is not None:
+                    self.paged.run.books_done()  # the last chunk's counts complete
                 with stats.lock:
-                    stats.peak_rss_bytes = max(peak_rss(), current_rss())
-                    stats.peak_mlx_bytes = mx.get_peak_memory()
-            try:
-                yield Chunk(response.text, int(response.token), finish)
-            except GeneratorExit:  # the caller stopped reading: what was fed is known
-                if cache is not None:
-                    self.paged.run.books_done()
+                    stats.kv_used_bytes = sum(c.nbytes for c in kv_cache)
+                    if response.generation_tokens == 1:
+                        stats.ttft_seconds = time.perf_counter() - asked
+                        stats.ttft_wait_seconds = waited
+                        stats.ttft_read_seconds = stats.read_seconds
+                    self._count_decode()
+                    stats.prompt_tokens = response.prompt_tokens
+                    stats.prompt_tps = response.prompt_tps
+                    stats.generation_tokens = response.generation_tokens
+                    stats.decode_tps = response.generation_tps
+                now = time.perf_counter()
+                if finish is not None or now - measured >= MEMORY_EVERY_S:
+                    # The kernel keeps the peak (VmHWM): reading it now and then misses nothing.
+                    measured = now
                     with stats.lock:
-                        self._count_decode()
-                self._keep(kv_cache, tokens + generated)
-                raise
-            if finish is not None:
-                break
+                        stats.peak_rss_bytes = max(peak_rss(), current_rss())
+                        stats.peak_mlx_bytes = mx.get_peak_memory()
+                try:
+                    yield Chunk(response.text, int(response.token), finish)
+                except GeneratorExit:  # the caller stopped reading: what was fed is known
+                    self._keep(kv_cache, tokens + generated)
+                    raise
+                if finish is not None:
+                    break
+        finally:  # finished, stopped, cut short or failed: every hit counted
+            self.end_run()
         self._keep(kv_cache, tokens + generated)
         if cache is not None and self.learn:  # the profiler learns what this task used
             self.profiles.add(task, stats.expert_counts - counts_before)
             self.profiles.save()
+
+    def end_run(self) -> None:
+        """A reply ended, however it ended: the hits whose books waited (up to 16 tokens'
+        worth, ``ExpertCache.defer_hit``) are counted, decode counts included. ``generate``
+        calls it; so does a server that decodes with mlx-lm itself."""
+        if self.paged.cache is not None:
+            self.paged.run.books_done()
+            with self.stats.lock:
+                self._count_decode()
 
     def _count_decode(self) -> None:
         """The reply's decode hits and misses (the caller holds the stats' lock): counted
@@ -371,13 +380,9 @@ class Engine:
         decode_tps: float,
         ttft_seconds: float,
         kv_used_bytes: int,
-        finished: bool = False,
     ) -> None:
-        """Record a step of a reply decoded outside ``generate``, as ``generate`` does
-        (``finished``: its last step)."""
-        stats, cache = self.stats, self.paged.cache
-        if finished and cache is not None:
-            self.paged.run.books_done()
+        """Record a step of a reply decoded outside ``generate``, as ``generate`` does."""
+        stats = self.stats
         with stats.lock:
             self._count_decode()
             stats.prompt_tokens = prompt_tokens

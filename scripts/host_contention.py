@@ -1,5 +1,5 @@
-"""What a fixed piece of host work costs where the pager's books run, against the same
-work on an idle thread.
+"""What a fixed piece of host work costs on the hit path, right after a layer's sync,
+against the same work on an idle thread.
 
 The bench's host time per MoE layer is the layer thread's CPU time outside MLX. Where the
 computation shares the host's cores and caches (MLX's CPU backend, a small VM), the same

@@ -1,4 +1,4 @@
-"""scripts/host_contention.py: the fixed work timed idle and where the hits' books run."""
+"""scripts/host_contention.py: the fixed work timed idle and at every hit layer's hand-over."""
 
 from __future__ import annotations
 

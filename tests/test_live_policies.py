@@ -230,6 +230,29 @@ def test_a_deferred_hit_on_an_expert_read_ahead_counts_its_first_use_a_miss(mode
         paged.close()
 
 
+def test_a_read_ahead_experts_first_use_is_counted_once_across_waiting_tokens(model):
+    """Hits wait for several tokens; of two tokens that both hit an expert read ahead, only
+    the first use counts a miss (its read came earlier), the second a hit, as one by one."""
+    import mlx.core as mx
+
+    paged = open_paged(model, 12, policy="lru")
+    cache = paged.cache
+    try:
+        cache.read_ahead(0, np.array([0, 1]), set())
+        for _, future in list(cache.ahead.values()):
+            future.result()
+        cache.fetch(1, np.array([5]))  # a miss elsewhere settles them: resident, fresh
+        for _ in range(2):  # two decode steps hit both; their books wait
+            cache.defer_hit(0, mx.array([[[0, 1]]]))
+            cache.next_tokens(1)
+        assert cache.hits_waiting
+        cache.write_hits()
+        assert (paged.stats.hits, paged.stats.misses) == (2, 3)  # 5; 0 and 1 first; then hits
+        assert cache.ahead_used == 2 and not cache.fresh
+    finally:
+        paged.close()
+
+
 def test_a_miss_hears_the_hits_before_it_chooses_its_victims(model):
     """Hits whose books wait (``defer_hit``) are told to the policy before a later miss
     picks its victims: least recently used, the experts just hit are kept."""

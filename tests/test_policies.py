@@ -14,6 +14,7 @@ from mlx_pager.paging.policies import (
     POLICIES,
     SLRU,
     DecayedLFU,
+    Policy,
     PredictedUse,
     make_policy,
 )
@@ -255,3 +256,16 @@ def test_predicted_use_batch_across_a_renormalisation():
     for layer, a in one._layers.items():
         assert np.array_equal(a.decayed, batch._layers[layer].decayed)
         assert a.decayed_total == batch._layers[layer].decayed_total
+
+
+def test_predicted_use_told_thousands_of_token_ends_at_once():
+    """A long prompt whose experts are all resident queues its chunks' token ends until
+    the queue is long: one batch can end 10,000 tokens (2 ** (10000 / 8) overflows a
+    float). It is told as one by one, weights renormalised on the way."""
+    events = [(0, np.array([1, 2]), np.array([3.0, 1.0])), 10_000, (0, np.array([2]), None)]
+    one, batch = PredictedUse(), PredictedUse()
+    Policy.tell(one, events)
+    batch.tell(events)
+    a, b = one._layers[0], batch._layers[0]
+    assert one._unit == batch._unit and np.array_equal(a.decayed, b.decayed)
+    assert a.decayed_total == b.decayed_total and np.array_equal(a.follows, b.follows)

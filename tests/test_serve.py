@@ -181,6 +181,11 @@ def test_disconnect_mid_stream_stops_generation(server, client):
         assert time.monotonic() < deadline, "the generation went on after the client left"
         last = now
     assert 3 <= last < 100
+    # The stopped reply's hits are all counted (mlx-lm ends every reply with None, a stop
+    # too): none left waiting to be counted in the next reply's stats.
+    engine = server.engine
+    assert not engine.paged.cache.hits_waiting
+    assert engine.stats.decode_hits == engine.stats.hits - engine.paged.run.prefill_counts[0]
     # The server keeps serving.
     assert chat(client, [{"role": "user", "content": "Hello."}], max_tokens=4)
 

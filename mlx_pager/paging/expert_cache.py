@@ -201,6 +201,9 @@ class ExpertCache:
 
     @policy.setter
     def policy(self, policy: Policy) -> None:
+        """A fresh policy learns nothing of the requests before it; hits still waiting are
+        counted first."""
+        self._write_hits()
         self._policy, self._queued = policy, []
 
     def _tell(self) -> None:
@@ -282,6 +285,10 @@ class ExpertCache:
         started (sooner only if it first settles a finished read-ahead)."""
         self._hits.append((layer, indices))
 
+    @property
+    def hits_waiting(self) -> bool:
+        return bool(self._hits)
+
     def write_hits(self) -> None:
         """Write the books ``defer_hit`` kept (a reply's end: its counts complete)."""
         with self.lock:
@@ -312,12 +319,12 @@ class ExpertCache:
         # Not through _make_resident: that reaps read-aheads, and this can run inside a
         # reap's own admission (which tells the policy, and so writes these first).
         first = self._first_uses(layers, experts)
-        if len(self._queued) > QUEUE_LIMIT:
-            self._tell()
         if self.on_fetch is not None:
             self.on_fetch(experts.size - first, first, 0.0)
         if self.on_hits is not None:
             self.on_hits(layers, routed)
+        if len(self._queued) > QUEUE_LIMIT:  # last: it writes hits that came meanwhile
+            self._tell()
 
     def record(self) -> None:
         """Tell the policy and ``on_fetch`` what the last ``fetch(record=False)`` did."""
@@ -342,6 +349,8 @@ class ExpertCache:
         if self.ahead:
             self._reap()
         found = table[experts]
+        if self._hits and self.fresh:  # hits that came first may be first uses too
+            self._write_hits()
         already_read = self._first_uses([layer], [experts])
         if not already_read and (found.size == 0 or found.min() >= 0):  # all hits: one gather
             return table, 0, 0.0
@@ -372,11 +381,14 @@ class ExpertCache:
         came earlier). A few read-aheads nobody asks for can wait in ``fresh`` for long."""
         if not self.fresh:
             return 0
-        rows = zip(layers, (row.tolist() for row in experts), strict=True)
-        done = [(layer, e) for layer, row in rows for e in row if (layer, e) in self.fresh]
-        self.fresh.difference_update(done)
-        self.ahead_used += len(done)
-        return len(done)
+        done = 0
+        for layer, row in zip(layers, experts, strict=True):
+            for e in row.tolist():
+                if (layer, e) in self.fresh:  # once: deferred hits may ask for it again
+                    self.fresh.discard((layer, e))
+                    done += 1
+        self.ahead_used += done
+        return done
 
     def _record(self) -> None:
         """The policy learns the last fetch's requests; ``on_fetch`` counts it."""
@@ -669,6 +681,7 @@ class ExpertCache:
             self.prefetcher.close()
         with self.lock:
             self._record()
+            self._write_hits()
             self._drop_ahead()
         if self._ahead_pool is not None:
             self._ahead_pool.shutdown(wait=True)

@@ -12,6 +12,7 @@ that age by tokens rather than by requests.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
 
@@ -238,10 +239,6 @@ class _LayerModel:
         self.batch: _Additions | None = None  # while ``PredictedUse.tell`` runs
 
     def grow(self, expert: int) -> None:
-        batch = self.batch
-        if batch is not None:  # its pairs index the arrays at their present size
-            self.write_batch()
-            self.batch = _Additions()
         pad = max(self.size, expert + 1 - self.size)
         self.follows = np.pad(self.follows, ((0, pad), (0, pad)))
         self.seen = np.pad(self.seen, (0, pad))
@@ -351,6 +348,7 @@ class PredictedUse(Policy):
         self._group: tuple | None = None  # (pinned, accesses, {layer: order}) being served
         self._cheapest: dict[int, tuple[float, int]] = {}  # layer -> (chance, expert)
         self._dirty: set[int] = set()  # layers whose cheapest must be found again
+        self._batching = False  # inside ``tell``: array additions wait for its end
 
     def _split(self, key: Key) -> tuple[int, int]:
         if isinstance(key, tuple):
@@ -362,6 +360,8 @@ class PredictedUse(Policy):
         model = self._layers.get(layer)
         if model is None:
             model = self._layers[layer] = _LayerModel()
+            if self._batching:
+                model.batch = _Additions()
         return model
 
     def _close(self) -> None:
@@ -432,25 +432,19 @@ class PredictedUse(Policy):
         """As one by one, each layer's array additions made at the end in one call each:
         a layer request's numpy work had cost 12 µs, cold every time on the hit path."""
         tokens = sum(item for item in events if isinstance(item, int))
-        if self._unit * self._growth ** (tokens + 1) > 1e99:  # renormalises: one by one
-            super().tell(events)
+        # log space: a long prompt's chunks can end thousands of tokens in one batch
+        if math.log(self._unit) + (tokens + 1) * math.log(self._growth) > math.log(1e99):
+            super().tell(events)  # the weights renormalise on the way: one by one
             return
+        self._batching = True
         for model in self._layers.values():
             model.batch = _Additions()
-        batched = set(self._layers)
         try:
-            for item in events:
-                if isinstance(item, int):
-                    for _ in range(item):
-                        self.next_token()
-                else:
-                    if item[0] not in batched:
-                        self._layer(item[0]).batch = _Additions()
-                        batched.add(item[0])
-                    self.access_layer(*item)
+            super().tell(events)
         finally:
-            for layer in batched:
-                self._layers[layer].write_batch()
+            self._batching = False
+            for model in self._layers.values():
+                model.write_batch()
 
     def next_token(self) -> None:
         self._close()

@@ -56,9 +56,11 @@ class PagingRun:
     def books_done(self) -> None:
         """Count the hits whose books wait in the cache (``ExpertCache.defer_hit``): a reply
         that ends has its stats, profile and trace complete."""
-        if self.cache is not None:
-            start = time.thread_time()  # the pager's host time, as in the layers
-            self.cache.write_hits()
+        if self.cache is None or not self.cache.hits_waiting:
+            return
+        start = time.thread_time()
+        self.cache.write_hits()
+        if self.phase == "decode":  # the pager's host time, as the decode layers count it
             self.host_seconds += time.thread_time() - start
 
     @property
@@ -123,10 +125,11 @@ class PagingRun:
     def passed(self, n: int) -> None:
         """``n`` tokens went through every layer; note the counts when the prompt's last
         token is done (decode starts after it)."""
-        if self.tokens < self.prompt_tokens <= self.tokens + n:
+        prompt_done = self.tokens < self.prompt_tokens <= self.tokens + n
+        if prompt_done:
             self.books_done()  # the prompt's last hits, counted and traced in its phase
-        before, self.tokens = self.tokens, self.tokens + n
-        if before < self.prompt_tokens <= self.tokens:
+        self.tokens += n
+        if prompt_done:
             with self.stats.lock:
                 self.prefill_counts = (self.stats.hits, self.stats.misses)
                 self.prefill_read_seconds = self.stats.read_seconds

@@ -170,8 +170,9 @@ class RunMeter:
                 decode_tps=(self.tokens - 1) / decode if decode > 0 else 0.0,
                 ttft_seconds=ttft,
                 kv_used_bytes=int(self.kv.per_token * (self.prompt_tokens + self.tokens)),
-                finished=item.finish_reason is not None,
             )
+        elif item is None or isinstance(item, Exception):  # mlx-lm's end of a reply, any end
+            self.engine.end_run()
         self.queue.put(item)
 
 
