@@ -282,7 +282,8 @@ class ExpertCache:
         first touch of each of those had cost the host 25-30 µs (thread CPU time,
         measured per step); written a token at a time, the books still cost 17-27 µs a
         layer (their numpy calls cold each time). A miss writes them once its reads have
-        started (sooner only if it first settles a finished read-ahead)."""
+        started (sooner if it settles a finished read-ahead, or read-aheads still wait for
+        their first use)."""
         self._hits.append((layer, indices))
 
     @property

@@ -430,7 +430,8 @@ class PredictedUse(Policy):
 
     def tell(self, events: list) -> None:
         """As one by one, each layer's array additions made at the end in one call each:
-        a layer request's numpy work had cost 12 µs, cold every time on the hit path."""
+        told one by one, a layer's request had cost 12 µs on the hit path, most of it
+        numpy calls made cold each time."""
         tokens = sum(item for item in events if isinstance(item, int))
         # log space: a long prompt's chunks can end thousands of tokens in one batch
         if math.log(self._unit) + (tokens + 1) * math.log(self._growth) > math.log(1e99):
