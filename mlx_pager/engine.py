@@ -303,8 +303,8 @@ class Engine:
                 finish = response.finish_reason
                 if self._stop.is_set() and finish is None:
                     finish = "cancelled"
-                if finish is not None and cache is not None:
-                    self.paged.run.books_done()  # the last chunk's counts complete
+                if finish is not None:
+                    self.end_run()  # the last chunk's counts complete
                 with stats.lock:
                     stats.kv_used_bytes = sum(c.nbytes for c in kv_cache)
                     if response.generation_tokens == 1:
