@@ -211,51 +211,43 @@ def _events(rng: random.Random, tokens: int, layers: int = 3) -> list:
     return events
 
 
+def same_state(one: PredictedUse, batch: PredictedUse) -> None:
+    """Every array bit for bit (the same additions in the same order), every list equal."""
+    assert one._unit == batch._unit and one._layers.keys() == batch._layers.keys()
+    for layer, a in one._layers.items():
+        b = batch._layers[layer]
+        assert a.size == b.size and a.decayed_total == b.decayed_total
+        assert np.array_equal(a.follows, b.follows) and np.array_equal(a.seen, b.seen)
+        assert np.array_equal(a.decayed, b.decayed)
+        assert a.previous == b.previous and a.current == b.current
+
+
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_told_in_a_batch_as_one_by_one(name):
     """The cache tells a policy its requests in batches (``tell``): the same state and the
-    same victims as told one request and one token at a time."""
+    same victims as told one request and one token at a time (``Policy.tell``'s loop)."""
     rng = random.Random(7)
     one, batch = make_policy(name), make_policy(name)
     for _ in range(6):
         events = _events(rng, rng.randint(1, 40))
-        for item in events:
-            if isinstance(item, int):
-                for _ in range(item):
-                    one.next_token()
-            else:
-                one.access_layer(*item)
+        Policy.tell(one, events)
         batch.tell(events)
         pinned = {(0, int(e)) for e in events[0][1]}
         assert one.victim(pinned) == batch.victim(pinned)
     if isinstance(one, PredictedUse):
-        assert one._unit == batch._unit
-        for layer, a in one._layers.items():
-            b = batch._layers[layer]
-            assert a.size == b.size and a.decayed_total == b.decayed_total
-            assert np.array_equal(a.follows, b.follows) and np.array_equal(a.seen, b.seen)
-            assert np.array_equal(a.decayed, b.decayed)  # bit for bit: the same order
-            assert a.previous == b.previous and a.current == b.current
+        same_state(one, batch)
 
 
 def test_predicted_use_batch_across_a_renormalisation():
     """Past 1e100 the weights' unit is divided out: a batch that would cross it is told
     one by one, so the arrays stay equal there too."""
-    rng = random.Random(3)
     one, batch = PredictedUse(), PredictedUse()
     one._unit = batch._unit = 1e100 / one._growth**5  # five tokens from the division
-    events = _events(rng, 12)
-    for item in events:
-        if isinstance(item, int):
-            for _ in range(item):
-                one.next_token()
-        else:
-            one.access_layer(*item)
+    events = _events(random.Random(3), 12)
+    Policy.tell(one, events)
     batch.tell(events)
-    assert one._unit == batch._unit < 1e100
-    for layer, a in one._layers.items():
-        assert np.array_equal(a.decayed, batch._layers[layer].decayed)
-        assert a.decayed_total == batch._layers[layer].decayed_total
+    assert batch._unit < 1e100
+    same_state(one, batch)
 
 
 def test_predicted_use_told_thousands_of_token_ends_at_once():
@@ -266,6 +258,4 @@ def test_predicted_use_told_thousands_of_token_ends_at_once():
     one, batch = PredictedUse(), PredictedUse()
     Policy.tell(one, events)
     batch.tell(events)
-    a, b = one._layers[0], batch._layers[0]
-    assert one._unit == batch._unit and np.array_equal(a.decayed, b.decayed)
-    assert a.decayed_total == b.decayed_total and np.array_equal(a.follows, b.follows)
+    same_state(one, batch)
