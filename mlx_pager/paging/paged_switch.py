@@ -190,9 +190,12 @@ class PagedSwitch(nn.Module):
             # layer's computation, worth it only where guesses are rarely wrong.
             slots, wanted["resident"] = cache.device_slots(self.layer, indices)
             before = time.thread_time()
-            speculative = self._compute(x, slots, cache)
+            # The routing computes while the host builds the experts' computation on it
+            # (interleaved against building first: 0.876 -> 0.899 and 0.896 -> 0.926x stock,
+            # higher in 23 of 32 rounds), which is queued after it.
             mx.async_eval(wanted)
-            mx.async_eval(speculative)  # queued after the routing the host waits for
+            speculative = self._compute(x, slots, cache)
+            mx.async_eval(speculative)
             in_mlx += time.thread_time() - before
             ahead = time.thread_time() - start - in_mlx  # the pager's part before it
         before = time.thread_time()
