@@ -21,7 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_pager.sim.bench import PROMPT, WARMUP, _open_at
+from mlx_pager.benchmark.quality import slots_budget
+from mlx_pager.engine import Engine
+from mlx_pager.paging.loader import load_paged
+from mlx_pager.sim.bench import PROMPT, WARMUP
+
+CONTEXT = 4096
 
 _COUNTS = np.zeros(4096)
 _ROWS = np.arange(0, 4096, 37)
@@ -46,7 +51,8 @@ def idle(repeats: int = 2000) -> float:
 def in_layer(model: Path, tokens: int) -> tuple[float, int]:
     """(median seconds of the work at each hit layer's deferred books, how many layers),
     decoding ``tokens`` tokens with every expert resident, after one warm-up reply."""
-    engine = _open_at(model, 1.0)
+    engine = Engine(load_paged(model, slots_budget(model, 1.0, CONTEXT), CONTEXT), str(model),
+                    CONTEXT)  # fmt: skip
     engine.keep_prompt_cache = False
     cache, times = engine.paged.cache, []
     defer = cache.defer_hit
