@@ -182,9 +182,14 @@ def run_parser(name: str, args: argparse.Namespace, work: Path) -> dict:
                "--alloc-mb", str(args.alloc_mb), "--targets", args.targets]  # fmt: skip
     if args.max_minutes:
         command += ["--max-minutes", str(args.max_minutes)]
+    # The parsed files' folders go inside the work folder: libFuzzer ends the child
+    # without running Python's exit handlers, which would have removed them from /tmp.
+    scratch = work / "files"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(scratch)}
     start = time.monotonic()
     with open(log, "wb") as out:
-        rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.monotonic() - start
     try:
         figures = json.loads((work / f"{slug}.json").read_text())

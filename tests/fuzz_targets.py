@@ -10,8 +10,10 @@ not there (that message says to download again).
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -99,12 +101,14 @@ _FOLDERS: dict[str, Path] = {}
 
 
 def folder(name: str, setup: Callable[[Path], None] | None = None) -> Path:
-    """One folder per parser and process, made (and ``setup`` run) once; each case
-    overwrites the one file it parses. A fresh folder per case cost more than most
-    parsers do (scripts/fuzz_parsers.py runs 100,000 cases of each)."""
+    """One folder per parser and process, made (and ``setup`` run) once and removed when
+    the process exits; each case overwrites the one file it parses. A fresh folder per
+    case cost more than most parsers do (scripts/fuzz_parsers.py runs 100,000 cases of
+    each)."""
     path = _FOLDERS.get(name)
     if path is None or not path.is_dir():
         path = _FOLDERS[name] = Path(tempfile.mkdtemp(prefix=f"mlx-pager-fuzz-{name}-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
         if setup is not None:
             setup(path)
     return path

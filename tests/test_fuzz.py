@@ -216,6 +216,10 @@ def test_fuzz_script_runs_its_cases(tmp_path):
     run = _fuzz(tmp_path, "--only", "saved conversation", "--cases", "2000")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "saved conversation: 2000 cases" in run.stdout and "FINDING" not in run.stdout
+    # the parsed files' folder is in the work folder, not left behind in /tmp
+    assert [f.name[:28] for f in (tmp_path / "work" / "files").iterdir()] == [
+        "mlx-pager-fuzz-conversation-"
+    ]
 
 
 PLANTED = """
