@@ -62,6 +62,8 @@ def test_bench_reports_every_section(tmp_path, capsys):
         assert row["miss_mb_s"] > 0 and row["sequential_mb_s"] > 0 and row["ratio"] > 0
         if shutil.which("fio"):  # the disk's own random reads of the pieces' size
             assert row["fio_mb_s"] > 0 and row["fio_piece_bytes"] >= 4096
+            # and in bursts of a decode step's misses: 2 experts' pieces of that size
+            assert row["fio_burst_mb_s"] > 0 and row["fio_burst_reads"] >= 2
     prefill = report["prefill"]  # the next layer read ahead during prefill, and not
     assert prefill["plain_ttft"] > 0 and prefill["ahead_ttft"] > 0
     assert 0 <= prefill["ahead_stall_share"] <= 1 and 0 < prefill["ahead_used_share"] <= 1

@@ -426,7 +426,8 @@ def print_report(report: dict) -> None:
     print(
         f"a layer's misses ({layer_reads['experts_per_read']} experts) read through the cache, "
         "cold, against a cold sequential read of the same file and, with fio, random reads "
-        "of the pieces' size from as many threads (MB/s, ratio):"
+        "of the pieces' size, as many in flight as threads and in a decode step's bursts "
+        "(MB/s, ratio):"
     )
     for key, row in layer_reads.items():
         if isinstance(row, dict):
@@ -436,6 +437,11 @@ def print_report(report: dict) -> None:
                 if "fio_mb_s" in row
                 else ""
             )
+            if "fio_burst_mb_s" in row:
+                fio += (
+                    f", in bursts of {row['fio_burst_reads']} {row['fio_burst_mb_s']:.0f} "
+                    f"({row['fio_burst_ratio']:.2f}x)"
+                )
             print(
                 f"  {key:>17}: {row['miss_mb_s']:.0f} vs sequential {row['sequential_mb_s']:.0f} "
                 f"({row['ratio']:.2f}x){fio}"

@@ -310,19 +310,23 @@ def bench_reads(path: Path, samples: int) -> dict:
 def bench_layer_reads(
     path: Path,
     threads: tuple[int, ...] = (1, 4, 8, 16),
-    rounds: int = 6,
+    rounds: int = 24,
     seed: int = 0,
     read_paths: tuple[str, ...] = ("pread", "direct"),
 ) -> dict:
     """A layer's misses read through the expert cache (straight into its slots), cold,
     against the same number of bytes read sequentially from the same file, cold, in turn,
-    and against ``fio`` reading pieces of the same size at as many reads in flight as
-    reader threads, run just before and just after the rounds: MB/s of each and the
-    ratios, per read path and thread count. fio is taken twice and averaged because this
-    machine's disk runs at a different speed from one minute to the next (one fio run a
-    configuration put the same code at 0.73-1.04x); it is not run between rounds, which
-    starts every round with cold CPU caches (the embedded model's 0.4 MB groups then
-    read at 200-340 MB/s instead of about 500).
+    and against ``fio`` reading pieces of the same size, run just before and just after
+    the rounds, two ways: a steady queue of as many reads in flight as reader threads, and
+    bursts of as many reads as a decode step's misses, each burst ended before the next
+    (what a decode step can have: its computation needs all of its misses, and the next
+    layer's are not known until it is done). MB/s of each and the ratios, per read path
+    and thread count. fio is taken twice and averaged because this machine's disk runs at
+    a different speed from one minute to the next (one fio run a configuration put the
+    same code at 0.73-1.04x); it is not run between rounds, which starts every round with
+    cold CPU caches (the embedded model's 0.4 MB groups then read at 200-340 MB/s instead
+    of about 500). The rounds' median: six rounds had swung 0.61-0.78x of fio's queue of
+    8 from one call to the next on the same machine, 40 rounds 0.79-0.84x.
 
     Where the slots widen what is stored (bf16 into the float32 the CPU backend computes
     in), one more row, ``pread_8_as_stored``: the same reads, with the default 8 threads,
@@ -344,6 +348,8 @@ def bench_layer_reads(
     piece = next(pc.nbytes for pc, upto in zip(pieces, itertools.accumulate(
         pc.nbytes for pc in pieces), strict=True) if upto >= half)  # fmt: skip
     block = max(4096, piece - piece % 4096)
+    # a decode step's misses: the reads of that size carrying top-k experts' bytes
+    burst = max(1, round(per_layer * sum(pc.nbytes for pc in pieces) / block))
     runs = [(r, t, layout) for r in read_paths for t in threads]
     if stored.expert_bytes != layout.expert_bytes:  # the slots widen: the GPU's case too
         runs.append(("pread", DEFAULT_READ_THREADS, stored))
@@ -354,7 +360,9 @@ def bench_layer_reads(
             path, budget, read_path=read_path, read_threads=count, compute_dtype=dtype
         )
         cache, misses, plain = paged.cache, [], []
-        fio = [fio_random_read(pieces[0].path, block, count, read_path == "direct")]
+        direct = read_path == "direct"
+        fio = [fio_random_read(pieces[0].path, block, count, direct)]
+        bursts = [fio_random_read(pieces[0].path, block, burst, direct, burst=True)]
         try:
             for _ in range(rounds):
                 layer = int(rng.integers(layout.moe_layers))
@@ -369,7 +377,8 @@ def bench_layer_reads(
                 plain.append(_sequential_read(expert_map.expert_pieces(layer, 0), nbytes))
         finally:
             paged.close()
-        fio.append(fio_random_read(pieces[0].path, block, count, read_path == "direct"))
+        fio.append(fio_random_read(pieces[0].path, block, count, direct))
+        bursts.append(fio_random_read(pieces[0].path, block, burst, direct, burst=True))
         row = out[f"{read_path}_{count}" + ("" if plan is layout else "_as_stored")] = {
             "miss_mb_s": statistics.median(misses) / 1e6,
             "sequential_mb_s": statistics.median(plain) / 1e6,
@@ -379,14 +388,23 @@ def bench_layer_reads(
             row["fio_piece_bytes"] = block
             row["fio_mb_s"] = statistics.mean(fio) / 1e6
             row["fio_ratio"] = row["miss_mb_s"] / row["fio_mb_s"]
+        if None not in bursts:  # the disk's own rate for a layer's misses as a burst
+            row["fio_burst_reads"] = burst
+            row["fio_burst_mb_s"] = statistics.mean(bursts) / 1e6
+            row["fio_burst_ratio"] = row["miss_mb_s"] / row["fio_burst_mb_s"]
     return out
 
 
-def fio_random_read(path: Path, block: int, depth: int, direct: bool, limit: int = 256 << 20):
+def fio_random_read(
+    path: Path, block: int, depth: int, direct: bool, limit: int = 256 << 20, burst: bool = False
+):
     """Bytes/s of ``fio`` reading ``block``-byte pieces (whole 4 KiB blocks) of ``path`` at
     random offsets, each at most once, ``depth`` reads in flight (io_uring), cold (its
     pages dropped first), buffered or O_DIRECT, over at most ``limit`` bytes: what the disk
-    gives reads of that size with no Python in the way. None without fio (or its io_uring)."""
+    gives reads of that size with no Python in the way. ``burst``: the ``depth`` reads go
+    in together and all of them end before the next ``depth`` go in, as a decode step's
+    misses do (its computation needs every one), instead of a steady queue that starts a
+    read as each ends. None without fio (or its io_uring)."""
     import json
     import shutil
     import subprocess
@@ -401,6 +419,8 @@ def fio_random_read(path: Path, block: int, depth: int, direct: bool, limit: int
         "--ioengine=io_uring", f"--iodepth={depth}", f"--direct={int(direct)}",
         "--invalidate=1", "--fadvise_hint=random", "--output-format=json",
     ]  # fmt: skip
+    if burst:
+        command += [f"--iodepth_batch_submit={depth}", f"--iodepth_batch_complete_min={depth}"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         job = json.loads(done.stdout)["jobs"][0]["read"]
