@@ -14,5 +14,6 @@ def test_one_size_widened_and_as_stored(tmp_path):
     assert point["widened_mb_s"][0] > 0 and point["as_stored_mb_s"][0] > 0
     if shutil.which("fio"):  # the ratios need the disk's own rate
         assert point["widened"][0] > 0 and point["as_stored"][0] > 0
+        assert point["widened_burst"][0] > 0 and point["as_stored_burst"][0] > 0
         script.plot([point], tmp_path / "curve.png")
         assert (tmp_path / "curve.png").stat().st_size > 10_000
