@@ -7,7 +7,9 @@ Python and numpy work costs more right after a layer's sync, while the experts c
 than it does idle. This puts a number on that: a fixed workload of the kinds the books are
 made of (a 100-entry dict, a numpy update by ``np.add.at`` and by fancy indexing) is timed
 idle, then at every decode step that found all its experts resident (where
-``ExpertCache.defer_hit`` is called), with every expert resident.
+``ExpertCache.defer_hit`` is called), with every expert resident. It also times one MLX
+evaluation's round trip (a chain of tiny operations, evaluated after each against once
+at the end): the price of each MoE layer's one sync, which stock mlx-lm pays once a token.
 
     python scripts/host_contention.py MODEL [MODEL ...] [--tokens 32]
 """
@@ -48,6 +50,28 @@ def idle(repeats: int = 2000) -> float:
     return statistics.median(workload() for _ in range(repeats))
 
 
+def sync_round_trip(ops: int = 600, repeats: int = 5) -> tuple[float, float]:
+    """(seconds a tiny MLX operation takes in a lazily built chain, and evaluated after
+    each one): their difference is what a sync costs beyond the work it waits for."""
+    import mlx.core as mx
+
+    start_value = mx.ones((256,))
+    mx.eval(start_value)
+
+    def chain(sync: bool) -> float:
+        y, start = start_value, time.perf_counter()
+        for _ in range(ops):
+            y = y * 1.0001
+            if sync:
+                mx.eval(y)
+        mx.eval(y)
+        return (time.perf_counter() - start) / ops
+
+    lazy = statistics.median(chain(False) for _ in range(repeats))
+    synced = statistics.median(chain(True) for _ in range(repeats))
+    return lazy, synced
+
+
 def in_layer(model: Path, tokens: int) -> tuple[float, int]:
     """(median seconds of the work at each hit layer's deferred books, how many layers),
     decoding ``tokens`` tokens with every expert resident, after one warm-up reply."""
@@ -79,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args(argv)
+    lazy, synced = sync_round_trip()
+    print(
+        f"one MLX evaluation round trip: {1e6 * (synced - lazy):.1f} us beyond its work "
+        f"(a tiny operation {1e6 * lazy:.1f} us built lazily, {1e6 * synced:.1f} us "
+        "evaluated each time)"
+    )
     base = idle()
     print(f"the fixed work, idle: {1e6 * base:.1f} us")
     for model in args.models:
