@@ -50,6 +50,12 @@ class BudgetPlan:
     def full_budget_bytes(self) -> int:
         return self.fixed_bytes + self.total_expert_bytes
 
+    def share_budget_bytes(self, share: float) -> int:
+        """The budget whose slots hold ``share`` of the routed experts (at least top-k):
+        how the benchmarks and scripts size "25% of the experts"."""
+        slots = max(self.top_k, round(share * self.num_experts))
+        return self.fixed_bytes + slots * self.expert_bytes
+
     @property
     def expert_fraction(self) -> float:
         return self.slots / self.num_experts if self.num_experts else 1.0

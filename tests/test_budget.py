@@ -33,6 +33,17 @@ def test_plan_divides_the_budget():
     assert plan_budget(dense.fixed_bytes, 200 * MB, 50 * MB, 0, 0, 1).verdict == "fits"
 
 
+def test_a_share_of_the_experts_buys_that_many_slots():
+    """The budget the benchmarks open "25% of the experts" with: planning it back gives
+    exactly that share of slots, and never fewer than top-k."""
+    sizes = dict(resident_bytes=200 * MB, kv_bytes=50 * MB, expert_bytes=5 * MB,
+                 num_experts=1000, top_k=8)  # fmt: skip
+    plan = plan_budget(0, **sizes)
+    assert plan_budget(plan.share_budget_bytes(0.25), **sizes).slots == 250
+    assert plan_budget(plan.share_budget_bytes(0.001), **sizes).slots == 8  # top-k
+    assert plan.share_budget_bytes(1.0) == plan.full_budget_bytes
+
+
 def test_kv_budget_counts_the_real_caches_of_a_hybrid_model(tmp_path):
     """qwen3_5_moe: full-attention layers grow with the context, linear-attention layers
     hold a fixed state. The budget's KV part is what the caches hold after a full prompt."""

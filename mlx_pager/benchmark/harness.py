@@ -90,8 +90,7 @@ def share_budgets(model_dir: Path, context: int, fractions) -> dict[float, int]:
     plan = layout.plan(0)
     budgets = {1.0: plan.full_budget_bytes}
     for f in fractions:
-        slots = max(layout.top_k, round(f * plan.num_experts))
-        budgets[f] = plan.fixed_bytes + slots * plan.expert_bytes
+        budgets[f] = plan.share_budget_bytes(f)
     return budgets
 
 

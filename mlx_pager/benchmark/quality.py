@@ -84,9 +84,7 @@ def heldout_windows(tokenizer, documents: dict[str, list[str]], n: int, seq: int
 
 def slots_budget(path, fraction: float, context_length: int) -> int:
     """The budget that holds ``fraction`` of the model's routed experts (at least top-k)."""
-    layout = inspect_model(path, context_length)
-    slots = max(layout.top_k, round(fraction * layout.moe_layers * layout.experts_per_layer))
-    return layout.plan(0).fixed_bytes + slots * layout.expert_bytes
+    return inspect_model(path, context_length).plan(0).share_budget_bytes(fraction)
 
 
 def teacher_forced(paged: PagedModel, windows: list[list[int]]) -> Pass:

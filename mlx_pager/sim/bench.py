@@ -99,10 +99,7 @@ def _paged_engine(
 ) -> tuple[Engine, int, float]:
     """An engine holding ``fraction`` of the experts, warmed on one prompt: (the engine,
     its budget, the hit rate of that first run, which filled an empty cache)."""
-    layout = inspect_model(path, 4096)
-    n_experts = layout.moe_layers * layout.experts_per_layer
-    slots = max(layout.top_k, round(fraction * n_experts))
-    budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
+    budget = inspect_model(path, 4096).plan(0).share_budget_bytes(fraction)
     engine = Engine(
         load_paged(path, budget, read_path=read_path, prefetch=prefetch), str(path), 4096
     )
@@ -199,9 +196,7 @@ CHAT_TURNS = [
 
 
 def _open_at(path: Path, fraction: float) -> Engine:
-    layout = inspect_model(path, 4096)
-    slots = max(layout.top_k, round(fraction * layout.moe_layers * layout.experts_per_layer))
-    budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
+    budget = inspect_model(path, 4096).plan(0).share_budget_bytes(fraction)
     return Engine(load_paged(path, budget), str(path), 4096)
 
 
@@ -244,9 +239,7 @@ def bench_policies(path: Path, fraction: float, prompts: list[str], max_tokens: 
     """The live engine's hit rate per cache policy: same prompts, same budget, one run."""
     from ..paging.policies import POLICIES
 
-    layout = inspect_model(path, 4096)
-    slots = max(layout.top_k, round(fraction * layout.moe_layers * layout.experts_per_layer))
-    budget = layout.plan(0).fixed_bytes + slots * layout.expert_bytes
+    budget = inspect_model(path, 4096).plan(0).share_budget_bytes(fraction)
     result = {}
     for name in POLICIES:
         engine = Engine(load_paged(path, budget, policy=name), str(path), 4096)
@@ -338,7 +331,6 @@ def bench_layer_reads(
     stored = inspect_model(path, 4096, None)
     expert_map = layout.expert_map
     per_layer = layout.top_k
-    slots = max(per_layer, layout.moe_layers * layout.experts_per_layer // 4)
     out: dict = {"expert_bytes": expert_map.expert_disk_bytes(), "experts_per_read": per_layer}
     rng = np.random.default_rng(seed)
     # fio's baseline reads blocks of the size of the piece most of an expert's bytes are
@@ -354,7 +346,7 @@ def bench_layer_reads(
     if stored.expert_bytes != layout.expert_bytes:  # the slots widen: the GPU's case too
         runs.append(("pread", DEFAULT_READ_THREADS, stored))
     for read_path, count, plan in runs:
-        budget = plan.plan(0).fixed_bytes + slots * plan.expert_bytes
+        budget = plan.plan(0).share_budget_bytes(0.25)
         dtype = "auto" if plan is layout else None
         paged = load_paged(
             path, budget, read_path=read_path, read_threads=count, compute_dtype=dtype
