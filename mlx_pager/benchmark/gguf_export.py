@@ -10,18 +10,21 @@ time, so a checkpoint larger than half the machine's memory still exports.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..storage.checkpoint import index_checkpoint
+from ..storage.expert_map import NUMPY_DTYPES
 
 SUPPORTED_ARCHS = ("qwen3_moe",)
 Q4_1_BLOCK = 32  # values per Q4_1 block
 Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
 _ROWS_PER_CHUNK = 4096  # rows repacked at once: bounds the temporaries, not the output
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32}
+# What the export repacks: floats (bf16 as its raw bits) and 4-bit words.
+_ST_DTYPES = {d: NUMPY_DTYPES[d] for d in ("F32", "F16", "BF16", "U32")}
 
 # MLX name inside a layer -> llama.cpp tensor (gguf.MODEL_TENSOR member name).
 _LAYER_TENSORS = {
@@ -62,21 +65,13 @@ class StoredTensor:
 
 
 def read_safetensors_index(model_dir: Path) -> dict[str, StoredTensor]:
-    """Every tensor of the checkpoint by name, from the safetensors headers alone."""
+    """Every tensor of the checkpoint by name, from the safetensors headers alone (read
+    and checked by the engine's own ``index_checkpoint``)."""
     out: dict[str, StoredTensor] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"{file.name}: {name} has unsupported dtype {info['dtype']}")
-            start = 8 + header_len + info["data_offsets"][0]
-            out[name] = StoredTensor(file, info["dtype"], tuple(info["shape"]), start)
-    if not out:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    for name, info in index_checkpoint(model_dir).items():
+        if info.dtype not in _ST_DTYPES:
+            raise ValueError(f"{info.path.name}: {name} has unsupported dtype {info.dtype}")
+        out[name] = StoredTensor(info.path, info.dtype, info.shape, info.offset)
     return out
 
 
