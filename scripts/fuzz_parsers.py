@@ -29,6 +29,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,14 +183,18 @@ def run_parser(name: str, args: argparse.Namespace, work: Path) -> dict:
                "--alloc-mb", str(args.alloc_mb), "--targets", args.targets]  # fmt: skip
     if args.max_minutes:
         command += ["--max-minutes", str(args.max_minutes)]
-    # The parsed files' folders go inside the work folder: libFuzzer ends the child
-    # without running Python's exit handlers, which would have removed them from /tmp.
-    scratch = work / "files"
+    # The child's folders for the files it parses go in a scratch folder of this parser's
+    # own, removed here: the child ends by os._exit or libFuzzer, past the exit handlers
+    # that would have removed them.
+    scratch = work / f"{slug}-files"
     scratch.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(scratch)}
     start = time.monotonic()
-    with open(log, "wb") as out:
-        rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    try:
+        with open(log, "wb") as out:
+            rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.monotonic() - start
     try:
         figures = json.loads((work / f"{slug}.json").read_text())

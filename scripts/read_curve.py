@@ -33,7 +33,8 @@ LAYERS = 2
 
 
 def measure(sizes: list[int], runs: int, rounds: int, target_mb: int) -> list[dict]:
-    """Per piece size (KiB): each run's ratio to fio at depth 8, widened and as stored."""
+    """Per piece size (KiB): each run's ratios to fio at depth 8 and to fio in a decode
+    step's bursts, widened and as stored."""
     points = []
     for kib in sizes:
         experts = max(32, round(target_mb * 1024 / (LAYERS * 3 * kib)))
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512, 768])
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--target-mb", type=int, default=192)
     args = parser.parse_args()
     points = measure(args.sizes, args.runs, args.rounds, args.target_mb)

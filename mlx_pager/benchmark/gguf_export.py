@@ -23,7 +23,7 @@ Q4_1_BLOCK = 32  # values per Q4_1 block
 Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
 _ROWS_PER_CHUNK = 4096  # rows repacked at once: bounds the temporaries, not the output
 
-# What the export repacks: floats (bf16 as its raw bits) and 4-bit words.
+# What the export reads: floats (bf16 as its raw bits) and packed quantised words.
 _ST_DTYPES = {d: NUMPY_DTYPES[d] for d in ("F32", "F16", "BF16", "U32")}
 
 # MLX name inside a layer -> llama.cpp tensor (gguf.MODEL_TENSOR member name).

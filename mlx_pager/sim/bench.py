@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -311,15 +312,17 @@ def bench_layer_reads(
     against the same number of bytes read sequentially from the same file, cold, in turn,
     and against ``fio`` reading pieces of the same size, run just before and just after
     the rounds, two ways: a steady queue of as many reads in flight as reader threads, and
-    bursts of as many reads as a decode step's misses, each burst ended before the next
-    (what a decode step can have: its computation needs all of its misses, and the next
-    layer's are not known until it is done). MB/s of each and the ratios, per read path
-    and thread count. fio is taken twice and averaged because this machine's disk runs at
-    a different speed from one minute to the next (one fio run a configuration put the
-    same code at 0.73-1.04x); it is not run between rounds, which starts every round with
-    cold CPU caches (the embedded model's 0.4 MB groups then read at 200-340 MB/s instead
-    of about 500). The rounds' median: six rounds had swung 0.61-0.78x of fio's queue of
-    8 from one call to the next on the same machine, 40 rounds 0.79-0.84x.
+    bursts of as many reads of that size as carry a layer's top-k experts, each burst
+    ended before the next (what a decode step can have: its computation needs all of a
+    layer's misses, and the next layer's are not known until it is done). MB/s of each
+    and the ratios, per read path and thread count. fio is taken twice and averaged
+    because this machine's disk runs at a different speed from one minute to the next
+    (one fio run a configuration put the same code at 0.73-1.04x); it is not run between
+    rounds, which starts every round with cold CPU caches (the embedded model's 0.4 MB
+    groups then read at 200-340 MB/s instead of about 500). The rounds' median, 24 of
+    them: six had swung 0.61-0.78x of fio's queue of 8 from one call to the next on the
+    same machine, 40 gave 0.79-0.84x, and a round costs about a millisecond beside fio's
+    runs.
 
     Where the slots widen what is stored (bf16 into the float32 the CPU backend computes
     in), one more row, ``pread_8_as_stored``: the same reads, with the default 8 threads,
@@ -394,9 +397,10 @@ def fio_random_read(
     random offsets, each at most once, ``depth`` reads in flight (io_uring), cold (its
     pages dropped first), buffered or O_DIRECT, over at most ``limit`` bytes: what the disk
     gives reads of that size with no Python in the way. ``burst``: the ``depth`` reads go
-    in together and all of them end before the next ``depth`` go in, as a decode step's
-    misses do (its computation needs every one), instead of a steady queue that starts a
-    read as each ends. None without fio (or its io_uring)."""
+    in together and all of them end before the next ``depth`` go in, as a layer's misses
+    in a decode step do (its computation needs every one), instead of a steady queue that
+    starts a read as each ends. io_uring on Linux, POSIX aio elsewhere (macOS: untested
+    here). None without fio."""
     import json
     import shutil
     import subprocess
@@ -408,11 +412,17 @@ def fio_random_read(
     command = [
         fio, "--name=pieces", f"--filename={path}", "--readonly", "--rw=randread",
         f"--bs={block}", f"--size={size}", f"--io_size={min(size, limit)}",
-        "--ioengine=io_uring", f"--iodepth={depth}", f"--direct={int(direct)}",
+        f"--ioengine={'io_uring' if sys.platform == 'linux' else 'posixaio'}",
+        f"--iodepth={depth}", f"--direct={int(direct)}",
         "--invalidate=1", "--fadvise_hint=random", "--output-format=json",
     ]  # fmt: skip
     if burst:
-        command += [f"--iodepth_batch_submit={depth}", f"--iodepth_batch_complete_min={depth}"]
+        # A think time after every ``depth`` reads issued: fio first waits for all of them.
+        # (Batching alone is not bursts: io_uring rounds the depth up to a power of two,
+        # and 12 became 16 in flight, traced with --debug=io. A spinning think time hung 1
+        # to 3 runs in 60 here, asleep with every read done; this sleep of 1 us cost fio
+        # 2% against the spin's runs, 922 against 940 MB/s, medians of 8.)
+        command += ["--thinktime=1", f"--thinktime_blocks={depth}", "--thinktime_blocks_type=issue"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         job = json.loads(done.stdout)["jobs"][0]["read"]
