@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import statistics
 import sys
 import time
@@ -391,7 +392,13 @@ def bench_layer_reads(
 
 
 def fio_random_read(
-    path: Path, block: int, depth: int, direct: bool, limit: int = 256 << 20, burst: bool = False
+    path: Path,
+    block: int,
+    depth: int,
+    direct: bool,
+    limit: int = 256 << 20,
+    burst: bool = False,
+    timeout: float = 120.0,
 ):
     """Bytes/s of ``fio`` reading ``block``-byte pieces (whole 4 KiB blocks) of ``path`` at
     random offsets, each at most once, ``depth`` reads in flight (io_uring), cold (its
@@ -400,7 +407,7 @@ def fio_random_read(
     in together and all of them end before the next ``depth`` go in, as a layer's misses
     in a decode step do (its computation needs every one), instead of a steady queue that
     starts a read as each ends. io_uring on Linux, POSIX aio elsewhere (macOS: untested
-    here). None without fio."""
+    here). None without fio, or when it fails or runs past ``timeout`` seconds."""
     import json
     import shutil
     import subprocess
@@ -423,10 +430,20 @@ def fio_random_read(
         # to 3 runs in 60 here, asleep with every read done; this sleep of 1 us cost fio
         # 2% against the spin's runs, 922 against 940 MB/s, medians of 8.)
         command += ["--thinktime=1", f"--thinktime_blocks={depth}", "--thinktime_blocks_type=issue"]
+    # fio forks a process per job: a run that stalls is ended with its whole group, or
+    # the job process would outlive the timeout.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        job = json.loads(done.stdout)["jobs"][0]["read"]
-    except (subprocess.SubprocessError, ValueError, KeyError, IndexError):
+        out, _ = proc.communicate(timeout=timeout)
+        job = json.loads(out)["jobs"][0]["read"]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    except (ValueError, KeyError, IndexError):
         return None
     return float(job["bw_bytes"]) or None
 
